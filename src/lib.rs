@@ -1,0 +1,3 @@
+//! beamup: an update agent for devices that run one BEAM release each.
+//!
+//! See `ARCHITECTURE.md` for the map of this crate.
