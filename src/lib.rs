@@ -1,3 +1,19 @@
 //! beamup: an update agent for devices that run one BEAM release each.
 //!
-//! See `ARCHITECTURE.md` for the map of this crate.
+//! The library holds everything; `src/main.rs` is a thin command-line shell
+//! over it. See `ARCHITECTURE.md` for the map.
+
+pub mod bundle;
+pub mod cli;
+pub mod error;
+pub mod eterm;
+pub mod fsutil;
+pub mod keys;
+pub mod manifest;
+pub mod policy;
+pub mod release;
+pub mod root;
+pub mod signed;
+pub mod version;
+
+pub use error::{Error, Result};

@@ -1,0 +1,507 @@
+//! The bundle: one file a person can copy to a device, holding a signed
+//! manifest and the release tarball byte for byte as the build produced it.
+//!
+//! The container is a plain POSIX tar archive with exactly two members, in
+//! this order:
+//!
+//! ```text
+//! manifest.json    the signed envelope (see `signed.rs`), at most 16 MiB
+//! release.tar.gz   the release tarball, exactly as `rebar3 tar` made it
+//! ```
+//!
+//! so that a field engineer can inspect a bundle with `tar -tvf` and get the
+//! original tarball back with `tar -xf`. beamup itself does not trust the tar
+//! reader with any of this: it reads the two headers itself, bounds every
+//! size before allocating, and reads the tarball in a single streaming pass
+//! with constant memory. Nothing in a bundle is believed before the manifest's
+//! signatures verify against the device's trust root.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil::AtomicFile;
+use crate::keys::SecretKey;
+use crate::manifest::{self, MAX_MANIFEST_BYTES, Manifest, ReleaseRef, TarballRef};
+use crate::policy::{self, DeviceFacts};
+use crate::release;
+use crate::root::Root;
+use crate::signed::{DocKind, Envelope};
+
+pub const MANIFEST_ENTRY: &str = "manifest.json";
+pub const TARBALL_ENTRY: &str = "release.tar.gz";
+const BLOCK: u64 = 512;
+/// Read size for streaming: large enough for full-speed hashing, small
+/// enough that memory stays flat whatever the bundle size.
+const IO_BUF: usize = 1 << 20;
+
+/// How to make a bundle.
+#[derive(Clone, Debug)]
+pub struct BundleOptions {
+    pub chunk_size: u32,
+    pub expires_in: Duration,
+    pub targets: Vec<String>,
+    /// Defaults to the creation time in seconds since the epoch, which grows
+    /// with every bundle a signer makes.
+    pub sequence: Option<u64>,
+    pub allow_downgrade: bool,
+    pub now: SystemTime,
+}
+
+impl Default for BundleOptions {
+    fn default() -> Self {
+        BundleOptions {
+            chunk_size: manifest::DEFAULT_CHUNK_SIZE,
+            expires_in: Duration::from_secs(30 * 24 * 3600),
+            targets: vec!["any".into()],
+            sequence: None,
+            allow_downgrade: false,
+            now: SystemTime::now(),
+        }
+    }
+}
+
+/// Builds and signs a bundle from a release tarball. The output appears only
+/// when everything succeeded.
+pub fn create(
+    release_tar: &Path,
+    keys: &[SecretKey],
+    opts: &BundleOptions,
+    out: &Path,
+) -> Result<Manifest> {
+    if keys.is_empty() {
+        return Err(Error::Usage(
+            "at least one signing key (--key) is needed".into(),
+        ));
+    }
+    let info = release::inspect(release_tar)?;
+    let mut file = File::open(release_tar).ctx(release_tar, "open")?;
+    let size = file.metadata().ctx(release_tar, "stat")?.len();
+    let digests = hash_stream(&mut file, size, opts.chunk_size).ctx(release_tar, "read")?;
+    let created = opts.now;
+    let manifest = Manifest {
+        kind: manifest::MANIFEST_TYPE.into(),
+        format: manifest::FORMAT,
+        release: ReleaseRef {
+            name: info.name,
+            version: info.version,
+        },
+        erts: info.erts,
+        includes_erts: info.includes_erts,
+        upgrade_from: info.upgrade_from,
+        downgrade_to: info.downgrade_to,
+        tarball: TarballRef {
+            size,
+            sha256: hex::encode(digests.whole),
+            chunk_size: opts.chunk_size,
+            chunks: digests.chunks.iter().map(hex::encode).collect(),
+        },
+        target: opts.targets.clone(),
+        created_at: manifest::format_time(created),
+        expires_at: manifest::format_time(created + opts.expires_in),
+        sequence: opts.sequence.unwrap_or_else(|| {
+            created
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs())
+        }),
+        allow_downgrade: opts.allow_downgrade,
+    };
+    manifest.validate()?;
+    let envelope = Envelope::sign(DocKind::Manifest, &manifest, keys).to_bytes();
+
+    let mut out_file = AtomicFile::create(out, 0o644, false)?;
+    let tmp = out_file.tmp_path().to_path_buf();
+    let mut w = io::BufWriter::with_capacity(IO_BUF, &mut out_file);
+    let mtime = created
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    write_member(
+        &mut w,
+        MANIFEST_ENTRY,
+        envelope.len() as u64,
+        mtime,
+        &mut &envelope[..],
+    )
+    .ctx(&tmp, "write")?;
+    // Copy the tarball while hashing it again: a file changed between the two
+    // passes must not end up signed with the old digest.
+    file.rewind().ctx(release_tar, "read")?;
+    let mut hashing = HashingReader {
+        inner: file.take(size),
+        hasher: Sha256::new(),
+    };
+    write_member(&mut w, TARBALL_ENTRY, size, mtime, &mut hashing).ctx(&tmp, "write")?;
+    if hashing.hasher.finalize().as_slice() != digests.whole {
+        return Err(Error::InvalidRelease {
+            path: release_tar.to_path_buf(),
+            detail: "the file changed while it was being bundled".into(),
+        });
+    }
+    w.write_all(&[0u8; 2 * BLOCK as usize]).ctx(&tmp, "write")?;
+    w.flush().ctx(&tmp, "write")?;
+    drop(w);
+    out_file.commit()?;
+    Ok(manifest)
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+fn write_member(
+    w: &mut impl Write,
+    name: &str,
+    size: u64,
+    mtime: u64,
+    data: &mut impl Read,
+) -> io::Result<()> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name)?;
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(mtime);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    w.write_all(h.as_bytes())?;
+    let copied = io::copy(data, w)?;
+    if copied != size {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("{name}: expected {size} bytes, got {copied}"),
+        ));
+    }
+    w.write_all(&vec![0u8; padding(size) as usize])
+}
+
+fn padding(size: u64) -> u64 {
+    (BLOCK - size % BLOCK) % BLOCK
+}
+
+/// SHA-256 of a whole stream and of each fixed-size chunk of it.
+#[derive(Debug)]
+pub struct Digests {
+    pub whole: [u8; 32],
+    pub chunks: Vec<[u8; 32]>,
+}
+
+/// Hashes exactly `size` bytes of `r`, in one pass with a fixed buffer.
+pub fn hash_stream(r: &mut impl Read, size: u64, chunk_size: u32) -> io::Result<Digests> {
+    let chunk_size = u64::from(chunk_size);
+    let mut whole = Sha256::new();
+    let mut chunk = Sha256::new();
+    let mut in_chunk = 0u64;
+    let mut chunks = Vec::new();
+    let mut buf = vec![0u8; IO_BUF];
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = r.read(&mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "file ended early",
+            ));
+        }
+        let data = &buf[..n];
+        whole.update(data);
+        let mut rest = data;
+        while !rest.is_empty() {
+            let take = rest.len().min((chunk_size - in_chunk) as usize);
+            chunk.update(&rest[..take]);
+            in_chunk += take as u64;
+            rest = &rest[take..];
+            if in_chunk == chunk_size {
+                chunks.push(chunk.finalize_reset().into());
+                in_chunk = 0;
+            }
+        }
+        left -= n as u64;
+    }
+    if in_chunk > 0 {
+        chunks.push(chunk.finalize().into());
+    }
+    Ok(Digests {
+        whole: whole.finalize().into(),
+        chunks,
+    })
+}
+
+/// An opened bundle whose manifest envelope has been read but not trusted.
+pub struct Bundle {
+    path: PathBuf,
+    file: File,
+    envelope: Envelope,
+    tarball_offset: u64,
+    tarball_size: u64,
+}
+
+/// A bundle whose signatures, manifest, policy and tarball all checked out.
+#[derive(Debug)]
+pub struct Verified {
+    pub manifest: Manifest,
+    /// Ids of the trusted keys whose signatures verified.
+    pub signed_by: Vec<String>,
+    pub root_version: u64,
+}
+
+impl Bundle {
+    /// Reads the container structure: both member headers, the manifest
+    /// envelope, and where the tarball lies. Classifies garbage as "not a
+    /// bundle" and short files as truncated.
+    pub fn open(path: &Path) -> Result<Bundle> {
+        let file = File::open(path).ctx(path, "open")?;
+        let len = file.metadata().ctx(path, "stat")?.len();
+        let not_bundle = |detail: String| Error::NotABundle {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let truncated = |detail: String| Error::Truncated {
+            path: path.to_path_buf(),
+            detail,
+        };
+
+        let mut header = [0u8; BLOCK as usize];
+        let n = read_full_at(&file, &mut header, 0).ctx(path, "read")?;
+        if n == 0 {
+            return Err(not_bundle("the file is empty".into()));
+        }
+        if n < header.len() {
+            // A short file that starts like a bundle was cut, anything else is not one.
+            return if header.starts_with(MANIFEST_ENTRY.as_bytes()) {
+                Err(truncated(format!("{len} bytes, not even one tar header")))
+            } else {
+                Err(not_bundle(format!(
+                    "{len} bytes, too short to be a tar archive"
+                )))
+            };
+        }
+        let manifest_size = parse_header(&header, MANIFEST_ENTRY).map_err(not_bundle)?;
+        if manifest_size > MAX_MANIFEST_BYTES {
+            return Err(Error::TooLarge {
+                what: format!("{}: manifest", path.display()),
+                size: manifest_size,
+                limit: MAX_MANIFEST_BYTES,
+            });
+        }
+        if len < BLOCK + manifest_size {
+            return Err(truncated(format!(
+                "the manifest needs {manifest_size} bytes, the file ends {} bytes in",
+                len.saturating_sub(BLOCK)
+            )));
+        }
+        let mut envelope_bytes = vec![0u8; manifest_size as usize];
+        read_full_at(&file, &mut envelope_bytes, BLOCK).ctx(path, "read")?;
+        let envelope = Envelope::parse(&envelope_bytes)
+            .map_err(|e| not_bundle(format!("manifest.json is not a signed manifest ({e})")))?;
+
+        let second = BLOCK + manifest_size + padding(manifest_size);
+        let n = read_full_at(&file, &mut header, second).ctx(path, "read")?;
+        if n < header.len() {
+            return Err(truncated(format!(
+                "the file ends at byte {len}, before the release tarball"
+            )));
+        }
+        let tarball_size = parse_header(&header, TARBALL_ENTRY).map_err(not_bundle)?;
+        let tarball_offset = second + BLOCK;
+        if len < tarball_offset.saturating_add(tarball_size) {
+            return Err(truncated(format!(
+                "the release tarball needs {tarball_size} bytes, the file holds {}",
+                len.saturating_sub(tarball_offset)
+            )));
+        }
+        Ok(Bundle {
+            path: path.to_path_buf(),
+            file,
+            envelope,
+            tarball_offset,
+            tarball_size,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Checks the signatures against `root`, then parses and validates the
+    /// manifest. Nothing from the manifest is looked at before this.
+    pub fn verify_manifest(&self, root: &Root) -> Result<(Manifest, Vec<String>)> {
+        let what = format!("manifest in {}", self.path.display());
+        let signed_by = self
+            .envelope
+            .verify(DocKind::Manifest, &root.trust(), &what)?;
+        let manifest: Manifest = self.envelope.body().map_err(|e| Error::InvalidManifest {
+            detail: format!("{e} (signed, but not a manifest this beamup understands)"),
+        })?;
+        manifest.validate()?;
+        if manifest.tarball.size != self.tarball_size {
+            return Err(Error::TarballMismatch {
+                path: self.path.clone(),
+                detail: format!(
+                    "the manifest says {} bytes, the bundle holds {}",
+                    manifest.tarball.size, self.tarball_size
+                ),
+            });
+        }
+        Ok((manifest, signed_by))
+    }
+
+    /// A reader over exactly the tarball's bytes.
+    pub fn tarball(&self) -> impl Read + '_ {
+        TarballReader {
+            file: &self.file,
+            pos: self.tarball_offset,
+            end: self.tarball_offset + self.tarball_size,
+        }
+    }
+
+    /// Streams the tarball once and compares the whole and every chunk digest
+    /// with the (verified) manifest.
+    pub fn verify_tarball(&self, m: &Manifest) -> Result<()> {
+        let digests = hash_stream(&mut self.tarball(), self.tarball_size, m.tarball.chunk_size)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::UnexpectedEof => Error::Truncated {
+                    path: self.path.clone(),
+                    detail: "the file shrank while it was being read".into(),
+                },
+                _ => Error::io(&self.path, "read", e),
+            })?;
+        if let Some(i) = m
+            .chunk_digests()
+            .iter()
+            .zip(&digests.chunks)
+            .position(|(want, got)| want != got)
+        {
+            return Err(Error::TarballMismatch {
+                path: self.path.clone(),
+                detail: format!(
+                    "chunk {i} (bytes {}..{}) has the wrong SHA-256",
+                    i as u64 * u64::from(m.tarball.chunk_size),
+                    i as u64 * u64::from(m.tarball.chunk_size) + m.chunk_len(i)
+                ),
+            });
+        }
+        if digests.whole != m.tarball_digest() {
+            return Err(Error::TarballMismatch {
+                path: self.path.clone(),
+                detail: "its SHA-256 differs from the signed one".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Everything `beamup verify` and the installer check before trusting a
+/// bundle, cheapest first: structure, signatures, manifest, policy (expiry,
+/// target, anti-rollback), and last the tarball's digests.
+pub fn verify(path: &Path, root: &Root, now: SystemTime, device: &DeviceFacts) -> Result<Verified> {
+    let bundle = Bundle::open(path)?;
+    let (manifest, signed_by) = bundle.verify_manifest(root)?;
+    policy::check(&manifest, now, device)?;
+    bundle.verify_tarball(&manifest)?;
+    Ok(Verified {
+        manifest,
+        signed_by,
+        root_version: root.version,
+    })
+}
+
+struct TarballReader<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for TarballReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.end - self.pos;
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match file.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// Validates one member header: checksum, regular file, the expected name.
+fn parse_header(block: &[u8; BLOCK as usize], want: &str) -> std::result::Result<u64, String> {
+    let h = tar::Header::from_byte_slice(block);
+    let stored = h.cksum().map_err(|_| "no valid tar header".to_string())?;
+    let computed: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                u32::from(b)
+            }
+        })
+        .sum();
+    if stored != computed {
+        return Err("no valid tar header (bad checksum)".into());
+    }
+    let name = h.path_bytes();
+    if &*name != want.as_bytes() {
+        return Err(format!(
+            "expected member {want:?}, found {:?}",
+            String::from_utf8_lossy(&name)
+        ));
+    }
+    if h.entry_type() != tar::EntryType::Regular {
+        return Err(format!("member {want:?} is not a regular file"));
+    }
+    h.size()
+        .map_err(|_| format!("member {want:?} has an unreadable size"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_digests_match_independent_hashing() {
+        let data: Vec<u8> = (0..10_000u32).flat_map(|i| i.to_le_bytes()).collect();
+        let d = hash_stream(&mut &data[..], data.len() as u64, 4096).unwrap();
+        assert_eq!(d.chunks.len(), data.len().div_ceil(4096));
+        for (i, c) in data.chunks(4096).enumerate() {
+            assert_eq!(d.chunks[i], <[u8; 32]>::from(Sha256::digest(c)));
+        }
+        assert_eq!(d.whole, <[u8; 32]>::from(Sha256::digest(&data)));
+    }
+
+    #[test]
+    fn short_stream_is_eof() {
+        let e = hash_stream(&mut &[1u8, 2, 3][..], 10, 4096).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+}

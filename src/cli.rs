@@ -1,0 +1,356 @@
+//! The command line: argument definitions and one function per command.
+//!
+//! Output contract: results go to stdout (human text, or JSON with
+//! `--json`), diagnostics to stderr, and the exit code says what happened
+//! (see `error::exit`). Commands that write files write them whole or not at
+//! all.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::bundle::{self, BundleOptions};
+use crate::error::{Error, Result};
+use crate::fsutil;
+use crate::keys::{self, PublicKey, SecretKey};
+use crate::manifest::{self, Manifest, Scope};
+use crate::policy::{DeviceFacts, Identity};
+use crate::root::{ROOT_FILE_LIMIT, Root};
+
+#[derive(Parser, Debug)]
+#[command(name = "beamup", version, about = "Signed, health-gated hot upgrades for BEAM releases on devices", long_about = None)]
+pub struct Cli {
+    /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate an Ed25519 key pair: NAME.key (secret, mode 0600) and NAME.pub.
+    Keygen {
+        /// Directory to write the key files into (created with mode 0700).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// File name stem of the key pair.
+        #[arg(long, default_value = "beamup")]
+        name: String,
+    },
+    /// Create, rotate or check trust roots (the keys devices accept).
+    #[command(subcommand)]
+    Root(RootCommand),
+    /// Sign a release tarball into a bundle that devices can verify.
+    Bundle(BundleArgs),
+    /// Verify a bundle against a trust root and print what was verified.
+    Verify(VerifyArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum RootCommand {
+    /// Create a first trust root (version 1).
+    Init {
+        /// Public key file of a trusted signer (repeat for each key).
+        #[arg(long = "key", value_name = "PUB", required = true)]
+        keys: Vec<PathBuf>,
+        /// How many distinct trusted keys must sign a release.
+        #[arg(long)]
+        threshold: usize,
+        /// Secret key that signs the root itself (repeat; a threshold of the listed keys).
+        #[arg(long = "sign", value_name = "KEY", required = true)]
+        signers: Vec<PathBuf>,
+        /// Where to write the root document.
+        #[arg(long, value_name = "ROOT")]
+        out: PathBuf,
+    },
+    /// Make the next root version: new keys and threshold, signed by a
+    /// threshold of the current root's keys and of the new ones.
+    Rotate {
+        /// The root devices trust now.
+        #[arg(long, value_name = "ROOT")]
+        root: PathBuf,
+        /// Public key file of a signer trusted by the new root (repeat).
+        #[arg(long = "key", value_name = "PUB", required = true)]
+        keys: Vec<PathBuf>,
+        #[arg(long)]
+        threshold: usize,
+        /// Secret key that signs the new root (repeat).
+        #[arg(long = "sign", value_name = "KEY", required = true)]
+        signers: Vec<PathBuf>,
+        #[arg(long, value_name = "ROOT")]
+        out: PathBuf,
+    },
+    /// Check that NEW is a valid successor of the trusted root.
+    Verify {
+        new: PathBuf,
+        /// The root trusted now.
+        #[arg(long, value_name = "ROOT")]
+        trusted: PathBuf,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BundleArgs {
+    /// The release tarball as `rebar3 tar` or `mix release` produced it.
+    #[arg(long, value_name = "REL.tar.gz")]
+    release: PathBuf,
+    /// Secret key to sign with (repeat for a threshold of signers).
+    #[arg(long = "key", value_name = "KEY", required = true)]
+    keys: Vec<PathBuf>,
+    /// How long the bundle stays valid (30d, 12h, ...).
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = manifest::parse_duration)]
+    expires: std::time::Duration,
+    /// Allow installing over a newer or equal release, or a higher sequence.
+    #[arg(long)]
+    allow_downgrade: bool,
+    /// Who may install it: any, fleet:NAME, group:NAME or device:ID (repeat).
+    #[arg(long = "target", value_name = "SCOPE", default_value = "any", value_parser = parse_scope)]
+    targets: Vec<String>,
+    /// Sequence number (default: now, in seconds since the epoch).
+    #[arg(long)]
+    sequence: Option<u64>,
+    /// Bytes per verified chunk for transports.
+    #[arg(long, value_name = "BYTES", default_value_t = manifest::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// Where to write the bundle (refuses to overwrite).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    file: PathBuf,
+    /// Trust root to verify against.
+    #[arg(long, value_name = "ROOT")]
+    root: PathBuf,
+    /// Print the result as JSON on stdout (also on failure).
+    #[arg(long)]
+    json: bool,
+    /// The device's permanent release version, for the anti-rollback check.
+    #[arg(long, value_name = "VSN")]
+    installed: Option<String>,
+    /// The last sequence number the device accepted.
+    #[arg(long, value_name = "N")]
+    last_sequence: Option<u64>,
+    /// Check the target scopes for this device id ...
+    #[arg(long, value_name = "ID")]
+    device: Option<String>,
+    /// ... in this fleet ...
+    #[arg(long, value_name = "NAME")]
+    fleet: Option<String>,
+    /// ... and these groups (repeat).
+    #[arg(long = "group", value_name = "NAME")]
+    groups: Vec<String>,
+    /// Verify as of this time instead of now (RFC 3339), e.g. to see whether
+    /// a bundle will still be valid on the day of a site visit.
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
+}
+
+fn parse_scope(s: &str) -> std::result::Result<String, String> {
+    Scope::parse(s).map(|_| s.to_string())
+}
+
+/// Runs a command; returns the exit code for success paths.
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Keygen { out, name } => {
+            let k = keys::keygen(&out, &name)?;
+            println!("key id      {}", k.id);
+            println!(
+                "secret key  {} (mode 0600; keep it off devices)",
+                k.secret.display()
+            );
+            println!("public key  {}", k.public.display());
+        }
+        Command::Root(cmd) => root_command(cmd)?,
+        Command::Bundle(args) => bundle_command(args)?,
+        Command::Verify(args) => return verify_command(args),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_public(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {
+    paths.iter().map(|p| PublicKey::load(p)).collect()
+}
+
+fn load_secret(paths: &[PathBuf]) -> Result<Vec<SecretKey>> {
+    paths.iter().map(|p| SecretKey::load(p)).collect()
+}
+
+fn root_command(cmd: RootCommand) -> Result<()> {
+    match cmd {
+        RootCommand::Init {
+            keys,
+            threshold,
+            signers,
+            out,
+        } => {
+            let env = Root::init(load_public(&keys)?, threshold, &load_secret(&signers)?)?;
+            fsutil::write_atomic(&out, 0o644, false, &env.to_bytes())?;
+            print_root(&Root::load(&out)?, &out);
+        }
+        RootCommand::Rotate {
+            root,
+            keys,
+            threshold,
+            signers,
+            out,
+        } => {
+            let current = Root::load(&root)?;
+            let env = current.rotate(load_public(&keys)?, threshold, &load_secret(&signers)?)?;
+            fsutil::write_atomic(&out, 0o644, false, &env.to_bytes())?;
+            print_root(&Root::load(&out)?, &out);
+        }
+        RootCommand::Verify { new, trusted } => {
+            let current = Root::load(&trusted)?;
+            let bytes = fsutil::read_limited(&new, ROOT_FILE_LIMIT, "trust root")?;
+            let next = current.verify_successor(&bytes, &new)?;
+            println!(
+                "OK  {} is a valid successor of {} (version {} -> {})",
+                new.display(),
+                trusted.display(),
+                current.version,
+                next.version
+            );
+            print_root(&next, &new);
+        }
+    }
+    Ok(())
+}
+
+fn print_root(root: &Root, path: &Path) {
+    println!("root        {} (version {})", path.display(), root.version);
+    println!("threshold   {} of {} keys", root.threshold, root.keys.len());
+    for id in root.keys.keys() {
+        println!("key         {id}");
+    }
+    for id in &root.revoked {
+        println!("revoked     {id}");
+    }
+}
+
+fn bundle_command(a: BundleArgs) -> Result<()> {
+    let keys = load_secret(&a.keys)?;
+    let opts = BundleOptions {
+        chunk_size: a.chunk_size,
+        expires_in: a.expires,
+        targets: a.targets,
+        sequence: a.sequence,
+        allow_downgrade: a.allow_downgrade,
+        now: SystemTime::now(),
+    };
+    let m = bundle::create(&a.release, &keys, &opts, &a.out)?;
+    println!("bundle      {}", a.out.display());
+    print_manifest(&m);
+    let ids: Vec<String> = keys.iter().map(|k| k.id()).collect();
+    println!("signed by   {}", ids.join(", "));
+    Ok(())
+}
+
+fn print_manifest(m: &Manifest) {
+    println!("release     {} {}", m.release.name, m.release.version);
+    println!(
+        "erts        {}{}",
+        m.erts,
+        if m.includes_erts { " (included)" } else { "" }
+    );
+    if m.upgrade_from.is_empty() {
+        println!("upgrade     cold only (no relup)");
+    } else {
+        println!("upgrade     hot from {}", m.upgrade_from.join(", "));
+    }
+    if !m.downgrade_to.is_empty() {
+        println!("downgrade   hot to {}", m.downgrade_to.join(", "));
+    }
+    println!("target      {}", m.target.join(", "));
+    println!("sequence    {}", m.sequence);
+    println!("created     {}", m.created_at);
+    println!("expires     {}", m.expires_at);
+    println!(
+        "rollback    {}",
+        if m.allow_downgrade {
+            "downgrade allowed"
+        } else {
+            "downgrade refused"
+        }
+    );
+    println!(
+        "tarball     {} bytes, sha256 {}, {} chunk(s) of {} bytes",
+        m.tarball.size,
+        m.tarball.sha256,
+        m.tarball.chunks.len(),
+        m.tarball.chunk_size
+    );
+}
+
+fn verify_command(a: VerifyArgs) -> Result<ExitCode> {
+    let result = verify_inner(&a);
+    if a.json {
+        let doc = match &result {
+            Ok(v) => json!({
+                "ok": true,
+                "file": a.file,
+                "root_version": v.root_version,
+                "signed_by": v.signed_by,
+                "manifest": manifest_json(&v.manifest),
+            }),
+            Err(e) => json!({
+                "ok": false,
+                "file": a.file,
+                "error": {"kind": e.kind(), "exit_code": e.exit_code(), "message": e.to_string()},
+            }),
+        };
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
+    }
+    let v = result?;
+    if !a.json {
+        println!("OK  {} verified", a.file.display());
+        print_manifest(&v.manifest);
+        println!(
+            "signed by   {} (root version {})",
+            v.signed_by.join(", "),
+            v.root_version
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The manifest without its chunk list, which is long and of no use to a
+/// person or a script (the count and size are kept).
+fn manifest_json(m: &Manifest) -> serde_json::Value {
+    let mut v = serde_json::to_value(m).expect("json");
+    if let Some(t) = v.get_mut("tarball").and_then(|t| t.as_object_mut()) {
+        t.remove("chunks");
+        t.insert("chunk_count".into(), json!(m.tarball.chunks.len()));
+    }
+    v
+}
+
+fn verify_inner(a: &VerifyArgs) -> Result<bundle::Verified> {
+    let root = Root::load(&a.root)?;
+    let now = match &a.at {
+        Some(t) => humantime::parse_rfc3339_weak(t).map_err(|e| {
+            Error::Usage(format!(
+                "--at {t:?}: not a time like 2026-12-01T08:00:00Z ({e})"
+            ))
+        })?,
+        None => SystemTime::now(),
+    };
+    let identity =
+        (a.device.is_some() || a.fleet.is_some() || !a.groups.is_empty()).then(|| Identity {
+            fleet: a.fleet.clone(),
+            device: a.device.clone(),
+            groups: a.groups.clone(),
+        });
+    let device = DeviceFacts {
+        installed_version: a.installed.clone(),
+        last_sequence: a.last_sequence,
+        identity,
+    };
+    bundle::verify(&a.file, &root, now, &device)
+}

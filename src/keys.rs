@@ -1,0 +1,264 @@
+//! Ed25519 signing keys and their files.
+//!
+//! Key files are small JSON documents so that a person can tell a public key
+//! from a secret one with `cat` (the secret half is only ever printed by
+//! `cat`, never by beamup: [`SecretKey`]'s `Debug` is redacted and nothing
+//! logs it). A key is named by its key id, the first 16 hex digits of the
+//! SHA-256 of the public key; it only selects which trusted key to try, the
+//! signature itself is what is checked.
+
+use std::fmt;
+use std::fs;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+
+const KEY_FILE_LIMIT: u64 = 4096;
+
+/// The id of a public key: 16 lowercase hex digits.
+pub fn key_id(key: &VerifyingKey) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    hex::encode(&digest[..8])
+}
+
+/// A trusted (or to-be-trusted) public key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    pub id: String,
+    pub key: VerifyingKey,
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({})", self.id)
+    }
+}
+
+impl PublicKey {
+    /// Parses a hex-encoded 32-byte public key, refusing weak (small-order)
+    /// keys, for which a signature proves nothing.
+    pub fn from_hex(hex_key: &str) -> std::result::Result<Self, String> {
+        let bytes: [u8; 32] = hex::decode(hex_key)
+            .map_err(|e| format!("public key is not hex: {e}"))?
+            .try_into()
+            .map_err(|_| "public key must be 32 bytes".to_string())?;
+        let key = VerifyingKey::from_bytes(&bytes)
+            .map_err(|_| "public key is not a valid Ed25519 point".to_string())?;
+        if key.is_weak() {
+            return Err("public key is a weak (small-order) Ed25519 key".into());
+        }
+        Ok(PublicKey {
+            id: key_id(&key),
+            key,
+        })
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.key.as_bytes())
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let bytes = fsutil::read_limited(path, KEY_FILE_LIMIT, "key file")?;
+        let invalid = |detail: String| Error::InvalidKey {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let file: KeyFile = serde_json::from_slice(&bytes)
+            .map_err(|e| invalid(format!("not a beamup key file ({e})")))?;
+        match file {
+            KeyFile::Public { keyid, public_key } => {
+                let key = PublicKey::from_hex(&public_key).map_err(invalid)?;
+                if key.id != keyid {
+                    return Err(invalid(format!(
+                        "key id {keyid} does not match the key (its id is {})",
+                        key.id
+                    )));
+                }
+                Ok(key)
+            }
+            // A secret key file also names its public half; accepting it keeps
+            // `root init --key` usable with only the secret files at hand.
+            KeyFile::Secret { .. } => Ok(SecretKey::load(path)?.public()),
+        }
+    }
+}
+
+/// An Ed25519 signing key. Never printed: `Debug` shows only the key id.
+pub struct SecretKey {
+    signing: SigningKey,
+}
+
+impl fmt::Debug for SecretKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretKey({}, <redacted>)", self.id())
+    }
+}
+
+impl SecretKey {
+    pub fn generate() -> Result<Self> {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
+        let signing = SigningKey::from_bytes(&seed);
+        seed.fill(0);
+        Ok(SecretKey { signing })
+    }
+
+    pub fn public(&self) -> PublicKey {
+        let key = self.signing.verifying_key();
+        PublicKey {
+            id: key_id(&key),
+            key,
+        }
+    }
+
+    pub fn id(&self) -> String {
+        key_id(&self.signing.verifying_key())
+    }
+
+    pub fn sign(&self, message: &[u8]) -> ed25519_dalek::Signature {
+        self.signing.sign(message)
+    }
+
+    /// Loads a secret key, refusing a file that others can read: a leaked
+    /// signing key lets anyone push code to the fleet.
+    pub fn load(path: &Path) -> Result<Self> {
+        let meta = fs::metadata(path).ctx(path, "stat")?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(Error::InvalidKey {
+                path: path.to_path_buf(),
+                detail: format!(
+                    "secret key permissions {mode:04o} let others read it; run `chmod 600 {}`",
+                    path.display()
+                ),
+            });
+        }
+        let bytes = fsutil::read_limited(path, KEY_FILE_LIMIT, "key file")?;
+        let invalid = |detail: String| Error::InvalidKey {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let file: KeyFile = serde_json::from_slice(&bytes).map_err(|_| {
+            invalid("not a beamup key file (expected JSON with a secret_key)".into())
+        })?;
+        let KeyFile::Secret { keyid, secret_key } = file else {
+            return Err(invalid(
+                "this is a public key; signing needs the secret key (the .key file)".into(),
+            ));
+        };
+        let mut seed: [u8; 32] = hex::decode(&secret_key)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| invalid("secret_key must be 32 hex-encoded bytes".into()))?;
+        let signing = SigningKey::from_bytes(&seed);
+        seed.fill(0);
+        let key = SecretKey { signing };
+        if key.id() != keyid {
+            return Err(invalid(format!(
+                "key id {keyid} does not match the key (its id is {})",
+                key.id()
+            )));
+        }
+        Ok(key)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "type", deny_unknown_fields)]
+enum KeyFile {
+    #[serde(rename = "beamup-secret-key")]
+    Secret { keyid: String, secret_key: String },
+    #[serde(rename = "beamup-public-key")]
+    Public { keyid: String, public_key: String },
+}
+
+/// The two files `beamup keygen` wrote.
+pub struct KeyPairPaths {
+    pub secret: PathBuf,
+    pub public: PathBuf,
+    pub id: String,
+}
+
+/// Generates a key pair into `dir` as `NAME.key` (mode 0600) and `NAME.pub`.
+/// Refuses to overwrite either file; creates `dir` (mode 0700) if missing.
+pub fn keygen(dir: &Path, name: &str) -> Result<KeyPairPaths> {
+    if name.is_empty() || name.contains('/') || name.starts_with('.') {
+        return Err(Error::Usage(format!(
+            "key name {name:?} must be a plain file name"
+        )));
+    }
+    let secret_path = dir.join(format!("{name}.key"));
+    let public_path = dir.join(format!("{name}.pub"));
+    for p in [&secret_path, &public_path] {
+        if p.symlink_metadata().is_ok() {
+            return Err(Error::Exists { path: p.clone() });
+        }
+    }
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .ctx(dir, "create directory")?;
+
+    let secret = SecretKey::generate()?;
+    let public = secret.public();
+    let mut secret_json = serde_json::to_vec_pretty(&KeyFile::Secret {
+        keyid: public.id.clone(),
+        secret_key: hex::encode(secret.signing.to_bytes()),
+    })
+    .expect("serializable");
+    secret_json.push(b'\n');
+    let mut public_json = serde_json::to_vec_pretty(&KeyFile::Public {
+        keyid: public.id.clone(),
+        public_key: public.to_hex(),
+    })
+    .expect("serializable");
+    public_json.push(b'\n');
+
+    fsutil::write_atomic(&secret_path, 0o600, false, &secret_json)?;
+    secret_json.fill(0);
+    if let Err(e) = fsutil::write_atomic(&public_path, 0o644, false, &public_json) {
+        let _ = fs::remove_file(&secret_path);
+        return Err(e);
+    }
+    Ok(KeyPairPaths {
+        secret: secret_path,
+        public: public_path,
+        id: public.id,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_id_is_stable_and_short() {
+        let k = SecretKey::generate().unwrap();
+        assert_eq!(k.id().len(), 16);
+        assert_eq!(k.id(), k.public().id);
+    }
+
+    #[test]
+    fn weak_public_key_is_refused() {
+        // The identity point (a small-order point): any "signature" checks out.
+        let mut identity = [0u8; 32];
+        identity[0] = 1;
+        let err = PublicKey::from_hex(&hex::encode(identity)).unwrap_err();
+        assert!(err.contains("weak"), "{err}");
+    }
+
+    #[test]
+    fn secret_key_debug_is_redacted() {
+        let k = SecretKey::generate().unwrap();
+        let shown = format!("{k:?}");
+        assert!(shown.contains("redacted"));
+        assert!(!shown.contains(&hex::encode(k.signing.to_bytes())));
+    }
+}

@@ -1,0 +1,316 @@
+//! The signed description of one release tarball.
+//!
+//! Everything a device needs to decide whether to accept a release is here,
+//! so that it can refuse a bad offer before fetching a byte of the tarball:
+//! what it is (name, version, ERTS), how it installs (the versions its relup
+//! covers), who it is for (target scopes), how fresh it is (created, expires,
+//! sequence number) and how to check the data (size, SHA-256 of the whole,
+//! SHA-256 of each fixed-size chunk so a transport can check each piece as it
+//! arrives).
+
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+pub const MANIFEST_TYPE: &str = "beamup-manifest";
+pub const FORMAT: u32 = 1;
+
+/// 64 KiB chunks fit AWS IoT Core's 128 KB publish limit with room to spare.
+pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
+pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+/// The largest manifest a device reads (about 200k chunk digests).
+pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+/// The largest release tarball a manifest may describe. Larger claims are
+/// refused before anything is allocated or downloaded.
+pub const MAX_TARBALL_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub format: u32,
+    pub release: ReleaseRef,
+    pub erts: String,
+    pub includes_erts: bool,
+    /// Versions this release hot-upgrades from (its relup's up section).
+    pub upgrade_from: Vec<String>,
+    /// Versions it hot-downgrades to (its relup's down section).
+    pub downgrade_to: Vec<String>,
+    pub tarball: TarballRef,
+    /// Who may install it: `any`, `fleet:F`, `group:G`, `device:ID`.
+    pub target: Vec<String>,
+    pub created_at: String,
+    pub expires_at: String,
+    pub sequence: u64,
+    pub allow_downgrade: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReleaseRef {
+    pub name: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TarballRef {
+    pub size: u64,
+    pub sha256: String,
+    pub chunk_size: u32,
+    /// SHA-256 of each `chunk_size` piece, in order; the last may be shorter.
+    pub chunks: Vec<String>,
+}
+
+/// A target scope, as written in a manifest or on the command line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    Any,
+    Fleet(String),
+    Group(String),
+    Device(String),
+}
+
+impl Scope {
+    pub fn parse(s: &str) -> std::result::Result<Scope, String> {
+        if s == "any" {
+            return Ok(Scope::Any);
+        }
+        let (kind, name) = s.split_once(':').ok_or_else(|| {
+            format!("target {s:?} must be any, fleet:NAME, group:NAME or device:ID")
+        })?;
+        if !is_safe_name(name) {
+            return Err(format!(
+                "target {s:?}: {name:?} must be 1-64 characters of A-Z a-z 0-9 . _ + -"
+            ));
+        }
+        match kind {
+            "fleet" => Ok(Scope::Fleet(name.into())),
+            "group" => Ok(Scope::Group(name.into())),
+            "device" => Ok(Scope::Device(name.into())),
+            _ => Err(format!(
+                "target {s:?} must be any, fleet:NAME, group:NAME or device:ID"
+            )),
+        }
+    }
+}
+
+/// Names that end up in paths and topics: short, printable, no separators,
+/// not starting with a dot (so never `.` or `..`).
+pub fn is_safe_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('.')
+        && s.bytes()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'+' | b'-'))
+}
+
+impl Manifest {
+    /// Checks everything about the manifest that does not depend on the
+    /// device: types, sizes, digests, names safe to use in paths.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |detail: String| Err(Error::InvalidManifest { detail });
+        if self.kind != MANIFEST_TYPE {
+            return bad(format!(
+                "type is {:?}, expected {MANIFEST_TYPE:?}",
+                self.kind
+            ));
+        }
+        if self.format != FORMAT {
+            return bad(format!(
+                "format {} is not supported (this beamup reads format {FORMAT}); upgrade beamup",
+                self.format
+            ));
+        }
+        for (what, v) in [
+            ("release name", &self.release.name),
+            ("release version", &self.release.version),
+            ("erts version", &self.erts),
+        ] {
+            if !is_safe_name(v) {
+                return bad(format!(
+                    "{what} {v:?} must be 1-64 characters of A-Z a-z 0-9 . _ + -"
+                ));
+            }
+        }
+        for v in self.upgrade_from.iter().chain(&self.downgrade_to) {
+            if !is_safe_name(v) {
+                return bad(format!("relup version {v:?} is not a plain version"));
+            }
+        }
+        let t = &self.tarball;
+        if t.size > MAX_TARBALL_BYTES {
+            return Err(Error::TooLarge {
+                what: "release tarball (as claimed by the manifest)".into(),
+                size: t.size,
+                limit: MAX_TARBALL_BYTES,
+            });
+        }
+        if t.size == 0 {
+            return bad("tarball size is 0".into());
+        }
+        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&t.chunk_size) {
+            return bad(format!(
+                "chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
+                t.chunk_size
+            ));
+        }
+        if t.chunks.len() as u64 != t.size.div_ceil(u64::from(t.chunk_size)) {
+            return bad(format!(
+                "{} chunk digests for {} bytes in chunks of {}",
+                t.chunks.len(),
+                t.size,
+                t.chunk_size
+            ));
+        }
+        if parse_digest(&t.sha256).is_none() {
+            return bad("tarball sha256 is not 64 hex digits".into());
+        }
+        if let Some(i) = t.chunks.iter().position(|c| parse_digest(c).is_none()) {
+            return bad(format!("chunk {i} digest is not 64 hex digits"));
+        }
+        if self.target.is_empty() {
+            return bad("no target scope".into());
+        }
+        for s in &self.target {
+            Scope::parse(s).map_err(|detail| Error::InvalidManifest { detail })?;
+        }
+        let created = parse_time(&self.created_at, "created_at")?;
+        let expires = parse_time(&self.expires_at, "expires_at")?;
+        if expires <= created {
+            return bad("expires_at is not after created_at".into());
+        }
+        Ok(())
+    }
+
+    pub fn scopes(&self) -> Vec<Scope> {
+        self.target
+            .iter()
+            .filter_map(|s| Scope::parse(s).ok())
+            .collect()
+    }
+
+    pub fn expires(&self) -> Result<SystemTime> {
+        parse_time(&self.expires_at, "expires_at")
+    }
+
+    /// The chunk digests as bytes. Call after [`Manifest::validate`].
+    pub fn chunk_digests(&self) -> Vec<[u8; 32]> {
+        self.tarball
+            .chunks
+            .iter()
+            .map(|c| parse_digest(c).unwrap_or_default())
+            .collect()
+    }
+
+    pub fn tarball_digest(&self) -> [u8; 32] {
+        parse_digest(&self.tarball.sha256).unwrap_or_default()
+    }
+
+    /// Length of chunk `i` (the last one may be short).
+    pub fn chunk_len(&self, i: usize) -> u64 {
+        let cs = u64::from(self.tarball.chunk_size);
+        let start = i as u64 * cs;
+        self.tarball.size.saturating_sub(start).min(cs)
+    }
+}
+
+pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
+    if s.len() != 64 {
+        return None;
+    }
+    hex::decode(s).ok()?.try_into().ok()
+}
+
+pub fn parse_time(s: &str, field: &str) -> Result<SystemTime> {
+    humantime::parse_rfc3339(s).map_err(|e| Error::InvalidManifest {
+        detail: format!("{field} {s:?} is not an RFC 3339 UTC time ({e})"),
+    })
+}
+
+pub fn format_time(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// Parses `--expires` values such as `30d`, `12h`, `90min`.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 30d or 12h ({e})"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            kind: MANIFEST_TYPE.into(),
+            format: FORMAT,
+            release: ReleaseRef {
+                name: "thermo".into(),
+                version: "1.1.0".into(),
+            },
+            erts: "13.1.5".into(),
+            includes_erts: false,
+            upgrade_from: vec!["1.0.0".into()],
+            downgrade_to: vec!["1.0.0".into()],
+            tarball: TarballRef {
+                size: 100_000,
+                sha256: "ab".repeat(32),
+                chunk_size: 65536,
+                chunks: vec!["cd".repeat(32), "ef".repeat(32)],
+            },
+            target: vec!["any".into()],
+            created_at: "2026-01-01T00:00:00Z".into(),
+            expires_at: "2026-02-01T00:00:00Z".into(),
+            sequence: 1,
+            allow_downgrade: false,
+        }
+    }
+
+    #[test]
+    fn valid_sample_passes() {
+        sample().validate().unwrap();
+        assert_eq!(sample().chunk_len(0), 65536);
+        assert_eq!(sample().chunk_len(1), 100_000 - 65536);
+    }
+
+    #[test]
+    fn absurd_size_is_refused_before_anything_else() {
+        let mut m = sample();
+        m.tarball.size = 1 << 40;
+        assert!(matches!(m.validate(), Err(Error::TooLarge { .. })));
+    }
+
+    #[test]
+    fn chunk_list_must_match_size() {
+        let mut m = sample();
+        m.tarball.chunks.pop();
+        let e = m.validate().unwrap_err().to_string();
+        assert!(e.contains("1 chunk digests for 100000 bytes"), "{e}");
+    }
+
+    #[test]
+    fn path_like_versions_are_refused() {
+        for v in ["../../etc", "1.0/evil", ".hidden", ""] {
+            let mut m = sample();
+            m.release.version = v.into();
+            assert!(m.validate().is_err(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn scopes_parse() {
+        assert_eq!(Scope::parse("any").unwrap(), Scope::Any);
+        assert_eq!(
+            Scope::parse("group:canary").unwrap(),
+            Scope::Group("canary".into())
+        );
+        assert!(Scope::parse("planet:earth").is_err());
+        assert!(Scope::parse("device:../x").is_err());
+    }
+}
