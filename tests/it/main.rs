@@ -1,0 +1,5 @@
+//! The integration tests: one binary (link time adds up), one module per
+//! capability, all driving real components.
+
+mod cli;
+mod signing;
