@@ -280,8 +280,9 @@ fn print_manifest(m: &Manifest) {
         }
     );
     println!(
-        "tarball     {} bytes, sha256 {}, {} chunk(s) of {} bytes",
+        "tarball     {} bytes ({} unpacked), sha256 {}, {} chunk(s) of {} bytes",
         m.tarball.size,
+        m.tarball.unpacked_size,
         m.tarball.sha256,
         m.tarball.chunks.len(),
         m.tarball.chunk_size

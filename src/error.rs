@@ -36,6 +36,7 @@ pub mod exit {
     pub const TOO_LARGE: u8 = 20;
     pub const WRONG_TARGET: u8 = 21;
     pub const INVALID_MANIFEST: u8 = 22;
+    pub const UNSAFE_TARBALL: u8 = 23;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +114,9 @@ pub enum Error {
     #[error("invalid manifest: {detail}")]
     InvalidManifest { detail: String },
 
+    #[error("release tarball refused: {detail}; nothing was installed (the release must be rebuilt by its build tool)")]
+    UnsafeTarball { detail: String },
+
     #[error("{0}")]
     Usage(String),
 }
@@ -140,6 +144,7 @@ impl Error {
             Error::TooLarge { .. } => TOO_LARGE,
             Error::WrongTarget { .. } => WRONG_TARGET,
             Error::InvalidManifest { .. } => INVALID_MANIFEST,
+            Error::UnsafeTarball { .. } => UNSAFE_TARBALL,
             Error::Usage(_) => USAGE,
         }
     }
@@ -165,6 +170,7 @@ impl Error {
             Error::TooLarge { .. } => "too_large",
             Error::WrongTarget { .. } => "wrong_target",
             Error::InvalidManifest { .. } => "invalid_manifest",
+            Error::UnsafeTarball { .. } => "unsafe_tarball",
             Error::Usage(_) => "usage",
         }
     }

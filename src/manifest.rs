@@ -26,6 +26,7 @@ pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 /// The largest release tarball a manifest may describe. Larger claims are
 /// refused before anything is allocated or downloaded.
 pub const MAX_TARBALL_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+pub const MAX_UNPACKED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -36,6 +37,9 @@ pub struct Manifest {
     pub release: ReleaseRef,
     pub erts: String,
     pub includes_erts: bool,
+    /// The applications of the release (from its `.rel`), as `name-version`
+    /// directory names under `lib/`. Unpacking creates only these.
+    pub apps: Vec<String>,
     /// Versions this release hot-upgrades from (its relup's up section).
     pub upgrade_from: Vec<String>,
     /// Versions it hot-downgrades to (its relup's down section).
@@ -62,6 +66,9 @@ pub struct TarballRef {
     pub size: u64,
     pub sha256: String,
     pub chunk_size: u32,
+    /// Total size of the files inside; unpacking more than this is refused
+    /// (a gzip bomb), and the device checks it has this much free space.
+    pub unpacked_size: u64,
     /// SHA-256 of each `chunk_size` piece, in order; the last may be shorter.
     pub chunks: Vec<String>,
 }
@@ -137,6 +144,12 @@ impl Manifest {
                 ));
             }
         }
+        if self.apps.is_empty() || self.apps.len() > 1024 {
+            return bad(format!("{} applications listed", self.apps.len()));
+        }
+        if let Some(a) = self.apps.iter().find(|a| !is_safe_name(a) || !a.contains('-')) {
+            return bad(format!("application directory {a:?} is not a plain NAME-VERSION"));
+        }
         for v in self.upgrade_from.iter().chain(&self.downgrade_to) {
             if !is_safe_name(v) {
                 return bad(format!("relup version {v:?} is not a plain version"));
@@ -148,6 +161,13 @@ impl Manifest {
                 what: "release tarball (as claimed by the manifest)".into(),
                 size: t.size,
                 limit: MAX_TARBALL_BYTES,
+            });
+        }
+        if t.unpacked_size > MAX_UNPACKED_BYTES {
+            return Err(Error::TooLarge {
+                what: "unpacked release (as claimed by the manifest)".into(),
+                size: t.unpacked_size,
+                limit: MAX_UNPACKED_BYTES,
             });
         }
         if t.size == 0 {
@@ -256,12 +276,14 @@ mod tests {
             },
             erts: "13.1.5".into(),
             includes_erts: false,
+            apps: vec!["thermo-1.1.0".into()],
             upgrade_from: vec!["1.0.0".into()],
             downgrade_to: vec!["1.0.0".into()],
             tarball: TarballRef {
                 size: 100_000,
                 sha256: "ab".repeat(32),
                 chunk_size: 65536,
+                unpacked_size: 200_000,
                 chunks: vec!["cd".repeat(32), "ef".repeat(32)],
             },
             target: vec!["any".into()],

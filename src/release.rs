@@ -29,6 +29,8 @@ pub struct ReleaseInfo {
     pub downgrade_to: Vec<String>,
     /// Whether the tarball carries an ERTS (`erts-VSN/`).
     pub includes_erts: bool,
+    /// Sum of the sizes of all members, i.e. the disk space unpacking needs.
+    pub unpacked_size: u64,
 }
 
 /// Reads the release's metadata from a gzip-compressed release tarball, as
@@ -42,6 +44,7 @@ pub fn inspect(path: &Path) -> Result<ReleaseInfo> {
     let mut archive = tar::Archive::new(GzDecoder::new(BufReader::new(file)));
     let mut files: BTreeMap<String, String> = BTreeMap::new();
     let mut includes_erts = false;
+    let mut unpacked_size = 0u64;
     let entries = archive
         .entries()
         .map_err(|e| invalid(format!("not a gzip-compressed tar archive ({e})")))?;
@@ -51,6 +54,7 @@ pub fn inspect(path: &Path) -> Result<ReleaseInfo> {
         let name = entry.path_bytes();
         let name = String::from_utf8_lossy(&name);
         let name = name.trim_start_matches("./").to_string();
+        unpacked_size = unpacked_size.saturating_add(entry.size());
         if name.starts_with("erts-") {
             includes_erts = true;
         }
@@ -65,7 +69,9 @@ pub fn inspect(path: &Path) -> Result<ReleaseInfo> {
             files.insert(name, text);
         }
     }
-    from_files(&files, includes_erts).map_err(invalid)
+    let mut info = from_files(&files, includes_erts).map_err(invalid)?;
+    info.unpacked_size = unpacked_size;
+    Ok(info)
 }
 
 /// `releases/*.rel`, `releases/VSN/*.rel`, `releases/VSN/relup`,
@@ -136,6 +142,7 @@ fn from_files(
         upgrade_from,
         downgrade_to,
         includes_erts,
+        unpacked_size: 0,
     })
 }
 
