@@ -114,7 +114,9 @@ pub enum Error {
     #[error("invalid manifest: {detail}")]
     InvalidManifest { detail: String },
 
-    #[error("release tarball refused: {detail}; nothing was installed (the release must be rebuilt by its build tool)")]
+    #[error(
+        "release tarball refused: {detail}; nothing was installed (the release must be rebuilt by its build tool)"
+    )]
     UnsafeTarball { detail: String },
 
     #[error("{0}")]

@@ -14,6 +14,7 @@ pub mod policy;
 pub mod release;
 pub mod root;
 pub mod signed;
+pub mod staging;
 pub mod version;
 
 pub use error::{Error, Result};

@@ -147,8 +147,14 @@ impl Manifest {
         if self.apps.is_empty() || self.apps.len() > 1024 {
             return bad(format!("{} applications listed", self.apps.len()));
         }
-        if let Some(a) = self.apps.iter().find(|a| !is_safe_name(a) || !a.contains('-')) {
-            return bad(format!("application directory {a:?} is not a plain NAME-VERSION"));
+        if let Some(a) = self
+            .apps
+            .iter()
+            .find(|a| !is_safe_name(a) || !a.contains('-'))
+        {
+            return bad(format!(
+                "application directory {a:?} is not a plain NAME-VERSION"
+            ));
         }
         for v in self.upgrade_from.iter().chain(&self.downgrade_to) {
             if !is_safe_name(v) {

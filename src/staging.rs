@@ -1,0 +1,401 @@
+//! Unpacking a release tarball beside the running release, never over it.
+//!
+//! OTP's own `unpack_release` and a plain `tar -xzf` both write over files
+//! the running release owns (`bin/REL`, `releases/start_erl.data`, ...), so
+//! an unverified release can end up booting after a power cut. beamup
+//! instead decides up front which top-level paths the new release adds
+//! (`releases/VSN/`, `bin/REL-VSN`, each missing `lib/APP-VSN/`, a new
+//! `erts-VSN/`), records that list in the journal, and then creates only
+//! those, with files that must not exist yet.
+//!
+//! The tarball is hostile until unpacked: every entry is checked before
+//! anything is written (type, path, link target, running size total), even
+//! entries that are skipped, and the compressed stream is hashed again on the
+//! way through, so a bundle swapped after verification is caught.
+
+use std::collections::HashSet;
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use flate2::read::GzDecoder;
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, IoContext, Result};
+use crate::manifest::Manifest;
+
+/// Most entries a release tarball may have (OTP releases have thousands).
+const MAX_ENTRIES: u64 = 500_000;
+const MAX_PATH: usize = 4096;
+
+/// What an unpack will create, decided before it starts.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Plan {
+    /// Top-level paths, relative to the release root, that do not exist yet
+    /// and that the unpack creates. Recovery removes exactly these.
+    pub creates: Vec<PathBuf>,
+}
+
+/// Decides which paths the release adds to `root`. Pure apart from looking at
+/// which paths exist.
+pub fn plan(root: &Path, release_name: &str, m: &Manifest) -> Plan {
+    let version = &m.release.version;
+    let mut candidates = vec![
+        PathBuf::from("releases").join(version),
+        PathBuf::from("bin").join(format!("{release_name}-{version}")),
+    ];
+    candidates.extend(m.apps.iter().map(|a| PathBuf::from("lib").join(a)));
+    if m.includes_erts {
+        candidates.push(PathBuf::from(format!("erts-{}", m.erts)));
+    }
+    let creates = candidates
+        .into_iter()
+        .filter(|p| root.join(p).symlink_metadata().is_err())
+        .collect();
+    Plan { creates }
+}
+
+/// Removes what a plan created (or may have started to create). Idempotent;
+/// used on failure and by recovery.
+pub fn remove(root: &Path, plan: &Plan) -> Result<()> {
+    for p in &plan.creates {
+        let full = root.join(p);
+        match full.symlink_metadata() {
+            Err(_) => {}
+            Ok(meta) if meta.is_dir() => {
+                fs::remove_dir_all(&full).ctx(&full, "remove")?;
+            }
+            Ok(_) => fs::remove_file(&full).ctx(&full, "remove")?,
+        }
+    }
+    Ok(())
+}
+
+/// Facts about a finished unpack.
+#[derive(Debug, Default)]
+pub struct Unpacked {
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// Unpacks the gzip-compressed release tarball read from `tarball` into
+/// `root`, creating only the paths in `plan`. On error, whatever was created
+/// is left for the caller to [`remove`] (the journal already lists it).
+pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, tarball: impl Read) -> Result<Unpacked> {
+    let mut hashing = HashingReader {
+        inner: tarball,
+        hasher: Sha256::new(),
+    };
+    let unsafe_tar = |detail: String| Error::UnsafeTarball { detail };
+    let tops: HashSet<&Path> = plan.creates.iter().map(PathBuf::as_path).collect();
+    let mut links: HashSet<PathBuf> = HashSet::new();
+    let mut stats = Unpacked::default();
+    let mut declared_total = 0u64;
+    let mut entries_seen = 0u64;
+    {
+        let mut archive = tar::Archive::new(GzDecoder::new(io::BufReader::with_capacity(
+            256 * 1024,
+            &mut hashing,
+        )));
+        let entries = archive.entries().map_err(|e| stream_error(&e))?;
+        for entry in entries {
+            let mut entry = entry.map_err(|e| stream_error(&e))?;
+            entries_seen += 1;
+            if entries_seen > MAX_ENTRIES {
+                return Err(unsafe_tar(format!("more than {MAX_ENTRIES} entries")));
+            }
+            let raw = entry.path_bytes().into_owned();
+            let Some(rel) = safe_relative_path(&raw).map_err(unsafe_tar)? else {
+                continue; // the archive's own "./" entry
+            };
+            let shown = rel.display().to_string();
+            declared_total = declared_total.saturating_add(entry.size());
+            if declared_total > m.tarball.unpacked_size {
+                return Err(unsafe_tar(format!(
+                    "it unpacks to more than the {} bytes its manifest declares (at {shown})",
+                    m.tarball.unpacked_size
+                )));
+            }
+            let kind = entry.header().entry_type();
+            let link_target = if kind.is_symlink() || kind.is_hard_link() {
+                let t = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| unsafe_tar(format!("{shown}: link without a target")))?
+                    .into_owned();
+                Some(
+                    String::from_utf8(t)
+                        .map_err(|_| unsafe_tar(format!("{shown}: link target is not UTF-8")))?,
+                )
+            } else {
+                None
+            };
+            // Checks that apply to every entry, extracted or not.
+            match kind {
+                tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::Directory => {}
+                tar::EntryType::Symlink => {
+                    let t = link_target.as_deref().unwrap_or_default();
+                    check_symlink_target(&rel, t)
+                        .map_err(|e| unsafe_tar(format!("symlink {shown} -> {t} {e}")))?;
+                }
+                tar::EntryType::Link => {
+                    let t = link_target.as_deref().unwrap_or_default();
+                    let target =
+                        safe_relative_path(t.as_bytes())
+                            .ok()
+                            .flatten()
+                            .ok_or_else(|| {
+                                unsafe_tar(format!(
+                                    "hard link {shown} -> {t} points outside the release"
+                                ))
+                            })?;
+                    if top_of(&target).is_none_or(|top| !tops.contains(top.as_path())) {
+                        return Err(unsafe_tar(format!(
+                            "hard link {shown} -> {t} points outside what this release adds"
+                        )));
+                    }
+                }
+                other => {
+                    return Err(unsafe_tar(format!(
+                        "{shown} is a {} (only files, directories and links inside the release are allowed)",
+                        describe(other)
+                    )));
+                }
+            }
+            let Some(top) = top_of(&rel) else { continue };
+            if !tops.contains(top.as_path()) {
+                continue;
+            }
+            if let Some(l) = rel.ancestors().skip(1).find(|a| links.contains(*a)) {
+                return Err(unsafe_tar(format!(
+                    "{shown} would be written through the symlink {}",
+                    l.display()
+                )));
+            }
+            let dest = root.join(&rel);
+            if let Some(parent) = dest.parent() {
+                fs::create_dir_all(parent).ctx(parent, "create directory")?;
+            }
+            match kind {
+                tar::EntryType::Directory => match fs::create_dir(&dest) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dest.is_dir() => {}
+                    Err(e) => return Err(Error::io(&dest, "create directory", e)),
+                },
+                tar::EntryType::Symlink => {
+                    let t = link_target.as_deref().unwrap_or_default();
+                    std::os::unix::fs::symlink(t, &dest)
+                        .map_err(|e| exists_or_io(e, &dest, &shown))?;
+                    links.insert(rel.clone());
+                }
+                tar::EntryType::Link => {
+                    let t = link_target.as_deref().unwrap_or_default();
+                    let src = root.join(t.trim_start_matches("./"));
+                    fs::hard_link(&src, &dest).map_err(|e| exists_or_io(e, &dest, &shown))?;
+                }
+                _ => {
+                    let mode = entry.header().mode().unwrap_or(0o644);
+                    let mode = if mode & 0o111 != 0 { 0o755 } else { 0o644 };
+                    let mut out = OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(mode)
+                        .open(&dest)
+                        .map_err(|e| exists_or_io(e, &dest, &shown))?;
+                    let n = io::copy(&mut entry, &mut out).map_err(|e| match e.kind() {
+                        io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::InvalidInput
+                        | io::ErrorKind::InvalidData => stream_error(&e),
+                        _ => Error::io(&dest, "write", e),
+                    })?;
+                    stats.files += 1;
+                    stats.bytes += n;
+                }
+            }
+        }
+        // Read to the end of the compressed stream so the hash covers it all
+        // (the tar end blocks and the gzip trailer).
+        let mut rest = archive.into_inner();
+        io::copy(&mut rest, &mut io::sink()).map_err(|e| stream_error(&e))?;
+    }
+    let mut rest = hashing.inner;
+    let mut hasher = hashing.hasher;
+    let mut buf = [0u8; 8192];
+    loop {
+        let n = rest.read(&mut buf).map_err(|e| stream_error(&e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    if hasher.finalize().as_slice() != m.tarball_digest() {
+        return Err(Error::UnsafeTarball {
+            detail: "the tarball changed after it was verified".into(),
+        });
+    }
+    let missing: Vec<String> = plan
+        .creates
+        .iter()
+        .filter(|p| root.join(p).symlink_metadata().is_err())
+        .filter(|p| !p.starts_with("bin")) // mix releases have no bin/REL-VSN
+        .map(|p| p.display().to_string())
+        .collect();
+    if !missing.is_empty() {
+        return Err(Error::UnsafeTarball {
+            detail: format!("it lacks {} that its manifest lists", missing.join(", ")),
+        });
+    }
+    Ok(stats)
+}
+
+fn exists_or_io(e: io::Error, dest: &Path, shown: &str) -> Error {
+    if e.kind() == io::ErrorKind::AlreadyExists {
+        Error::UnsafeTarball {
+            detail: format!("{shown} appears twice or would overwrite an existing file"),
+        }
+    } else {
+        Error::io(dest, "create", e)
+    }
+}
+
+fn stream_error(e: &io::Error) -> Error {
+    Error::UnsafeTarball {
+        detail: format!("the compressed tar stream is truncated or corrupt ({e})"),
+    }
+}
+
+fn describe(t: tar::EntryType) -> &'static str {
+    match t {
+        tar::EntryType::Char => "character device",
+        tar::EntryType::Block => "block device",
+        tar::EntryType::Fifo => "FIFO",
+        _ => "special entry",
+    }
+}
+
+/// The top-level unit an entry belongs to: `lib/X`, `releases/X`, `bin/X`
+/// or, for anything else, its first component (e.g. `erts-13.1.5`).
+fn top_of(rel: &Path) -> Option<PathBuf> {
+    let mut c = rel.components();
+    let first = c.next()?.as_os_str();
+    if first == "lib" || first == "releases" || first == "bin" {
+        let second = c.next()?.as_os_str();
+        Some(Path::new(first).join(second))
+    } else {
+        Some(PathBuf::from(first))
+    }
+}
+
+/// A tar path as a plain relative path: no leading `/`, no `..`, no `.`
+/// components other than leading `./`. `Ok(None)` for the archive root.
+fn safe_relative_path(raw: &[u8]) -> std::result::Result<Option<PathBuf>, String> {
+    let s = std::str::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_string())?;
+    let shown = || s.chars().take(200).collect::<String>();
+    if s.len() > MAX_PATH {
+        return Err(format!("entry name of {} bytes", s.len()));
+    }
+    if s.starts_with('/') {
+        return Err(format!("{} is an absolute path", shown()));
+    }
+    let mut s = s;
+    while let Some(rest) = s.strip_prefix("./") {
+        s = rest;
+    }
+    let mut out = PathBuf::new();
+    for part in s.split('/') {
+        match part {
+            "" => {}
+            "." => return Err(format!("{} has a '.' component", shown())),
+            ".." => return Err(format!("{} climbs out with '..'", shown())),
+            p if p.contains('\0') => return Err("an entry name contains NUL".into()),
+            p => out.push(p),
+        }
+    }
+    Ok((!out.as_os_str().is_empty() && s != ".").then_some(out))
+}
+
+/// A symlink's target must be relative and, resolved from the link's
+/// directory, stay inside the release root.
+fn check_symlink_target(link: &Path, target: &str) -> std::result::Result<(), &'static str> {
+    if target.is_empty() {
+        return Err("has an empty target");
+    }
+    if target.starts_with('/') {
+        return Err("points outside the release (absolute target)");
+    }
+    let mut depth: i64 = link.components().count() as i64 - 1;
+    for part in target.split('/') {
+        match part {
+            "" | "." => {}
+            ".." => {
+                depth -= 1;
+                if depth < 0 {
+                    return Err("points outside the release");
+                }
+            }
+            _ => depth += 1,
+        }
+    }
+    Ok(())
+}
+
+struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths() {
+        let ok = |s: &str| safe_relative_path(s.as_bytes()).unwrap();
+        assert_eq!(
+            ok("./lib/a-1/ebin/a.beam"),
+            Some(PathBuf::from("lib/a-1/ebin/a.beam"))
+        );
+        assert_eq!(ok("lib/a-1/"), Some(PathBuf::from("lib/a-1")));
+        assert_eq!(ok("./"), None);
+        for bad in ["/etc/passwd", "../x", "lib/../../x", "lib/./x", "a/../../b"] {
+            assert!(safe_relative_path(bad.as_bytes()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn symlink_targets() {
+        let link = Path::new("lib/a-1/priv/link");
+        assert!(check_symlink_target(link, "../ebin/a.beam").is_ok());
+        assert!(check_symlink_target(link, "../../../bin/x").is_ok()); // root level
+        assert!(check_symlink_target(link, "../../../../etc/passwd").is_err());
+        assert!(check_symlink_target(link, "/etc/passwd").is_err());
+        assert!(check_symlink_target(Path::new("x"), "..").is_err());
+    }
+
+    #[test]
+    fn tops() {
+        assert_eq!(
+            top_of(Path::new("lib/a-1/ebin/x")),
+            Some(PathBuf::from("lib/a-1"))
+        );
+        assert_eq!(
+            top_of(Path::new("releases/1.1.0/relup")),
+            Some(PathBuf::from("releases/1.1.0"))
+        );
+        assert_eq!(
+            top_of(Path::new("erts-13.1.5/bin/beam.smp")),
+            Some(PathBuf::from("erts-13.1.5"))
+        );
+        assert_eq!(top_of(Path::new("releases")), None);
+    }
+}
