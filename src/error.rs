@@ -21,6 +21,7 @@ pub mod exit {
     pub const INVALID_KEY: u8 = 6;
     pub const INVALID_ROOT: u8 = 7;
     pub const INVALID_RELEASE: u8 = 8;
+    pub const BUSY: u8 = 9;
 
     // 10..=29: a bundle was rejected. Nothing was written or changed.
     pub const NOT_A_BUNDLE: u8 = 10;
@@ -37,6 +38,10 @@ pub mod exit {
     pub const WRONG_TARGET: u8 = 21;
     pub const INVALID_MANIFEST: u8 = 22;
     pub const UNSAFE_TARBALL: u8 = 23;
+
+    // Outcomes of an install that got past verification.
+    pub const ROLLED_BACK: u8 = 40;
+    pub const NEEDS_ATTENTION: u8 = 50;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    #[error("{}: another beamup process holds the lock ({detail}); wait for it to finish", path.display())]
+    Busy { path: PathBuf, detail: String },
+
+    #[error("{}: unreadable state file: {detail}; inspect it, then move it away to start afresh", path.display())]
+    State { path: PathBuf, detail: String },
+
+    #[error("{}: invalid configuration: {detail}", path.display())]
+    Config { path: PathBuf, detail: String },
 
     #[error("{}: already exists; refusing to overwrite it (move it away or choose another output)", path.display())]
     Exists { path: PathBuf },
@@ -129,6 +143,9 @@ impl Error {
         use exit::*;
         match self {
             Error::Io { .. } => IO,
+            Error::Config { .. } => CONFIG,
+            Error::Busy { .. } => BUSY,
+            Error::State { .. } => NEEDS_ATTENTION,
             Error::Exists { .. } => EXISTS,
             Error::InvalidKey { .. } => INVALID_KEY,
             Error::InvalidRoot { .. } => INVALID_ROOT,
@@ -155,6 +172,9 @@ impl Error {
     pub fn kind(&self) -> &'static str {
         match self {
             Error::Io { .. } => "io",
+            Error::Config { .. } => "config",
+            Error::Busy { .. } => "busy",
+            Error::State { .. } => "state",
             Error::Exists { .. } => "exists",
             Error::InvalidKey { .. } => "invalid_key",
             Error::InvalidRoot { .. } => "invalid_root",

@@ -5,9 +5,11 @@
 
 pub mod bundle;
 pub mod cli;
+pub mod config;
 pub mod error;
 pub mod eterm;
 pub mod fsutil;
+pub mod health;
 pub mod keys;
 pub mod manifest;
 pub mod policy;
@@ -15,6 +17,7 @@ pub mod release;
 pub mod root;
 pub mod signed;
 pub mod staging;
+pub mod state;
 pub mod version;
 
 pub use error::{Error, Result};
