@@ -271,19 +271,21 @@ mod tests {
 
     #[test]
     fn journal_round_trips_through_json() {
-        let mut s = DeviceState::default();
-        s.current = Some(Journal {
-            release: "thermo".into(),
-            from_version: "1.0.0".into(),
-            to_version: "1.1.0".into(),
-            sequence: 5,
-            strategy: Strategy::Hot,
-            creates: vec!["releases/1.1.0".into()],
-            phase: Phase::RollingBack {
-                reason: "unhealthy".into(),
-            },
-            started_at: "2026-01-01T00:00:00Z".into(),
-        });
+        let s = DeviceState {
+            current: Some(Journal {
+                release: "thermo".into(),
+                from_version: "1.0.0".into(),
+                to_version: "1.1.0".into(),
+                sequence: 5,
+                strategy: Strategy::Hot,
+                creates: vec!["releases/1.1.0".into()],
+                phase: Phase::RollingBack {
+                    reason: "unhealthy".into(),
+                },
+                started_at: "2026-01-01T00:00:00Z".into(),
+            }),
+            ..Default::default()
+        };
         let text = serde_json::to_string(&s).unwrap();
         assert!(text.contains(r#""phase":"rolling_back""#), "{text}");
         assert_eq!(serde_json::from_str::<DeviceState>(&text).unwrap(), s);
