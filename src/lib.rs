@@ -6,6 +6,7 @@
 pub mod bundle;
 pub mod cli;
 pub mod config;
+pub mod decide;
 pub mod error;
 pub mod eterm;
 pub mod fsutil;

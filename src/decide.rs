@@ -1,0 +1,277 @@
+//! The install engine's decisions, as pure functions of facts: which
+//! strategy to use, and what to do when an interrupted install is found.
+//!
+//! Keeping these apart from the effects (`install`) means every branch is
+//! unit-tested here without a node, and the effectful code reads as a
+//! straight line that asks, then acts.
+
+use crate::config;
+use crate::manifest::Manifest;
+use crate::state::{Journal, Phase, Strategy};
+
+/// What the running node told us about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Running {
+    /// The release version release_handler has as permanent.
+    pub permanent: String,
+    /// The version the node is executing (`current`, else the permanent one).
+    pub current: String,
+    pub erts: String,
+}
+
+/// How to install a release on a running node, or why not.
+pub fn strategy(
+    m: &Manifest,
+    running: &Running,
+    cfg: &config::Strategy,
+) -> Result<Strategy, String> {
+    let relup_covers = m.upgrade_from.contains(&running.current);
+    let same_erts = m.erts == running.erts;
+    if relup_covers && same_erts {
+        return Ok(Strategy::Hot);
+    }
+    let why = if !relup_covers {
+        if m.upgrade_from.is_empty() {
+            format!("{} {} has no relup", m.release.name, m.release.version)
+        } else {
+            format!(
+                "the relup of {} upgrades from {}, not from the running {}",
+                m.release.version,
+                m.upgrade_from.join(", "),
+                running.current
+            )
+        }
+    } else {
+        format!("it changes ERTS from {} to {}", running.erts, m.erts)
+    };
+    match cfg {
+        config::Strategy::Auto => Ok(Strategy::Cold),
+        config::Strategy::HotOnly => Err(format!(
+            "{why}, so it needs a restart, and [install] strategy is hot-only"
+        )),
+    }
+}
+
+/// What the node looks like when recovery runs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeSeen {
+    /// Not reachable (down, or restarting).
+    Down,
+    Up(Running),
+}
+
+/// What to do about an install that was interrupted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nothing reached the node's running code: remove what was unpacked
+    /// (and registered), then report the install as rolled back.
+    Cleanup { reason: String },
+    /// The new release may be running: go back to the old one, then clean up.
+    RollBack { reason: String },
+    /// The decision to commit was made and the new release runs: finish it.
+    FinishCommit,
+    /// The node is down: start it first (it boots the permanent release, or
+    /// whatever `bin/REL` points at), then decide again.
+    StartNode,
+}
+
+/// Decides how to make the device consistent after an interruption in
+/// `journal`'s phase, given what the node reports now.
+pub fn recovery(journal: &Journal, node: &NodeSeen) -> Recovery {
+    let phase = journal.phase.name();
+    let interrupted = |what: &str| format!("interrupted while {what} {}", journal.to_version);
+    let running = match node {
+        NodeSeen::Down => return Recovery::StartNode,
+        NodeSeen::Up(r) => r,
+    };
+    let new_runs = running.current == journal.to_version;
+    let new_permanent = running.permanent == journal.to_version;
+    match &journal.phase {
+        Phase::Unpacking | Phase::Registering => Recovery::Cleanup {
+            reason: interrupted(if phase == "unpacking" {
+                "unpacking"
+            } else {
+                "registering"
+            }),
+        },
+        Phase::Installing | Phase::Restarting | Phase::Soaking => {
+            if new_runs || new_permanent {
+                Recovery::RollBack {
+                    reason: interrupted("installing and health-checking"),
+                }
+            } else {
+                Recovery::Cleanup {
+                    reason: interrupted("installing"),
+                }
+            }
+        }
+        Phase::Committing => {
+            if new_runs || new_permanent {
+                Recovery::FinishCommit
+            } else {
+                // The node went back to the old release before the commit
+                // completed (it restarted): it never became permanent.
+                Recovery::Cleanup {
+                    reason: interrupted("committing (the node restarted on the old release)"),
+                }
+            }
+        }
+        Phase::RollingBack { reason } => {
+            if new_runs || new_permanent {
+                Recovery::RollBack {
+                    reason: reason.clone(),
+                }
+            } else {
+                Recovery::Cleanup {
+                    reason: reason.clone(),
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{FORMAT, MANIFEST_TYPE, ReleaseRef, TarballRef};
+
+    fn manifest(version: &str, from: &[&str], erts: &str) -> Manifest {
+        Manifest {
+            kind: MANIFEST_TYPE.into(),
+            format: FORMAT,
+            release: ReleaseRef {
+                name: "thermo".into(),
+                version: version.into(),
+            },
+            erts: erts.into(),
+            includes_erts: false,
+            apps: vec![format!("thermo-{version}")],
+            upgrade_from: from.iter().map(|s| s.to_string()).collect(),
+            downgrade_to: from.iter().map(|s| s.to_string()).collect(),
+            tarball: TarballRef {
+                size: 1,
+                sha256: "00".repeat(32),
+                chunk_size: 4096,
+                unpacked_size: 1,
+                chunks: vec!["00".repeat(32)],
+            },
+            target: vec!["any".into()],
+            created_at: "2026-01-01T00:00:00Z".into(),
+            expires_at: "2026-02-01T00:00:00Z".into(),
+            sequence: 1,
+            allow_downgrade: false,
+        }
+    }
+
+    fn running(v: &str) -> Running {
+        Running {
+            permanent: v.into(),
+            current: v.into(),
+            erts: "13.1.5".into(),
+        }
+    }
+
+    #[test]
+    fn hot_when_relup_covers_and_erts_is_the_same() {
+        let m = manifest("1.1.0", &["1.0.0"], "13.1.5");
+        assert_eq!(
+            strategy(&m, &running("1.0.0"), &config::Strategy::Auto),
+            Ok(Strategy::Hot)
+        );
+        assert_eq!(
+            strategy(&m, &running("1.0.0"), &config::Strategy::HotOnly),
+            Ok(Strategy::Hot)
+        );
+    }
+
+    #[test]
+    fn cold_or_refused_otherwise() {
+        let no_relup = manifest("2.0.0", &[], "13.1.5");
+        assert_eq!(
+            strategy(&no_relup, &running("1.0.0"), &config::Strategy::Auto),
+            Ok(Strategy::Cold)
+        );
+        let e = strategy(&no_relup, &running("1.0.0"), &config::Strategy::HotOnly).unwrap_err();
+        assert!(e.contains("has no relup") && e.contains("hot-only"), "{e}");
+        let other_from = manifest("1.2.0", &["1.1.0"], "13.1.5");
+        let e = strategy(&other_from, &running("1.0.0"), &config::Strategy::HotOnly).unwrap_err();
+        assert!(
+            e.contains("upgrades from 1.1.0, not from the running 1.0.0"),
+            "{e}"
+        );
+        let new_erts = manifest("1.1.0", &["1.0.0"], "14.0");
+        assert_eq!(
+            strategy(&new_erts, &running("1.0.0"), &config::Strategy::Auto),
+            Ok(Strategy::Cold)
+        );
+        let e = strategy(&new_erts, &running("1.0.0"), &config::Strategy::HotOnly).unwrap_err();
+        assert!(e.contains("changes ERTS from 13.1.5 to 14.0"), "{e}");
+    }
+
+    fn journal(phase: Phase) -> Journal {
+        Journal {
+            release: "thermo".into(),
+            from_version: "1.0.0".into(),
+            to_version: "1.1.0".into(),
+            sequence: 1,
+            strategy: Strategy::Hot,
+            creates: vec![],
+            phase,
+            started_at: String::new(),
+        }
+    }
+
+    #[test]
+    fn recovery_by_phase_and_node() {
+        let old = NodeSeen::Up(running("1.0.0"));
+        let mut new_current = running("1.0.0");
+        new_current.current = "1.1.0".into();
+        let new_current = NodeSeen::Up(new_current);
+        let new_perm = NodeSeen::Up(running("1.1.0"));
+
+        for p in [Phase::Unpacking, Phase::Registering] {
+            assert!(matches!(
+                recovery(&journal(p.clone()), &old),
+                Recovery::Cleanup { .. }
+            ));
+            assert_eq!(recovery(&journal(p), &NodeSeen::Down), Recovery::StartNode);
+        }
+        for p in [Phase::Installing, Phase::Restarting, Phase::Soaking] {
+            assert!(matches!(
+                recovery(&journal(p.clone()), &old),
+                Recovery::Cleanup { .. }
+            ));
+            assert!(matches!(
+                recovery(&journal(p), &new_current),
+                Recovery::RollBack { .. }
+            ));
+        }
+        assert_eq!(
+            recovery(&journal(Phase::Committing), &new_current),
+            Recovery::FinishCommit
+        );
+        assert_eq!(
+            recovery(&journal(Phase::Committing), &new_perm),
+            Recovery::FinishCommit
+        );
+        assert!(matches!(
+            recovery(&journal(Phase::Committing), &old),
+            Recovery::Cleanup { .. }
+        ));
+        let rb = journal(Phase::RollingBack {
+            reason: "unhealthy".into(),
+        });
+        assert_eq!(
+            recovery(&rb, &new_current),
+            Recovery::RollBack {
+                reason: "unhealthy".into()
+            }
+        );
+        assert_eq!(
+            recovery(&rb, &old),
+            Recovery::Cleanup {
+                reason: "unhealthy".into()
+            }
+        );
+    }
+}
