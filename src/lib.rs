@@ -3,3 +3,4 @@
 //! See `ARCHITECTURE.md` for the map of this crate.
 
 pub mod dist;
+pub mod node;
