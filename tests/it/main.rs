@@ -1,0 +1,3 @@
+//! Integration tests against real components, in one binary.
+
+mod dist;
