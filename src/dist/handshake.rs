@@ -24,6 +24,8 @@ use super::DistError;
 
 /// Flags OTP 25 refuses to connect without (`MANDATORY_DFLAGS_25` in
 /// kernel's `dist.hrl`; the peer answers `not_allowed` if one is missing).
+/// `MANDATORY_25_DIGEST` is the same set as one bit: OTP 25/26 expand it,
+/// and kernel's `dist.hrl` announces OTP 27 will insist on it.
 /// We ask for nothing beyond them: no atom cache (so every message arrives
 /// as a plain "pass through" frame), no fragments, no `SEND_SENDER`, no
 /// aliases. Not setting `PUBLISHED` is what makes us a hidden node.
@@ -37,7 +39,8 @@ pub const FLAGS: u64 = DFLAG_EXTENDED_REFERENCES
     | DFLAG_UTF8_ATOMS
     | DFLAG_MAP_TAG
     | DFLAG_BIG_CREATION
-    | DFLAG_HANDSHAKE_23;
+    | DFLAG_HANDSHAKE_23
+    | DFLAG_MANDATORY_25_DIGEST;
 
 const DFLAG_EXTENDED_REFERENCES: u64 = 0x4;
 const DFLAG_FUN_TAGS: u64 = 0x10;
@@ -52,6 +55,8 @@ const DFLAG_BIG_CREATION: u64 = 0x4_0000;
 const DFLAG_HANDSHAKE_23: u64 = 0x100_0000;
 /// OTP 25+ may send this single bit in place of the mandatory set.
 const DFLAG_MANDATORY_25_DIGEST: u64 = 0x400_0000;
+/// The flags the term formats we send and accept rely on.
+const MANDATORY_25: u64 = FLAGS & !DFLAG_MANDATORY_25_DIGEST;
 
 /// What the peer told us about itself.
 #[derive(Debug, Clone)]
@@ -131,12 +136,12 @@ pub async fn handshake(
         .map(|n| String::from_utf8_lossy(n).into_owned())
         .ok_or_else(|| rejected("challenge name shorter than its length field".into()))?;
     if flags & DFLAG_MANDATORY_25_DIGEST != 0 {
-        flags |= FLAGS;
+        flags |= MANDATORY_25;
     }
-    if flags & FLAGS != FLAGS {
+    if flags & MANDATORY_25 != MANDATORY_25 {
         return Err(rejected(format!(
             "peer lacks distribution flags {:#x} we rely on",
-            FLAGS & !flags
+            MANDATORY_25 & !flags
         )));
     }
 
@@ -209,6 +214,7 @@ mod tests {
     #[test]
     fn flags_are_otp25_mandatory_set() {
         // ?MANDATORY_DFLAGS_25 evaluated on OTP 25.
-        assert_eq!(FLAGS, 0x107_0F94);
+        assert_eq!(MANDATORY_25, 0x107_0F94);
+        assert_eq!(FLAGS, 0x507_0F94);
     }
 }
