@@ -2,4 +2,5 @@
 //! capability, all driving real components.
 
 mod cli;
+mod dist;
 mod signing;
