@@ -13,12 +13,15 @@ use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
 use crate::bundle::{self, BundleOptions};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::install;
 use crate::keys::{self, PublicKey, SecretKey};
 use crate::manifest::{self, Manifest, Scope};
 use crate::policy::{DeviceFacts, Identity};
 use crate::root::{ROOT_FILE_LIMIT, Root};
+use crate::state::{Outcome, OutcomeKind, Strategy};
 
 #[derive(Parser, Debug)]
 #[command(name = "beamup", version, about = "Signed, health-gated hot upgrades for BEAM releases on devices", long_about = None)]
@@ -48,6 +51,38 @@ pub enum Command {
     Bundle(BundleArgs),
     /// Verify a bundle against a trust root and print what was verified.
     Verify(VerifyArgs),
+    /// Install a bundle on this device: verify, unpack beside the running
+    /// release, hot (or cold) upgrade, health-gate, then commit or roll back.
+    ///
+    /// Exit codes: 0 committed, 40 rolled back, 50 needs attention,
+    /// 10-29 rejected (nothing changed; the code says why).
+    Install {
+        /// The bundle file (from `beamup bundle`).
+        bundle: PathBuf,
+        #[arg(long, value_name = "agent.toml")]
+        config: PathBuf,
+        /// Install a bundle that was rolled back before.
+        #[arg(long)]
+        retry: bool,
+        /// Print the outcome as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Finish or undo an install that was interrupted (power loss, kill).
+    Recover {
+        #[arg(long, value_name = "agent.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the release the node runs, any install in progress, and the
+    /// last outcomes.
+    Status {
+        #[arg(long, value_name = "agent.toml")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -170,6 +205,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Root(cmd) => root_command(cmd)?,
         Command::Bundle(args) => bundle_command(args)?,
         Command::Verify(args) => return verify_command(args),
+        Command::Install {
+            bundle,
+            config,
+            retry,
+            json,
+        } => return install_command(&bundle, &config, retry, json),
+        Command::Recover { config, json } => return recover_command(&config, json),
+        Command::Status { config, json } => return status_command(&config, json),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -354,4 +397,167 @@ fn verify_inner(a: &VerifyArgs) -> Result<bundle::Verified> {
         identity,
     };
     bundle::verify(&a.file, &root, now, &device)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))
+}
+
+/// Progress of an install on stderr, one line per phase, for the person at
+/// the terminal.
+struct TerminalProgress;
+
+impl install::Progress for TerminalProgress {
+    fn phase(&self, phase: &str, detail: &str) {
+        if detail.is_empty() {
+            eprintln!("beamup: {phase}");
+        } else {
+            eprintln!("beamup: {phase}: {detail}");
+        }
+    }
+}
+
+fn outcome_exit(o: &Outcome) -> ExitCode {
+    ExitCode::from(match o.outcome {
+        OutcomeKind::Committed => 0,
+        OutcomeKind::RolledBack => crate::error::exit::ROLLED_BACK,
+        OutcomeKind::NeedsAttention => crate::error::exit::NEEDS_ATTENTION,
+        OutcomeKind::Rejected => crate::error::exit::REFUSED,
+    })
+}
+
+fn print_outcome(o: &Outcome, json: bool) {
+    if json {
+        println!("{}", serde_json::to_string_pretty(o).expect("json"));
+        return;
+    }
+    let how = match (&o.strategy, &o.from_version) {
+        (Some(s), Some(f)) => format!(
+            " ({}, from {f})",
+            if *s == Strategy::Hot { "hot" } else { "cold" }
+        ),
+        _ => String::new(),
+    };
+    match &o.reason {
+        Some(r) => println!("{} {} {}{how}: {r}", o.outcome.name(), o.release, o.version),
+        None => println!("{} {} {}{how}", o.outcome.name(), o.release, o.version),
+    }
+}
+
+fn install_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let progress = TerminalProgress;
+    let rt = runtime()?;
+    let result = rt.block_on(async {
+        let mut engine = install::Engine::open(&cfg, &progress)?;
+        engine
+            .install(bundle, &install::InstallOptions { retry })
+            .await
+    });
+    match result {
+        Ok(o) => {
+            print_outcome(&o, json);
+            Ok(outcome_exit(&o))
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&json!({
+                        "outcome": "rejected",
+                        "error": {"kind": e.kind(), "exit_code": e.exit_code(), "message": e.to_string()},
+                    }))
+                    .expect("json")
+                );
+            }
+            Err(e)
+        }
+    }
+}
+
+fn recover_command(config: &Path, json: bool) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let progress = TerminalProgress;
+    let rt = runtime()?;
+    let outcome = rt.block_on(async {
+        let mut engine = install::Engine::open(&cfg, &progress)?;
+        engine.recover().await
+    })?;
+    match outcome {
+        Some(o) => {
+            print_outcome(&o, json);
+            Ok(outcome_exit(&o))
+        }
+        None => {
+            if json {
+                println!(
+                    "{}",
+                    json!({"outcome": null, "message": "nothing to recover"})
+                );
+            } else {
+                println!("nothing to recover");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn status_command(config: &Path, json: bool) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let state = crate::state::Store::peek(&cfg.state.dir)?;
+    let rt = runtime()?;
+    let node = rt.block_on(async {
+        let mut link = crate::nodelink::NodeLink::new(&cfg)?;
+        link.call_timeout = link.call_timeout.min(std::time::Duration::from_secs(5));
+        Ok::<_, Error>(link.running().await.map_err(|e| e.to_string()))
+    })?;
+    if json {
+        let node_json = match &node {
+            Ok(r) => {
+                json!({"reachable": true, "running": r.current, "permanent": r.permanent, "erts": r.erts})
+            }
+            Err(e) => json!({"reachable": false, "error": e}),
+        };
+        let doc = json!({
+            "release": cfg.release.name,
+            "node": node_json,
+            "install_in_progress": state.current,
+            "last_outcome": state.last_outcome(),
+            "last_sequence": state.last_sequence,
+            "history": state.history,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("release     {}", cfg.release.name);
+    match &node {
+        Ok(r) => println!(
+            "node        {} runs {} (permanent {}, ERTS {})",
+            cfg.node.name, r.current, r.permanent, r.erts
+        ),
+        Err(e) => println!("node        {} unreachable: {e}", cfg.node.name),
+    }
+    match &state.current {
+        Some(j) => println!(
+            "in progress {} {} -> {} ({:?}), {} since {}",
+            j.release,
+            j.from_version,
+            j.to_version,
+            j.strategy,
+            j.phase.name(),
+            j.started_at
+        ),
+        None => println!("in progress none"),
+    }
+    match state.last_outcome() {
+        Some(o) => {
+            print!("last        {}: ", o.at);
+            print_outcome(o, false);
+        }
+        None => println!("last        none"),
+    }
+    Ok(ExitCode::SUCCESS)
 }

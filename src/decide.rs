@@ -218,6 +218,7 @@ mod tests {
             creates: vec![],
             phase,
             started_at: String::new(),
+            swapped_boot: false,
         }
     }
 

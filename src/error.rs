@@ -38,6 +38,9 @@ pub mod exit {
     pub const WRONG_TARGET: u8 = 21;
     pub const INVALID_MANIFEST: u8 = 22;
     pub const UNSAFE_TARBALL: u8 = 23;
+    pub const REFUSED: u8 = 24;
+    pub const NO_SPACE: u8 = 25;
+    pub const NODE: u8 = 26;
 
     // Outcomes of an install that got past verification.
     pub const ROLLED_BACK: u8 = 40;
@@ -133,6 +136,19 @@ pub enum Error {
     )]
     UnsafeTarball { detail: String },
 
+    #[error("install refused: {reason}")]
+    Refused { reason: String },
+
+    #[error("{}: not enough free space: need {need} bytes, {have} available; free some space and retry", path.display())]
+    NoSpace { path: PathBuf, need: u64, have: u64 },
+
+    #[error("node {node}: {doing}: {detail}")]
+    Node {
+        node: String,
+        doing: String,
+        detail: String,
+    },
+
     #[error("{0}")]
     Usage(String),
 }
@@ -164,6 +180,9 @@ impl Error {
             Error::WrongTarget { .. } => WRONG_TARGET,
             Error::InvalidManifest { .. } => INVALID_MANIFEST,
             Error::UnsafeTarball { .. } => UNSAFE_TARBALL,
+            Error::Refused { .. } => REFUSED,
+            Error::NoSpace { .. } => NO_SPACE,
+            Error::Node { .. } => NODE,
             Error::Usage(_) => USAGE,
         }
     }
@@ -193,6 +212,9 @@ impl Error {
             Error::WrongTarget { .. } => "wrong_target",
             Error::InvalidManifest { .. } => "invalid_manifest",
             Error::UnsafeTarball { .. } => "unsafe_tarball",
+            Error::Refused { .. } => "refused",
+            Error::NoSpace { .. } => "no_space",
+            Error::Node { .. } => "node",
             Error::Usage(_) => "usage",
         }
     }

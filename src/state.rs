@@ -94,6 +94,10 @@ pub struct Journal {
     #[serde(flatten)]
     pub phase: Phase,
     pub started_at: String,
+    /// `bin/REL` was pointed at the new release (a copy of the old script
+    /// is in the state dir); rollback must restore it.
+    #[serde(default)]
+    pub swapped_boot: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -283,6 +287,7 @@ mod tests {
                     reason: "unhealthy".into(),
                 },
                 started_at: "2026-01-01T00:00:00Z".into(),
+                swapped_boot: false,
             }),
             ..Default::default()
         };

@@ -1,0 +1,718 @@
+//! The install engine: one straight line from a bundle to a committed (or
+//! rolled back) release, each phase written to the journal before its
+//! effect.
+//!
+//! ```text
+//! verify -> unpack beside -> set_unpacked -> install_release (hot)   -> soak -> commit
+//!                                          \ stop, boot new (cold) /        \-> roll back
+//! ```
+//!
+//! The decisions live in `decide` (strategy, recovery) and `health::Gate`;
+//! this module performs them. Outcomes are exactly one of committed, rolled
+//! back (with the reason), rejected (with the reason: nothing was changed),
+//! or needs attention (the rollback itself failed; the journal is kept so
+//! `beamup recover` can try again).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use crate::bundle::Bundle;
+use crate::config::Config;
+use crate::decide::{self, NodeSeen, Recovery, Running};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+use crate::health::{self, Gate, Verdict};
+use crate::manifest::{self, Manifest};
+use crate::node::{NodeError, ReleaseStatus};
+use crate::nodelink::NodeLink;
+use crate::policy::{self, DeviceFacts};
+use crate::root::Root;
+use crate::staging::{self, Plan};
+use crate::state::{DeviceState, Journal, Outcome, OutcomeKind, Phase, Store, Strategy};
+
+/// Where progress goes: the terminal for `beamup install`, MQTT for the
+/// agent.
+pub trait Progress: Send + Sync {
+    fn phase(&self, phase: &str, detail: &str);
+}
+
+/// Discards progress.
+pub struct Silent;
+impl Progress for Silent {
+    fn phase(&self, _: &str, _: &str) {}
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct InstallOptions {
+    /// Install a bundle that was rolled back before.
+    pub retry: bool,
+}
+
+pub struct Engine<'a> {
+    cfg: &'a Config,
+    store: Store,
+    state: DeviceState,
+    node: NodeLink,
+    progress: &'a dyn Progress,
+}
+
+/// What `prepare` established about a bundle before anything is touched.
+struct Prepared {
+    bundle: Bundle,
+    manifest: Manifest,
+    running: Running,
+    strategy: Strategy,
+    plan: Plan,
+}
+
+impl<'a> Engine<'a> {
+    /// Takes the state-dir lock and sets up the node link.
+    pub fn open(cfg: &'a Config, progress: &'a dyn Progress) -> Result<Engine<'a>> {
+        let (store, state) = Store::open(&cfg.state.dir)?;
+        let node = NodeLink::new(cfg)?;
+        Ok(Engine {
+            cfg,
+            store,
+            state,
+            node,
+            progress,
+        })
+    }
+
+    pub fn state(&self) -> &DeviceState {
+        &self.state
+    }
+
+    fn root(&self) -> &Path {
+        &self.cfg.release.root
+    }
+
+    fn save(&self) -> Result<()> {
+        self.store.save(&self.state)
+    }
+
+    fn journal(&self) -> &Journal {
+        self.state.current.as_ref().expect("install in progress")
+    }
+
+    /// Moves the journal to `phase`, durably, before the caller acts on it.
+    fn enter(&mut self, phase: Phase) -> Result<()> {
+        let j = self.state.current.as_mut().expect("install in progress");
+        tracing::info!("{} {}: {}", j.release, j.to_version, phase.name());
+        j.phase = phase;
+        self.save()
+    }
+
+    fn finish(&mut self, kind: OutcomeKind, reason: Option<String>) -> Result<Outcome> {
+        let j = self.journal().clone();
+        let outcome = Outcome {
+            outcome: kind,
+            release: j.release.clone(),
+            version: j.to_version.clone(),
+            from_version: Some(j.from_version.clone()),
+            sequence: Some(j.sequence),
+            strategy: Some(j.strategy),
+            reason,
+            at: manifest::format_time(SystemTime::now()),
+        };
+        self.state.finish(outcome.clone());
+        self.save()?;
+        self.progress
+            .phase(kind.name(), outcome.reason.as_deref().unwrap_or(""));
+        Ok(outcome)
+    }
+
+    fn reject(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
+        self.state.finish(Outcome {
+            outcome: OutcomeKind::Rejected,
+            release: m.map_or(self.cfg.release.name.clone(), |m| m.release.name.clone()),
+            version: m.map_or("unknown".into(), |m| m.release.version.clone()),
+            from_version: None,
+            sequence: m.map(|m| m.sequence),
+            strategy: None,
+            reason: Some(e.to_string()),
+            at: manifest::format_time(SystemTime::now()),
+        });
+        self.save()?;
+        self.progress.phase("rejected", &e.to_string());
+        Ok(())
+    }
+
+    /// Installs a bundle file. An interrupted earlier install is recovered
+    /// first. Returns the outcome; a rejection is an `Err` carrying the
+    /// specific reason (and its exit code), recorded in the state as well.
+    pub async fn install(&mut self, bundle: &Path, opts: &InstallOptions) -> Result<Outcome> {
+        if let Some(o) = self.recover().await?
+            && o.outcome == OutcomeKind::NeedsAttention
+        {
+            return Err(Error::Refused {
+                reason: format!(
+                    "an earlier install of {} {} needs attention ({}); fix the node, then run `beamup recover`",
+                    o.release,
+                    o.version,
+                    o.reason.unwrap_or_default()
+                ),
+            });
+        }
+        let started = Instant::now();
+        self.progress
+            .phase("verifying", &bundle.display().to_string());
+        let mut manifest_seen = None;
+        let prepared = match self.prepare(bundle, opts, &mut manifest_seen).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.reject(manifest_seen.as_ref(), &e)?;
+                return Err(e);
+            }
+        };
+        let outcome = self.apply(prepared).await?;
+        tracing::info!("install finished in {:?}", started.elapsed());
+        Ok(outcome)
+    }
+
+    async fn prepare(
+        &mut self,
+        path: &Path,
+        opts: &InstallOptions,
+        seen: &mut Option<Manifest>,
+    ) -> Result<Prepared> {
+        let root = Root::load(&self.cfg.trust.root)?;
+        let bundle = Bundle::open(path)?;
+        let (m, _) = bundle.verify_manifest(&root)?;
+        *seen = Some(m.clone());
+        if m.release.name != self.cfg.release.name {
+            return Err(Error::Refused {
+                reason: format!(
+                    "the bundle holds release {:?}, this device runs {:?}",
+                    m.release.name, self.cfg.release.name
+                ),
+            });
+        }
+        let running = self
+            .node
+            .running()
+            .await
+            .map_err(|e| self.node.node_error("reading the running release", e))?;
+        if running.current != running.permanent {
+            return Err(Error::Refused {
+                reason: format!(
+                    "the node runs {} but {} is permanent: an install outside beamup is unfinished; \
+                     make one of them permanent (or restart the node) first",
+                    running.current, running.permanent
+                ),
+            });
+        }
+        let facts = DeviceFacts {
+            installed_version: Some(running.permanent.clone()),
+            last_sequence: self.state.last_sequence,
+            identity: self.cfg.identity(),
+        };
+        policy::check(&m, SystemTime::now(), &facts)?;
+        if !opts.retry
+            && let Some(o) = self
+                .state
+                .rolled_back_before(&m.release.version, m.sequence)
+        {
+            return Err(Error::Refused {
+                reason: format!(
+                    "{} {} (sequence {}) was rolled back at {} ({}); it is not retried automatically: \
+                     pass --retry, or bundle a fixed release",
+                    m.release.name,
+                    m.release.version,
+                    m.sequence,
+                    o.at,
+                    o.reason.as_deref().unwrap_or("no reason recorded")
+                ),
+            });
+        }
+        check_space(self.root(), m.tarball.unpacked_size)?;
+        bundle.verify_tarball(&m)?;
+        let strategy = decide::strategy(&m, &running, &self.cfg.install.strategy)
+            .map_err(|reason| Error::Refused { reason })?;
+        self.clean_leftovers(&m).await?;
+        let plan = staging::plan(self.root(), &self.cfg.release.name, &m);
+        Ok(Prepared {
+            bundle,
+            manifest: m,
+            running,
+            strategy,
+            plan,
+        })
+    }
+
+    /// Paths of the new version left by an install that beamup did not
+    /// journal (a crash of another tool, a manual copy) would be picked up
+    /// instead of the bundle's files; remove the ones no release uses.
+    async fn clean_leftovers(&mut self, m: &Manifest) -> Result<()> {
+        let releases = self
+            .node
+            .which_releases()
+            .await
+            .map_err(|e| self.node.node_error("listing releases", e))?;
+        let vsn = &m.release.version;
+        if let Some(r) = releases.iter().find(|r| &r.vsn == vsn) {
+            match r.status {
+                ReleaseStatus::Unpacked | ReleaseStatus::Old => {
+                    tracing::warn!(
+                        "removing leftover release {vsn} ({:?}) before installing it",
+                        r.status
+                    );
+                    if let Err(e) = self.node.remove_release(vsn).await {
+                        return Err(self.node.node_error("removing a leftover release", e));
+                    }
+                }
+                _ => {
+                    return Err(Error::Refused {
+                        reason: format!("release {vsn} is already {:?} on the node", r.status),
+                    });
+                }
+            }
+        }
+        let used: std::collections::HashSet<&str> = releases
+            .iter()
+            .filter(|r| &r.vsn != vsn)
+            .flat_map(|r| r.libs.iter().map(String::as_str))
+            .collect();
+        let name = &self.cfg.release.name;
+        let mut stale: Vec<PathBuf> = vec![
+            PathBuf::from("releases").join(vsn),
+            PathBuf::from("bin").join(format!("{name}-{vsn}")),
+        ];
+        stale.extend(
+            m.apps
+                .iter()
+                .filter(|a| !used.contains(a.as_str()))
+                .map(|a| PathBuf::from("lib").join(a)),
+        );
+        let stale: Vec<PathBuf> = stale
+            .into_iter()
+            .filter(|p| self.root().join(p).symlink_metadata().is_ok())
+            .collect();
+        if !stale.is_empty() {
+            tracing::warn!("removing leftover paths no release uses: {stale:?}");
+            staging::remove(self.root(), &Plan { creates: stale })?;
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, p: Prepared) -> Result<Outcome> {
+        let m = &p.manifest;
+        self.state.current = Some(Journal {
+            release: m.release.name.clone(),
+            from_version: p.running.permanent.clone(),
+            to_version: m.release.version.clone(),
+            sequence: m.sequence,
+            strategy: p.strategy,
+            creates: p.plan.creates.clone(),
+            phase: Phase::Unpacking,
+            started_at: manifest::format_time(SystemTime::now()),
+            swapped_boot: false,
+        });
+        self.save()?;
+        self.progress.phase(
+            "unpacking",
+            &format!("{} {}", m.release.name, m.release.version),
+        );
+        if let Err(e) = staging::unpack(self.root(), &p.plan, m, p.bundle.tarball()) {
+            staging::remove(self.root(), &p.plan)?;
+            self.reject_journaled(&e)?;
+            return Err(e);
+        }
+        sync_fs(self.root())?;
+
+        self.enter(Phase::Registering)?;
+        let rel_file = self
+            .root()
+            .join("releases")
+            .join(&m.release.version)
+            .join(format!("{}.rel", m.release.name));
+        if let Err(e) = self.node.set_unpacked(&rel_file).await {
+            let e = self
+                .node
+                .node_error("registering the new release (set_unpacked)", e);
+            self.cleanup().await?;
+            self.reject_journaled(&e)?;
+            return Err(e);
+        }
+
+        match p.strategy {
+            Strategy::Hot => {
+                self.enter(Phase::Installing)?;
+                self.progress
+                    .phase("installing", "hot upgrade through the relup");
+                let to = m.release.version.clone();
+                match self.node.install_release(&to).await {
+                    Ok(_) => {}
+                    Err(NodeError::CodeChangeFailed {
+                        module,
+                        reason_text,
+                    }) => {
+                        let from = self.journal().from_version.clone();
+                        let reason = format!(
+                            "code_change in {module} crashed during install_release: {reason_text}; \
+                             the node restarted itself on {from} and lost its in-memory state"
+                        );
+                        self.node.reset();
+                        return self.rollback(reason).await;
+                    }
+                    Err(e) => return self.rollback(format!("install_release failed: {e}")).await,
+                }
+            }
+            Strategy::Cold => {
+                self.enter(Phase::Restarting)?;
+                self.progress.phase(
+                    "restarting",
+                    "cold upgrade: restarting the node into the new release",
+                );
+                if let Err(why) = self.node.stop().await {
+                    return self
+                        .rollback(format!("could not stop the node for a cold upgrade: {why}"))
+                        .await;
+                }
+                self.swap_boot_script()?;
+                if let Err(why) = self.node.start().await {
+                    return self
+                        .rollback(format!("the new release did not start: {why}"))
+                        .await;
+                }
+            }
+        }
+
+        self.enter(Phase::Soaking)?;
+        if let Err(why) = self.health_gate().await {
+            return self.rollback(why).await;
+        }
+        self.enter(Phase::Committing)?;
+        self.commit().await
+    }
+
+    /// Records a rejection found after the journal was started (nothing of
+    /// the running release was changed).
+    fn reject_journaled(&mut self, e: &Error) -> Result<()> {
+        self.finish(OutcomeKind::Rejected, Some(e.to_string()))?;
+        Ok(())
+    }
+
+    /// Passes when the configured checks pass continuously for the soak
+    /// window and the node reports the new version as what it runs.
+    async fn health_gate(&mut self) -> std::result::Result<(), String> {
+        let h = &self.cfg.health;
+        let to = self.journal().to_version.clone();
+        self.progress.phase(
+            "soaking",
+            &format!(
+                "healthy for {} within {}",
+                humantime::format_duration(h.soak),
+                humantime::format_duration(h.timeout)
+            ),
+        );
+        self.gate(&to, h.timeout, h.soak).await
+    }
+
+    async fn gate(
+        &mut self,
+        version: &str,
+        timeout: std::time::Duration,
+        soak: std::time::Duration,
+    ) -> std::result::Result<(), String> {
+        let checks = health::Checks::new(&self.cfg.health, version);
+        let mut gate = Gate::new(Instant::now(), timeout, soak);
+        loop {
+            let result = match checks.run_once().await {
+                Err(e) => Err(e),
+                Ok(()) => match self.node.running().await {
+                    Ok(r) if r.current == version => Ok(()),
+                    Ok(r) => Err(format!("the node runs {}, not {version}", r.current)),
+                    Err(e) => Err(format!("node check: {e}")),
+                },
+            };
+            match gate.observe(Instant::now(), result) {
+                Verdict::Pass => return Ok(()),
+                Verdict::Fail(why) => return Err(why),
+                Verdict::Wait => tokio::time::sleep(self.cfg.health.interval).await,
+            }
+        }
+    }
+
+    /// Makes the new release the one that boots: the boot script, then
+    /// `make_permanent`; then removes releases no longer needed.
+    async fn commit(&mut self) -> Result<Outcome> {
+        let to = self.journal().to_version.clone();
+        let from = self.journal().from_version.clone();
+        self.progress.phase("committing", &to);
+        let result: std::result::Result<(), String> = async {
+            // Boot script first: a crash between the two then boots the
+            // verified release, and recovery makes it permanent.
+            if !self.journal().swapped_boot {
+                self.swap_boot_script().map_err(|e| e.to_string())?;
+            }
+            let releases = self
+                .node
+                .which_releases()
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = releases.iter().find(|r| r.vsn == to).map(|r| r.status);
+            if status == Some(ReleaseStatus::Unpacked) {
+                // A cold boot: release_handler still lists the new release
+                // as only unpacked. An empty relup step from the old version
+                // makes it current without touching the running code.
+                self.write_noop_relup(&to, &from)
+                    .map_err(|e| e.to_string())?;
+                self.node
+                    .install_release(&to)
+                    .await
+                    .map_err(|e| format!("marking the cold-booted release current: {e}"))?;
+            }
+            if status != Some(ReleaseStatus::Permanent) {
+                self.node
+                    .make_permanent(&to)
+                    .await
+                    .map_err(|e| format!("make_permanent: {e}"))?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(why) = result {
+            // Health passed but the commit did not: go back rather than
+            // leave a release that is neither permanent nor gone.
+            return self.rollback(format!("commit failed: {why}")).await;
+        }
+        self.remove_old_releases(&from, &to).await;
+        let _ = fs::remove_file(self.boot_backup());
+        self.finish(OutcomeKind::Committed, None)
+    }
+
+    /// Keeps the release just replaced (for a manual downgrade) and removes
+    /// older ones. Failure here is logged, not fatal: the commit stands.
+    async fn remove_old_releases(&mut self, previous: &str, current: &str) {
+        let Ok(releases) = self.node.which_releases().await else {
+            return;
+        };
+        for r in releases {
+            if r.vsn == previous || r.vsn == current || r.status != ReleaseStatus::Old {
+                continue;
+            }
+            if let Err(e) = self.node.remove_release(&r.vsn).await {
+                tracing::warn!("could not remove old release {}: {e}", r.vsn);
+            }
+        }
+    }
+
+    fn boot_script(&self) -> PathBuf {
+        self.root().join("bin").join(&self.cfg.release.name)
+    }
+
+    fn boot_backup(&self) -> PathBuf {
+        self.store.dir().join("boot-script.previous")
+    }
+
+    /// Points `bin/REL` at the new release (relx start scripts hard-code
+    /// their version), keeping a copy of the old script to restore. Journaled
+    /// first. Releases without a `bin/REL-VSN` (mix) read the version from
+    /// `releases/start_erl.data` and need no swap.
+    fn swap_boot_script(&mut self) -> Result<()> {
+        let j = self.journal().clone();
+        let new_script = self
+            .root()
+            .join("bin")
+            .join(format!("{}-{}", j.release, j.to_version));
+        if !new_script.exists() || j.swapped_boot {
+            return Ok(());
+        }
+        let script = self.boot_script();
+        let backup = self.boot_backup();
+        let old = fs::read(&script).ctx(&script, "read")?;
+        fsutil::write_atomic(&backup, 0o600, true, &old)?;
+        self.state.current.as_mut().expect("journal").swapped_boot = true;
+        self.save()?;
+        let new = fs::read(&new_script).ctx(&new_script, "read")?;
+        fsutil::write_atomic(&script, 0o755, true, &new)
+    }
+
+    fn restore_boot_script(&mut self) -> Result<()> {
+        if !self.journal().swapped_boot {
+            return Ok(());
+        }
+        let backup = self.boot_backup();
+        let old = fs::read(&backup).ctx(&backup, "read")?;
+        fsutil::write_atomic(&self.boot_script(), 0o755, true, &old)?;
+        self.state.current.as_mut().expect("journal").swapped_boot = false;
+        self.save()?;
+        let _ = fs::remove_file(&backup);
+        Ok(())
+    }
+
+    /// `releases/TO/relup` with an empty step from `from`, for a release
+    /// booted cold; written only into the new release's own directory.
+    fn write_noop_relup(&self, to: &str, from: &str) -> Result<()> {
+        let path = self.root().join("releases").join(to).join("relup");
+        let text = format!("{{\"{to}\",[{{\"{from}\",[],[]}}],[{{\"{from}\",[],[]}}]}}.\n");
+        fsutil::write_atomic(&path, 0o644, true, text.as_bytes())
+    }
+
+    /// Returns the node to the previous release and removes the new one.
+    async fn rollback(&mut self, reason: String) -> Result<Outcome> {
+        self.enter(Phase::RollingBack {
+            reason: reason.clone(),
+        })?;
+        self.progress.phase("rolling_back", &reason);
+        let j = self.journal().clone();
+
+        // A relup-based downgrade keeps the node (and its state) running.
+        let mut on_old = false;
+        if j.strategy == Strategy::Hot
+            && !j.swapped_boot
+            && self.node.wait_up(self.node.start_timeout).await.is_ok()
+        {
+            match self.node.running().await {
+                Ok(r) if r.current == j.from_version => on_old = true,
+                Ok(r) if r.current == j.to_version => {
+                    match self.node.install_release(&j.from_version).await {
+                        Ok(_) => on_old = true,
+                        Err(e) => tracing::warn!("hot downgrade failed ({e}); restarting the node"),
+                    }
+                }
+                _ => {}
+            }
+        }
+        if !on_old {
+            // Restart: the node boots the permanent (old) release.
+            if self.node.is_up().await
+                && let Err(e) = self.node.stop().await
+            {
+                return self
+                    .needs_attention(format!("{reason}; rollback could not stop the node: {e}"));
+            }
+            self.restore_boot_script()?;
+            if let Err(e) = self.node.start().await {
+                return self
+                    .needs_attention(format!("{reason}; rollback could not start the node: {e}"));
+            }
+        }
+        self.restore_boot_script()?;
+        match self.node.running().await {
+            Ok(r) if r.current == j.from_version && r.permanent == j.from_version => {}
+            Ok(r) => {
+                return self.needs_attention(format!(
+                    "{reason}; after rollback the node runs {} (permanent {}), expected {}",
+                    r.current, r.permanent, j.from_version
+                ));
+            }
+            Err(e) => return self.needs_attention(format!("{reason}; after rollback: {e}")),
+        }
+        if let Err(e) = self.cleanup().await {
+            tracing::warn!("cleanup after rollback: {e}");
+        }
+        let soak = self.cfg.health.soak.min(std::time::Duration::from_secs(1));
+        if let Err(why) = self
+            .gate(&j.from_version, self.cfg.health.timeout, soak)
+            .await
+        {
+            return self.needs_attention(format!(
+                "{reason}; the previous release {} is not healthy either: {why}",
+                j.from_version
+            ));
+        }
+        self.finish(OutcomeKind::RolledBack, Some(reason))
+    }
+
+    fn needs_attention(&mut self, reason: String) -> Result<Outcome> {
+        tracing::error!("{reason}");
+        self.finish(OutcomeKind::NeedsAttention, Some(reason))
+    }
+
+    /// Removes the new release: from release_handler (which deletes the
+    /// files no other release uses) and whatever the unpack created.
+    async fn cleanup(&mut self) -> Result<()> {
+        let j = self.journal().clone();
+        if let Ok(releases) = self.node.which_releases().await
+            && let Some(r) = releases.iter().find(|r| r.vsn == j.to_version)
+            && r.status != ReleaseStatus::Permanent
+            && r.status != ReleaseStatus::Current
+            && let Err(e) = self.node.remove_release(&j.to_version).await
+        {
+            return Err(self.node.node_error("removing the failed release", e));
+        }
+        staging::remove(self.root(), &Plan { creates: j.creates })
+    }
+
+    /// Finishes or undoes an install the journal says was interrupted.
+    /// `None` when there was nothing to recover.
+    pub async fn recover(&mut self) -> Result<Option<Outcome>> {
+        let Some(j) = self.state.current.clone() else {
+            return Ok(None);
+        };
+        self.progress.phase(
+            "recovering",
+            &format!(
+                "{} {} was interrupted while {}",
+                j.release,
+                j.to_version,
+                j.phase.name()
+            ),
+        );
+        let mut seen = self.observe().await;
+        let mut decision = decide::recovery(&j, &seen);
+        if decision == Recovery::StartNode {
+            if let Err(e) = self.node.start().await {
+                return self
+                    .needs_attention(format!(
+                        "recovering {} {}: the node does not start: {e}",
+                        j.release, j.to_version
+                    ))
+                    .map(Some);
+            }
+            seen = self.observe().await;
+            decision = decide::recovery(&j, &seen);
+        }
+        let outcome = match decision {
+            Recovery::StartNode => {
+                self.needs_attention("the node is not reachable after starting it".into())?
+            }
+            Recovery::Cleanup { reason } => {
+                self.restore_boot_script()?;
+                self.cleanup().await?;
+                self.finish(OutcomeKind::RolledBack, Some(reason))?
+            }
+            Recovery::RollBack { reason } => self.rollback(reason).await?,
+            Recovery::FinishCommit => self.commit().await?,
+        };
+        Ok(Some(outcome))
+    }
+
+    async fn observe(&mut self) -> NodeSeen {
+        if self
+            .node
+            .wait_up(std::time::Duration::from_secs(3))
+            .await
+            .is_err()
+        {
+            return NodeSeen::Down;
+        }
+        match self.node.running().await {
+            Ok(r) => NodeSeen::Up(r),
+            Err(_) => NodeSeen::Down,
+        }
+    }
+}
+
+fn check_space(root: &Path, need: u64) -> Result<()> {
+    let st = nix::sys::statvfs::statvfs(root).map_err(|e| Error::io(root, "statvfs", e.into()))?;
+    let have = st.blocks_available() as u64 * st.fragment_size() as u64;
+    // Room for the files plus a margin for directories and the journal.
+    let want = need + need / 20 + 1024 * 1024;
+    if have < want {
+        return Err(Error::NoSpace {
+            path: root.to_path_buf(),
+            need: want,
+            have,
+        });
+    }
+    Ok(())
+}
+
+fn sync_fs(root: &Path) -> Result<()> {
+    let dir = fs::File::open(root).ctx(root, "open")?;
+    nix::unistd::syncfs(&dir).map_err(|e| Error::io(root, "syncfs", e.into()))
+}

@@ -1,0 +1,361 @@
+//! The managed node as the install engine sees it: a (re)connecting
+//! distribution link, the facts the engine decides on, and the
+//! start/stop/wait effects around restarts.
+//!
+//! A node may vanish at any moment (a `code_change` crash makes it restart
+//! itself; a cold upgrade stops it on purpose), so every call goes through
+//! [`NodeLink::conn`], which reconnects when the last connection closed.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+use crate::decide::Running;
+use crate::dist::{ConnectOptions, Connection, DistError, Term};
+use crate::error::{Error, Result};
+use crate::node::{self, NodeError, Release, ReleaseStatus};
+
+pub struct NodeLink {
+    name: String,
+    cookie: String,
+    opts: ConnectOptions,
+    pub call_timeout: Duration,
+    pub start_timeout: Duration,
+    start_cmd: String,
+    stop_cmd: String,
+    root: PathBuf,
+    conn: Option<Connection>,
+}
+
+/// Polling period while waiting for a node to come up or go down.
+const POLL: Duration = Duration::from_millis(100);
+
+impl NodeLink {
+    pub fn new(cfg: &Config) -> Result<NodeLink> {
+        Ok(NodeLink {
+            name: cfg.node.name.clone(),
+            cookie: cfg.cookie()?,
+            opts: ConnectOptions {
+                epmd_port: cfg.epmd_port(),
+                connect_timeout: Duration::from_secs(5).min(cfg.node.call_timeout),
+                ..ConnectOptions::default()
+            },
+            call_timeout: cfg.node.call_timeout,
+            start_timeout: cfg.node.start_timeout,
+            start_cmd: cfg.node.start.clone(),
+            stop_cmd: cfg.node.stop.clone(),
+            root: cfg.release.root.clone(),
+            conn: None,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A live connection, reconnecting if the previous one closed.
+    pub async fn conn(&mut self) -> std::result::Result<&Connection, DistError> {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.closed_reason().is_some())
+        {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            self.conn = Some(Connection::connect(&self.name, &self.cookie, &self.opts).await?);
+        }
+        Ok(self.conn.as_ref().expect("just set"))
+    }
+
+    /// Forgets the connection (after the node restarted).
+    pub fn reset(&mut self) {
+        self.conn = None;
+    }
+
+    pub fn node_error(&self, doing: &str, e: impl Into<NodeError>) -> Error {
+        Error::Node {
+            node: self.name.clone(),
+            doing: doing.to_string(),
+            detail: e.into().to_string(),
+        }
+    }
+
+    pub async fn which_releases(&mut self) -> std::result::Result<Vec<Release>, NodeError> {
+        let t = self.call_timeout;
+        let conn = self.conn().await?;
+        node::which_releases(conn, t).await
+    }
+
+    pub async fn set_unpacked(
+        &mut self,
+        rel_file: &std::path::Path,
+    ) -> std::result::Result<String, NodeError> {
+        let t = self.call_timeout;
+        node::set_unpacked(self.conn().await?, rel_file, &[], t).await
+    }
+
+    pub async fn install_release(
+        &mut self,
+        vsn: &str,
+    ) -> std::result::Result<node::Installed, NodeError> {
+        let t = self.call_timeout;
+        node::install_release(self.conn().await?, vsn, t).await
+    }
+
+    pub async fn make_permanent(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
+        let t = self.call_timeout;
+        node::make_permanent(self.conn().await?, vsn, t).await
+    }
+
+    pub async fn remove_release(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
+        let t = self.call_timeout;
+        node::remove_release(self.conn().await?, vsn, t).await
+    }
+
+    /// What the node runs and has as permanent, and its ERTS version.
+    pub async fn running(&mut self) -> std::result::Result<Running, NodeError> {
+        let t = self.call_timeout;
+        let releases = self.which_releases().await?;
+        let conn = self.conn().await?;
+        let (_, booted) = node::script_id(conn, t).await?;
+        let erts = conn
+            .rpc("erlang", "system_info", vec![Term::atom("version")], t)
+            .await?;
+        let erts = erts
+            .as_charlist()
+            .ok_or_else(|| NodeError::UnexpectedReply {
+                call: "erlang:system_info(version)".into(),
+                reply: erts.to_string(),
+            })?;
+        Ok(running_from(&releases, &booted, erts))
+    }
+
+    pub async fn os_pid(&mut self) -> Option<u32> {
+        let t = self.call_timeout;
+        let conn = self.conn().await.ok()?;
+        node::os_getpid(conn, t).await.ok()
+    }
+
+    /// Whether the node answers at all (EPMD, handshake and an rpc).
+    pub async fn is_up(&mut self) -> bool {
+        let t = self.call_timeout.min(Duration::from_secs(5));
+        match self.conn().await {
+            Ok(c) => c.rpc("erlang", "node", vec![], t).await.is_ok(),
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until the node has finished booting (`init:get_status()` says
+    /// `started`): EPMD registration comes before the applications are up.
+    pub async fn wait_up(&mut self, within: Duration) -> std::result::Result<(), String> {
+        let deadline = Instant::now() + within;
+        loop {
+            self.reset_if_closed();
+            let last = match self.conn().await {
+                Ok(c) => match c
+                    .rpc("init", "get_status", vec![], Duration::from_secs(2))
+                    .await
+                {
+                    Ok(t) if is_started(&t) => return Ok(()),
+                    Ok(t) => format!("booting ({t})"),
+                    Err(e) => {
+                        self.conn = None;
+                        e.to_string()
+                    }
+                },
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "node {} did not come up within {}: {last}",
+                    self.name,
+                    humantime::format_duration(within)
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    fn reset_if_closed(&mut self) {
+        if self
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.closed_reason().is_some())
+        {
+            self.conn = None;
+        }
+    }
+
+    /// Stops the node: the configured stop command, then `init:stop()`,
+    /// then SIGKILL of its OS process, each given time to work. Returns
+    /// once the node no longer answers and its process is gone.
+    pub async fn stop(&mut self) -> std::result::Result<(), String> {
+        let pid = self.os_pid().await;
+        let grace = self.start_timeout.min(Duration::from_secs(30));
+        if let Err(e) = run_shell(&self.stop_cmd, &self.root, grace).await {
+            tracing::warn!("stop command failed ({e}); asking the node to stop");
+            if let Ok(c) = self.conn().await {
+                let _ = c.rpc("init", "stop", vec![], Duration::from_secs(2)).await;
+            }
+        }
+        if self.wait_down(pid, grace).await {
+            return Ok(());
+        }
+        if let Some(pid) = pid {
+            tracing::warn!("node {} did not stop; killing OS process {pid}", self.name);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if self.wait_down(Some(pid), Duration::from_secs(10)).await {
+                return Ok(());
+            }
+        }
+        Err(format!("node {} did not stop", self.name))
+    }
+
+    async fn wait_down(&mut self, pid: Option<u32>, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            self.conn = None;
+            let process_gone = pid.is_none_or(|p| !pid_alive(p));
+            if process_gone && !self.is_up().await {
+                self.conn = None;
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Starts the node with the configured command and waits until it has
+    /// booted.
+    pub async fn start(&mut self) -> std::result::Result<(), String> {
+        self.conn = None;
+        run_shell(&self.start_cmd, &self.root, self.start_timeout)
+            .await
+            .map_err(|e| format!("start command failed: {e}"))?;
+        self.wait_up(self.start_timeout).await
+    }
+}
+
+/// `which_releases` + the booted version -> what runs. A hot install shows
+/// as a `current` release; a cold boot of a not-yet-permanent release
+/// shows only in `init:script_id()`.
+pub fn running_from(releases: &[Release], booted: &str, erts: String) -> Running {
+    let permanent = releases
+        .iter()
+        .find(|r| r.status == ReleaseStatus::Permanent)
+        .map(|r| r.vsn.clone())
+        .unwrap_or_else(|| booted.to_string());
+    let current = releases
+        .iter()
+        .find(|r| r.status == ReleaseStatus::Current)
+        .map(|r| r.vsn.clone())
+        .unwrap_or_else(|| booted.to_string());
+    Running {
+        permanent,
+        current,
+        erts,
+    }
+}
+
+fn is_started(t: &Term) -> bool {
+    t.as_tuple()
+        .and_then(|t| t.first())
+        .is_some_and(|s| s.is_atom("started"))
+}
+
+fn pid_alive(pid: u32) -> bool {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None).is_ok()
+}
+
+/// Runs a configured command with `sh -c` in the release root, bounded in
+/// time. Output goes to our log, not to the terminal of the person
+/// running beamup.
+pub async fn run_shell(
+    cmd: &str,
+    dir: &std::path::Path,
+    within: Duration,
+) -> std::result::Result<(), String> {
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .current_dir(dir)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("`{cmd}`: {e}"))?;
+    let out = tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .map_err(|_| {
+            format!(
+                "`{cmd}` did not finish within {}",
+                humantime::format_duration(within)
+            )
+        })?
+        .map_err(|e| format!("`{cmd}`: {e}"))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    tracing::debug!(
+        "`{cmd}`: {}; stdout: {} stderr: {}",
+        out.status,
+        stdout.trim(),
+        stderr.trim()
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        let text = if stderr.trim().is_empty() {
+            stdout
+        } else {
+            stderr
+        };
+        Err(format!(
+            "`{cmd}` {}: {}",
+            out.status,
+            text.trim().chars().take(300).collect::<String>()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rel(vsn: &str, status: ReleaseStatus) -> Release {
+        Release {
+            name: "thermo".into(),
+            vsn: vsn.into(),
+            libs: vec![],
+            status,
+        }
+    }
+
+    #[test]
+    fn running_reads_current_then_booted() {
+        let hot = [
+            rel("1.0.0", ReleaseStatus::Permanent),
+            rel("1.1.0", ReleaseStatus::Current),
+        ];
+        let r = running_from(&hot, "1.0.0", "13.1.5".into());
+        assert_eq!(
+            (r.permanent.as_str(), r.current.as_str()),
+            ("1.0.0", "1.1.0")
+        );
+        let cold = [
+            rel("1.0.0", ReleaseStatus::Permanent),
+            rel("2.0.0", ReleaseStatus::Unpacked),
+        ];
+        let r = running_from(&cold, "2.0.0", "13.1.5".into());
+        assert_eq!(
+            (r.permanent.as_str(), r.current.as_str()),
+            ("1.0.0", "2.0.0")
+        );
+    }
+}
