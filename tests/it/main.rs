@@ -1,6 +1,9 @@
-//! The integration tests: one binary (link time adds up), one module per
+//! The integration tests: one binary (link time adds up, and the OTP test
+//! releases are built once per run, see `support::otp`), one module per
 //! capability, all driving real components.
 
 mod cli;
 mod dist;
+mod otp_release;
 mod signing;
+mod support;

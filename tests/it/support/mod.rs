@@ -1,0 +1,4 @@
+//! Shared test harness. Not every helper is used by every test module.
+#![allow(dead_code)]
+
+pub mod otp;

@@ -1,0 +1,657 @@
+//! Real Erlang/OTP nodes for integration tests.
+//!
+//! [`releases`] builds the `thermo` test releases from `tests/otp` once (cached
+//! under the cargo target dir, keyed by a hash of the sources and the
+//! installed OTP), and [`TestNode`] runs a private copy of the base release
+//! with its own epmd, ports, node name and cookie, and stops all of it on drop.
+//! See `tests/otp/README.md` for the releases themselves.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::fcntl::{Flock, FlockArg};
+use nix::sys::signal::{Signal, kill, killpg};
+use nix::unistd::Pid;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Version of the base release every [`TestNode`] starts on.
+pub const BASE_VSN: &str = "1.0.0";
+/// Upgrade tarballs built next to the base; see `tests/otp/README.md`.
+pub const UPGRADE_VSNS: [&str; 4] = ["1.1.0", "1.2.0", "1.3.0", "2.0.0"];
+
+/// How long a node may take from `bin/thermo daemon` to answering `/health`.
+/// Normally about a second; generous because tests start nodes in parallel.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+const POLL: Duration = Duration::from_millis(50);
+
+/// The built releases: a deployable base root and the release tarballs.
+#[derive(Debug)]
+pub struct Releases {
+    dir: PathBuf,
+    tarballs: BTreeMap<String, PathBuf>,
+}
+
+impl Releases {
+    /// The cache directory holding everything below.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Release root of the base version (1.0.0, with ERTS), as a device has
+    /// it installed. Copy it before use; [`TestNode`] does.
+    pub fn base_dir(&self) -> PathBuf {
+        self.dir.join("base")
+    }
+
+    /// `thermo-VSN.tar.gz` for [`BASE_VSN`] (with ERTS) or one of
+    /// [`UPGRADE_VSNS`] (without).
+    pub fn tarball(&self, vsn: &str) -> &Path {
+        self.tarballs
+            .get(vsn)
+            .unwrap_or_else(|| panic!("no thermo release {vsn} is built"))
+    }
+}
+
+/// The releases, built on first use. Blocks while another thread or test
+/// process builds the same sources.
+pub fn releases() -> &'static Releases {
+    static RELEASES: OnceLock<Releases> = OnceLock::new();
+    RELEASES.get_or_init(|| {
+        build_cached().unwrap_or_else(|e| panic!("building the OTP test releases: {e}"))
+    })
+}
+
+fn otp_sources() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otp")
+}
+
+fn build_cached() -> Result<Releases> {
+    let sources = otp_sources();
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("otp-cache");
+    fs::create_dir_all(&cache)?;
+    let key = cache_key(&sources)?;
+    let dir = cache.join(&key);
+    let stamp = dir.join(".complete");
+
+    // Held until the end of this function: other test processes wait here
+    // rather than build the same thing into the same place.
+    let lock_file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(cache.join(format!("{key}.lock")))?;
+    let _lock = Flock::lock(lock_file, FlockArg::LockExclusive).map_err(|(_, errno)| errno)?;
+
+    if !stamp.exists() {
+        // Leftovers of an interrupted build.
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        let started = Instant::now();
+        let output = Command::new(sources.join("build")).arg(&dir).output()?;
+        if !output.status.success() {
+            return Err(format!(
+                "tests/otp/build failed ({}):\n{}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into());
+        }
+        eprintln!(
+            "built OTP test releases into {} in {:.1?}",
+            dir.display(),
+            started.elapsed()
+        );
+        // Written last: its presence means the directory is complete.
+        fs::write(&stamp, b"")?;
+    }
+
+    let mut tarballs = BTreeMap::new();
+    for vsn in std::iter::once(BASE_VSN).chain(UPGRADE_VSNS) {
+        let path = dir.join(format!("thermo-{vsn}.tar.gz"));
+        if !path.is_file() {
+            return Err(format!(
+                "{} is missing; delete {} to rebuild",
+                path.display(),
+                dir.display()
+            )
+            .into());
+        }
+        tarballs.insert(vsn.to_owned(), path);
+    }
+    Ok(Releases { dir, tarballs })
+}
+
+/// Hash of every file under tests/otp (path, executable bit, contents) and
+/// of the installed OTP, whose ERTS and libraries end up in the releases.
+fn cache_key(sources: &Path) -> Result<String> {
+    let mut files = Vec::new();
+    collect_files(sources, &mut files)?;
+    files.sort();
+    let mut hasher = Sha256::new();
+    for path in &files {
+        use std::os::unix::fs::PermissionsExt;
+        let rel = path.strip_prefix(sources)?;
+        let exec = fs::metadata(path)?.permissions().mode() & 0o111 != 0;
+        let contents = fs::read(path)?;
+        hasher.update(rel.as_os_str().as_encoded_bytes());
+        hasher.update([0, u8::from(exec)]);
+        hasher.update((contents.len() as u64).to_le_bytes());
+        hasher.update(&contents);
+    }
+    hasher.update(installed_otp_fingerprint().as_bytes());
+    Ok(hex::encode(&hasher.finalize()[..10]))
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            collect_files(&path, out)?;
+        } else {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+/// Names of the ERTS and library directories of the OTP that `erl` on PATH
+/// belongs to: cheap, and changes with every OTP package upgrade.
+fn installed_otp_fingerprint() -> String {
+    let Some(erl) = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("erl"))
+            .find(|p| p.is_file())
+    }) else {
+        return String::new(); // the build reports the missing erl properly
+    };
+    let erl = fs::canonicalize(&erl).unwrap_or(erl);
+    let Some(root) = erl.parent().and_then(Path::parent) else {
+        return String::new();
+    };
+    let mut names: Vec<String> = [root.to_path_buf(), root.join("lib")]
+        .iter()
+        .filter_map(|d| fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect();
+    names.sort();
+    format!("{}\n{}", root.display(), names.join("\n"))
+}
+
+/// A running node of the base release in a private copy of its root, with
+/// its own epmd. Everything it started is stopped on drop, also when the
+/// test panics.
+#[derive(Debug)]
+pub struct TestNode {
+    tmp: tempfile::TempDir,
+    root: PathBuf,
+    node_name: String,
+    cookie: String,
+    epmd_port: u16,
+    http_port: u16,
+    epmd: Child,
+    daemon_script: Option<Child>,
+    os_pid: Option<i32>,
+    run_erl_pid: Option<i32>,
+}
+
+impl TestNode {
+    /// Deploys a fresh copy of the base release and starts it with
+    /// `bin/thermo daemon`; returns once the start script has finished and
+    /// `/health` answers. Panics (after cleaning up) if it does not.
+    pub fn start() -> TestNode {
+        let releases = releases();
+        let tmp = tempfile::Builder::new()
+            .prefix("thermo-node-")
+            .tempdir()
+            .expect("creating a temp dir for the node");
+        let root = tmp.path().join("root");
+        copy_tree(&releases.base_dir(), &root);
+
+        let id = unique_id();
+        let (epmd, epmd_port) = start_epmd(&root);
+        let mut node = TestNode {
+            node_name: format!("thermo_{id}@localhost"),
+            cookie: random_hex(16),
+            http_port: free_port(),
+            epmd_port,
+            epmd,
+            root,
+            tmp,
+            daemon_script: None,
+            os_pid: None,
+            run_erl_pid: None,
+        };
+        // From here on a panic drops `node`, which cleans up.
+        node.boot();
+        node
+    }
+
+    fn boot(&mut self) {
+        let log = File::create(self.tmp.path().join("daemon.out")).expect("creating daemon.out");
+        let mut cmd = Command::new(self.root.join("bin/thermo"));
+        cmd.arg("daemon")
+            .envs(self.env())
+            // Keep relx/erl knobs of the caller's environment out of the node.
+            .env_remove("RELX_CONFIG_PATH")
+            .env_remove("VMARGS_PATH")
+            .env_remove("RELX_REPLACE_OS_VARS")
+            .env_remove("ERL_FLAGS")
+            .env_remove("ERL_AFLAGS")
+            .env_remove("ERL_ZFLAGS")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup daemon.out"))
+            .stderr(log)
+            // Its own process group: the script loops on erl_call + sleep until
+            // the node answers, and all of that is killed together on failure.
+            .process_group(0);
+        self.daemon_script = Some(cmd.spawn().expect("spawning bin/thermo daemon"));
+
+        // The script exits 0 once the node answers distribution (erl_call);
+        // after a failed boot it would poll forever, hence the deadline.
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let mut script_done = false;
+        let mut health = None;
+        while !(script_done && health.is_some()) {
+            if Instant::now() > deadline {
+                panic!(
+                    "node {} did not come up within {BOOT_TIMEOUT:?} (script finished: {script_done}, \
+                     /health answered: {})\n{}",
+                    self.node_name,
+                    health.is_some(),
+                    self.diagnostics()
+                );
+            }
+            if !script_done {
+                let script = self.daemon_script.as_mut().expect("script spawned");
+                if let Some(status) = script.try_wait().expect("waiting for bin/thermo daemon") {
+                    assert!(
+                        status.success(),
+                        "bin/thermo daemon failed: {status}\n{}",
+                        self.diagnostics()
+                    );
+                    self.daemon_script = None;
+                    script_done = true;
+                }
+            }
+            if health.is_none() {
+                health = self.health().ok();
+            }
+            thread::sleep(POLL);
+        }
+        let (_, body) = health.expect("loop ends with an answer");
+        let pid: i32 = body["os_pid"]
+            .as_str()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("/health has no os_pid: {body}"));
+        self.os_pid = Some(pid);
+        // `daemon` starts the BEAM under run_erl, which detaches itself: its
+        // parent is our only handle on it.
+        self.run_erl_pid = parent_pid(pid).filter(|&ppid| {
+            cmdline(ppid).is_some_and(|args| {
+                args.first().is_some_and(|a| a.ends_with("run_erl"))
+                    && args.iter().any(|a| self.in_tmp(a))
+            })
+        });
+    }
+
+    /// Environment of the node: what `bin/thermo` needs to start or talk to
+    /// this node (also for starting it again, as beamup does).
+    pub fn env(&self) -> Vec<(String, String)> {
+        let pipe_dir = format!("{}/pipes/", self.tmp_str()); // run_erl wants the slash
+        vec![
+            ("NODE_NAME".into(), self.node_name.clone()),
+            ("COOKIE".into(), self.cookie.clone()),
+            ("THERMO_HTTP_PORT".into(), self.http_port.to_string()),
+            ("ERL_EPMD_PORT".into(), self.epmd_port.to_string()),
+            ("THERMO_START_EPMD".into(), "false".into()),
+            ("PIPE_DIR".into(), pipe_dir),
+        ]
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    pub fn node_name(&self) -> &str {
+        &self.node_name
+    }
+    pub fn cookie(&self) -> &str {
+        &self.cookie
+    }
+    pub fn epmd_port(&self) -> u16 {
+        self.epmd_port
+    }
+    pub fn http_port(&self) -> u16 {
+        self.http_port
+    }
+    /// OS pid of the BEAM as reported by `/health` when the node started.
+    pub fn os_pid(&self) -> i32 {
+        self.os_pid.expect("node booted")
+    }
+    /// The run_erl process that `daemon` started the BEAM under.
+    pub fn run_erl_pid(&self) -> Option<i32> {
+        self.run_erl_pid
+    }
+    /// The private epmd of this node.
+    pub fn epmd_pid(&self) -> i32 {
+        self.epmd.id() as i32
+    }
+
+    /// `GET /health`: the status code and the JSON body.
+    pub fn health(&self) -> Result<(u16, Value)> {
+        http_request(self.http_port, "GET", "/health")
+    }
+
+    /// `GET /state`.
+    pub fn state(&self) -> Result<Value> {
+        expect_ok(http_request(self.http_port, "GET", "/state")?)
+    }
+
+    /// `POST /incr`: increments the counter, returns the new state.
+    pub fn incr(&self) -> Result<Value> {
+        expect_ok(http_request(self.http_port, "POST", "/incr")?)
+    }
+
+    /// Polls `/health` until it answers with any status (the node may be
+    /// restarting), up to `timeout`.
+    pub fn wait_for_health(&self, timeout: Duration) -> Result<(u16, Value)> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.health() {
+                Ok(answer) => return Ok(answer),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("/health did not answer within {timeout:?}: {e}").into());
+                }
+                Err(_) => thread::sleep(POLL),
+            }
+        }
+    }
+
+    /// BEAM processes currently running this node (there may be a newer one
+    /// than [`os_pid`](Self::os_pid) after a restart).
+    pub fn beam_pids(&self) -> Vec<i32> {
+        self.our_processes()
+            .into_iter()
+            .filter(|&pid| comm(pid).is_some_and(|c| c.starts_with("beam")))
+            .collect()
+    }
+
+    /// Kills the node's BEAM(s) with SIGKILL, like a crash would, and waits
+    /// until they are gone; returns the pids killed.
+    pub fn kill9(&self) -> Vec<i32> {
+        let pids = self.beam_pids();
+        for &pid in &pids {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // Delivery is asynchronous; callers want the crash to have happened.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pids.iter().any(|&pid| pid_running(pid)) {
+            assert!(
+                Instant::now() < deadline,
+                "BEAM {pids:?} survived SIGKILL for 5 s"
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+        pids
+    }
+
+    fn tmp_str(&self) -> &str {
+        self.tmp.path().to_str().expect("temp dir path is UTF-8")
+    }
+
+    /// Whether a process argument names a path in our temp dir.
+    fn in_tmp(&self, arg: &str) -> bool {
+        arg.contains(&format!("{}/", self.tmp_str()))
+    }
+
+    /// Processes of this node: an argument names the node (BEAMs, also ones
+    /// beamup restarted; erl_call) or lies in our temp dir (run_erl, BEAMs).
+    fn our_processes(&self) -> Vec<i32> {
+        let me = std::process::id() as i32;
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| pid != me && pid_running(pid))
+            .filter(|&pid| {
+                cmdline(pid)
+                    .is_some_and(|args| args.iter().any(|a| a == &self.node_name || self.in_tmp(a)))
+            })
+            .collect()
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut out = String::new();
+        let daemon_out = fs::read_to_string(self.tmp.path().join("daemon.out")).unwrap_or_default();
+        out.push_str(&format!("--- bin/thermo daemon output:\n{daemon_out}\n"));
+        if let Ok(entries) = fs::read_dir(self.root.join("log")) {
+            let mut logs: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+            logs.sort();
+            for log in logs {
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                out.push_str(&format!("--- {} (tail):\n", log.display()));
+                for line in tail.iter().rev() {
+                    out.push_str(line);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        // The start script first, so that it cannot start anything more.
+        if let Some(mut script) = self.daemon_script.take() {
+            let _ = killpg(Pid::from_raw(script.id() as i32), Signal::SIGKILL);
+            let _ = script.wait();
+        }
+        // BEAMs and run_erl, by pid: the ones recorded at start plus whatever
+        // else carries this node's name or temp dir (a beamup restart may
+        // have replaced the BEAM). Repeated because run_erl or a restart in
+        // flight can leave a new process behind after a pass.
+        let recorded: Vec<i32> = self.os_pid.into_iter().chain(self.run_erl_pid).collect();
+        for &pid in &recorded {
+            if pid_running(pid)
+                && cmdline(pid).is_some_and(|args| args.iter().any(|a| self.in_tmp(a)))
+            {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let left = self.our_processes();
+            if left.is_empty() || Instant::now() > deadline {
+                if !left.is_empty() {
+                    eprintln!(
+                        "TestNode {}: processes survived SIGKILL: {left:?}",
+                        self.node_name
+                    );
+                }
+                break;
+            }
+            for pid in left {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        // Last, so that nothing of ours is left looking for it.
+        let _ = self.epmd.kill();
+        let _ = self.epmd.wait();
+    }
+}
+
+/// True if `pid` exists and is not a zombie. Zombies count as gone: whatever
+/// reaps them is not up to us (PID 1 of a container may never do it).
+pub fn pid_running(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name, which may itself
+        // contain spaces or parentheses.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn parent_pid(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+fn cmdline(pid: i32) -> Option<Vec<String>> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    Some(
+        raw.split(|&b| b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect(),
+    )
+}
+
+fn comm(pid: i32) -> Option<String> {
+    Some(
+        fs::read_to_string(format!("/proc/{pid}/comm"))
+            .ok()?
+            .trim()
+            .to_owned(),
+    )
+}
+
+/// Starts `epmd -port P` in the foreground as our child, on a free port,
+/// and waits until it accepts connections.
+fn start_epmd(root: &Path) -> (Child, u16) {
+    let epmd_bin = fs::read_dir(root)
+        .expect("reading the release root")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("erts-"))
+        })
+        .map(|erts| erts.join("bin/epmd"))
+        .expect("the base release includes ERTS");
+    // The free port can be taken by someone else before epmd binds it.
+    for _ in 0..5 {
+        let port = free_port();
+        let mut child = Command::new(&epmd_bin)
+            .args(["-port", &port.to_string(), "-address", "127.0.0.1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning epmd");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return (child, port);
+            }
+            if child.try_wait().expect("waiting for epmd").is_some() || Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    panic!("could not start a private epmd");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
+}
+
+/// Node names must be unique across parallel tests and test processes, and
+/// across runs (a leftover from a killed run must not match ours).
+fn unique_id() -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "it{}_{}_{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        random_hex(4)
+    )
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut buf = vec![0u8; bytes];
+    getrandom::fill(&mut buf).expect("getrandom");
+    hex::encode(buf)
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    // cp -a keeps modes and symlinks and is fast; the source is our own build.
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .expect("running cp");
+    assert!(
+        status.success(),
+        "cp -a {} {} failed",
+        from.display(),
+        to.display()
+    );
+}
+
+/// A blocking HTTP/1.1 request without a body; the server closes the
+/// connection after one response.
+fn http_request(port: u16, method: &str, path: &str) -> Result<(u16, Value)> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("incomplete HTTP response: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad HTTP status line: {head:?}"))?;
+    let json = serde_json::from_str(body)
+        .map_err(|e| format!("body of {method} {path} is not JSON ({e}): {body:?}"))?;
+    Ok((status, json))
+}
+
+fn expect_ok((status, body): (u16, Value)) -> Result<Value> {
+    if status == 200 {
+        Ok(body)
+    } else {
+        Err(format!("HTTP {status}: {body}").into())
+    }
+}
