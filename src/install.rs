@@ -99,13 +99,17 @@ impl<'a> Engine<'a> {
     /// Moves the journal to `phase`, durably, before the caller acts on it.
     fn enter(&mut self, phase: Phase) -> Result<()> {
         let j = self.state.current.as_mut().expect("install in progress");
+        crash_point(&format!("{}+", j.phase.name()));
         tracing::info!("{} {}: {}", j.release, j.to_version, phase.name());
         j.phase = phase;
-        self.save()
+        self.save()?;
+        crash_point(self.journal().phase.name());
+        Ok(())
     }
 
     fn finish(&mut self, kind: OutcomeKind, reason: Option<String>) -> Result<Outcome> {
         let j = self.journal().clone();
+        crash_point(&format!("{}+", j.phase.name()));
         let outcome = Outcome {
             outcome: kind,
             release: j.release.clone(),
@@ -115,6 +119,7 @@ impl<'a> Engine<'a> {
             strategy: Some(j.strategy),
             reason,
             at: manifest::format_time(SystemTime::now()),
+            interrupted: false,
         };
         self.state.finish(outcome.clone());
         self.save()?;
@@ -133,6 +138,7 @@ impl<'a> Engine<'a> {
             strategy: None,
             reason: Some(e.to_string()),
             at: manifest::format_time(SystemTime::now()),
+            interrupted: false,
         });
         self.save()?;
         self.progress.phase("rejected", &e.to_string());
@@ -310,6 +316,7 @@ impl<'a> Engine<'a> {
             swapped_boot: false,
         });
         self.save()?;
+        crash_point("unpacking");
         self.progress.phase(
             "unpacking",
             &format!("{} {}", m.release.name, m.release.version),
@@ -353,7 +360,9 @@ impl<'a> Engine<'a> {
                             "code_change in {module} crashed during install_release: {reason_text}; \
                              the node restarted itself on {from} and lost its in-memory state"
                         );
+                        // It is back in about a second; the rollback needs it.
                         self.node.reset();
+                        let _ = self.node.wait_up(self.node.start_timeout).await;
                         return self.rollback(reason).await;
                     }
                     Err(e) => return self.rollback(format!("install_release failed: {e}")).await,
@@ -563,7 +572,11 @@ impl<'a> Engine<'a> {
         let mut on_old = false;
         if j.strategy == Strategy::Hot
             && !j.swapped_boot
-            && self.node.wait_up(self.node.start_timeout).await.is_ok()
+            && self
+                .node
+                .wait_up(std::time::Duration::from_secs(3))
+                .await
+                .is_ok()
         {
             match self.node.running().await {
                 Ok(r) if r.current == j.from_version => on_old = true,
@@ -678,6 +691,19 @@ impl<'a> Engine<'a> {
             Recovery::RollBack { reason } => self.rollback(reason).await?,
             Recovery::FinishCommit => self.commit().await?,
         };
+        // Undoing an install because beamup was cut off is not a verdict on
+        // the release: it may be installed again without --retry.
+        let interrupted = !matches!(j.phase, Phase::RollingBack { .. });
+        if interrupted && outcome.outcome == OutcomeKind::RolledBack {
+            if let Some(h) = self.state.history.first_mut() {
+                h.interrupted = true;
+            }
+            self.save()?;
+            return Ok(Some(Outcome {
+                interrupted: true,
+                ..outcome
+            }));
+        }
         Ok(Some(outcome))
     }
 
@@ -694,6 +720,18 @@ impl<'a> Engine<'a> {
             Ok(r) => NodeSeen::Up(r),
             Err(_) => NodeSeen::Down,
         }
+    }
+}
+
+/// Fault injection for the crash-safety tests: with `BEAMUP_CRASH=PHASE`
+/// the process kills itself with SIGKILL right after journaling PHASE
+/// (before its effect); with `BEAMUP_CRASH=PHASE+`, right after PHASE's
+/// effect (before the next journal write). Exactly what a power cut at that
+/// step boundary leaves behind.
+fn crash_point(point: &str) {
+    if std::env::var("BEAMUP_CRASH").is_ok_and(|v| v == point) {
+        eprintln!("beamup: BEAMUP_CRASH={point}: killing myself");
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::Signal::SIGKILL);
     }
 }
 

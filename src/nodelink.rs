@@ -119,6 +119,11 @@ impl NodeLink {
         let releases = self.which_releases().await?;
         let conn = self.conn().await?;
         let (_, booted) = node::script_id(conn, t).await?;
+        let apps: Vec<String> = node::which_applications(conn, t)
+            .await?
+            .into_iter()
+            .map(|a| format!("{}-{}", a.name, a.vsn))
+            .collect();
         let erts = conn
             .rpc("erlang", "system_info", vec![Term::atom("version")], t)
             .await?;
@@ -128,7 +133,7 @@ impl NodeLink {
                 call: "erlang:system_info(version)".into(),
                 reply: erts.to_string(),
             })?;
-        Ok(running_from(&releases, &booted, erts))
+        Ok(running_from(&releases, &booted, &apps, erts))
     }
 
     pub async fn os_pid(&mut self) -> Option<u32> {
@@ -242,20 +247,29 @@ impl NodeLink {
     }
 }
 
-/// `which_releases` + the booted version -> what runs. A hot install shows
-/// as a `current` release; a cold boot of a not-yet-permanent release
-/// shows only in `init:script_id()`.
-pub fn running_from(releases: &[Release], booted: &str, erts: String) -> Running {
+/// `which_releases` + the booted version + the loaded applications -> what
+/// runs. A hot install shows as a `current` release until it is made
+/// permanent; after that the boot script id still names the release the
+/// node booted, so when the permanent and the booted release differ, the
+/// loaded application versions tell which one runs (a cold boot of a
+/// not-yet-permanent release shows only in `init:script_id()`).
+pub fn running_from(releases: &[Release], booted: &str, apps: &[String], erts: String) -> Running {
     let permanent = releases
         .iter()
         .find(|r| r.status == ReleaseStatus::Permanent)
         .map(|r| r.vsn.clone())
         .unwrap_or_else(|| booted.to_string());
-    let current = releases
-        .iter()
-        .find(|r| r.status == ReleaseStatus::Current)
-        .map(|r| r.vsn.clone())
-        .unwrap_or_else(|| booted.to_string());
+    let loaded = |vsn: &str| {
+        releases
+            .iter()
+            .find(|r| r.vsn == vsn)
+            .is_some_and(|r| apps.iter().all(|a| r.libs.contains(a)))
+    };
+    let current = match releases.iter().find(|r| r.status == ReleaseStatus::Current) {
+        Some(r) => r.vsn.clone(),
+        None if booted != permanent && loaded(&permanent) && !loaded(booted) => permanent.clone(),
+        None => booted.to_string(),
+    };
     Running {
         permanent,
         current,
@@ -332,30 +346,39 @@ mod tests {
         Release {
             name: "thermo".into(),
             vsn: vsn.into(),
-            libs: vec![],
+            libs: vec!["kernel-8.5.3".into(), format!("thermo-{vsn}")],
             status,
         }
     }
 
+    fn run(rels: &[Release], booted: &str, loaded: &str) -> (String, String) {
+        let apps = vec!["kernel-8.5.3".into(), format!("thermo-{loaded}")];
+        let r = running_from(rels, booted, &apps, "13.1.5".into());
+        (r.permanent, r.current)
+    }
+
     #[test]
-    fn running_reads_current_then_booted() {
+    fn what_runs_after_each_kind_of_install() {
+        let s = |a: &str, b: &str| (a.to_string(), b.to_string());
+        // Hot install, not yet permanent.
         let hot = [
             rel("1.0.0", ReleaseStatus::Permanent),
             rel("1.1.0", ReleaseStatus::Current),
         ];
-        let r = running_from(&hot, "1.0.0", "13.1.5".into());
-        assert_eq!(
-            (r.permanent.as_str(), r.current.as_str()),
-            ("1.0.0", "1.1.0")
-        );
+        assert_eq!(run(&hot, "1.0.0", "1.1.0"), s("1.0.0", "1.1.0"));
+        // Hot install made permanent: the boot script id still says 1.0.0.
+        let committed = [
+            rel("1.0.0", ReleaseStatus::Old),
+            rel("1.1.0", ReleaseStatus::Permanent),
+        ];
+        assert_eq!(run(&committed, "1.0.0", "1.1.0"), s("1.1.0", "1.1.0"));
+        // Permanent 1.1.0, but the node booted 1.0.0 (a stale boot script).
+        assert_eq!(run(&committed, "1.0.0", "1.0.0"), s("1.1.0", "1.0.0"));
+        // Cold boot of a release that is only unpacked.
         let cold = [
             rel("1.0.0", ReleaseStatus::Permanent),
             rel("2.0.0", ReleaseStatus::Unpacked),
         ];
-        let r = running_from(&cold, "2.0.0", "13.1.5".into());
-        assert_eq!(
-            (r.permanent.as_str(), r.current.as_str()),
-            ("1.0.0", "2.0.0")
-        );
+        assert_eq!(run(&cold, "2.0.0", "2.0.0"), s("1.0.0", "2.0.0"));
     }
 }

@@ -58,7 +58,10 @@ pub fn inspect(path: &Path) -> Result<ReleaseInfo> {
         if name.starts_with("erts-") {
             includes_erts = true;
         }
-        if is_metadata(&name) {
+        if name.ends_with("/start.boot") && is_metadata(&name) {
+            // Binary; only its presence matters.
+            files.insert(name, String::new());
+        } else if is_metadata(&name) {
             if entry.size() > META_FILE_LIMIT {
                 return Err(invalid(format!("{name} is {} bytes", entry.size())));
             }

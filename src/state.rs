@@ -131,6 +131,10 @@ pub struct Outcome {
     pub strategy: Option<Strategy>,
     pub reason: Option<String>,
     pub at: String,
+    /// Rolled back because beamup itself was interrupted (power cut, kill),
+    /// not because of the release: such a release may be offered again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
 }
 
 /// The state directory, locked for this process.
@@ -237,6 +241,7 @@ impl DeviceState {
     pub fn rolled_back_before(&self, version: &str, sequence: u64) -> Option<&Outcome> {
         self.history.iter().find(|o| {
             o.outcome == OutcomeKind::RolledBack
+                && !o.interrupted
                 && o.version == version
                 && o.sequence == Some(sequence)
         })
@@ -257,6 +262,7 @@ mod tests {
             strategy: Some(Strategy::Hot),
             reason: None,
             at: "2026-01-01T00:00:00Z".into(),
+            interrupted: false,
         }
     }
 

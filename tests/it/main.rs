@@ -4,6 +4,7 @@
 
 mod cli;
 mod dist;
+mod install;
 mod otp_release;
 mod signing;
 mod support;

@@ -1,0 +1,761 @@
+//! `beamup install` against real nodes of the thermo release: hot and cold
+//! upgrades, health-gated rollback, code_change crashes, hostile tarballs,
+//! and beamup or the node killed at every step.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use beamup::error::exit;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::cli::{Run, beamup, tar_header};
+use crate::support::otp::{TestNode, releases};
+
+/// A device: a running base node, a trust root with one key, a state dir
+/// and the agent.toml that ties them together.
+struct Device {
+    node: TestNode,
+    dir: tempfile::TempDir,
+}
+
+impl Device {
+    fn new() -> Device {
+        Self::with_health("timeout = \"8s\"\nsoak = \"1s\"")
+    }
+
+    fn with_health(timing: &str) -> Device {
+        let node = TestNode::start();
+        let dir = tempfile::Builder::new()
+            .prefix("beamup-device-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        beamup(d, &["keygen", "--out", "keys", "--name", "k"]).ok();
+        beamup(
+            d,
+            &[
+                "root",
+                "init",
+                "--key",
+                "keys/k.pub",
+                "--threshold",
+                "1",
+                "--sign",
+                "keys/k.key",
+                "--out",
+                "root.json",
+            ],
+        )
+        .ok();
+        let env: Vec<String> = node.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let env = env.join(" ");
+        let root = node.root().display().to_string();
+        let config = format!(
+            r#"[release]
+root = "{root}"
+name = "thermo"
+[node]
+name = "{name}"
+cookie = "{cookie}"
+epmd_port = {epmd}
+start = "env {env} {root}/bin/thermo daemon"
+stop = "env {env} {root}/bin/thermo stop"
+call_timeout = "10s"
+start_timeout = "30s"
+[health]
+http = "http://127.0.0.1:{http}/health"
+expect_version = true
+interval = "100ms"
+{timing}
+[trust]
+root = "{dir}/root.json"
+[state]
+dir = "{dir}/state"
+"#,
+            name = node.node_name(),
+            cookie = node.cookie(),
+            epmd = node.epmd_port(),
+            http = node.http_port(),
+            dir = d.display(),
+        );
+        fs::write(d.join("agent.toml"), config).unwrap();
+        Device { node, dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A signed bundle of one of the built thermo versions.
+    fn bundle(&self, vsn: &str) -> PathBuf {
+        let out = self.path().join(format!("thermo-{vsn}.bundle"));
+        if !out.exists() {
+            let tarball = releases().tarball(vsn).display().to_string();
+            beamup(
+                self.path(),
+                &[
+                    "bundle",
+                    "--release",
+                    &tarball,
+                    "--key",
+                    "keys/k.key",
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+            )
+            .ok();
+        }
+        out
+    }
+
+    fn install(&self, bundle: &Path, extra: &[&str]) -> Run {
+        self.install_env(bundle, extra, &[])
+    }
+
+    fn install_env(&self, bundle: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(crate::cli::bin());
+        cmd.args([
+            "install",
+            bundle.to_str().unwrap(),
+            "--config",
+            "agent.toml",
+        ])
+        .args(extra)
+        .current_dir(self.path())
+        .env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    fn status(&self) -> Value {
+        let run = beamup(self.path(), &["status", "--config", "agent.toml", "--json"]);
+        run.ok();
+        serde_json::from_str(&run.stdout).unwrap()
+    }
+
+    fn health(&self) -> (u16, Value) {
+        self.node.wait_for_health(Duration::from_secs(20)).unwrap()
+    }
+
+    fn version_and_counter(&self) -> (String, u64) {
+        let (status, body) = self.health();
+        assert_eq!(status, 200, "{body}");
+        (
+            body["version"].as_str().unwrap().to_string(),
+            body["counter"].as_u64().unwrap(),
+        )
+    }
+
+    /// The device is consistent on `vsn`: it runs it, it is permanent, an
+    /// OS restart would boot it (bin/thermo and start_erl.data), no install
+    /// is in progress, and no other version's files are left over.
+    fn assert_settled_on(&self, vsn: &str, gone: &[&str]) {
+        let st = self.status();
+        assert_eq!(st["node"]["running"], vsn, "{st:#}");
+        assert_eq!(st["node"]["permanent"], vsn, "{st:#}");
+        assert!(st["install_in_progress"].is_null(), "{st:#}");
+        let root = self.node.root();
+        assert_eq!(
+            fs::read(root.join("bin/thermo")).unwrap(),
+            fs::read(root.join(format!("bin/thermo-{vsn}"))).unwrap(),
+            "bin/thermo does not boot {vsn}"
+        );
+        let start_erl = fs::read_to_string(root.join("releases/start_erl.data")).unwrap();
+        assert!(
+            start_erl.trim().ends_with(vsn),
+            "start_erl.data: {start_erl}"
+        );
+        for v in gone {
+            for p in [
+                format!("releases/{v}"),
+                format!("lib/thermo-{v}"),
+                format!("bin/thermo-{v}"),
+            ] {
+                assert!(!root.join(&p).exists(), "{p} left behind");
+            }
+        }
+    }
+
+    /// Hashes of every file under the release root that beamup could touch
+    /// (logs and the start script's rendered vm.args excluded).
+    fn snapshot(&self) -> BTreeMap<PathBuf, [u8; 32]> {
+        let mut out = BTreeMap::new();
+        walk(self.node.root(), self.node.root(), &mut out);
+        out
+    }
+}
+
+fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, [u8; 32]>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        let rel = p.strip_prefix(root).unwrap().to_path_buf();
+        if rel.starts_with("log") || rel.file_name().is_some_and(|n| n == "vm.args") {
+            continue;
+        }
+        let meta = fs::symlink_metadata(&p).unwrap();
+        if meta.is_dir() {
+            out.insert(rel, [0; 32]);
+            walk(root, &p, out);
+        } else {
+            out.insert(rel, Sha256::digest(fs::read(&p).unwrap_or_default()).into());
+        }
+    }
+}
+
+#[test]
+fn hot_upgrade_keeps_state_and_commits() {
+    let d = Device::new();
+    for _ in 0..3 {
+        d.node.incr().unwrap();
+    }
+    let pid = d.node.os_pid();
+    let run = d.install(&d.bundle("1.1.0"), &[]);
+    run.ok();
+    assert!(
+        run.stdout
+            .contains("committed thermo 1.1.0 (hot, from 1.0.0)"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stderr.contains("beamup: soaking"), "{}", run.stderr);
+    assert_eq!(
+        d.version_and_counter(),
+        ("1.1.0".into(), 3),
+        "state must survive"
+    );
+    let (_, body) = d.health();
+    assert_eq!(
+        body["os_pid"].as_str().unwrap(),
+        pid.to_string(),
+        "same OS process"
+    );
+    d.assert_settled_on("1.1.0", &[]);
+    let st = d.status();
+    assert_eq!(st["last_outcome"]["outcome"], "committed");
+    assert_eq!(st["last_outcome"]["strategy"], "hot");
+    // The previous release stays for a manual downgrade.
+    assert!(d.node.root().join("releases/1.0.0").exists());
+}
+
+#[test]
+fn unhealthy_release_is_rolled_back_hot_and_the_next_install_succeeds() {
+    let d = Device::new();
+    d.node.incr().unwrap();
+    d.node.incr().unwrap();
+    let pid = d.node.os_pid();
+    let run = d.install(&d.bundle("1.2.0"), &["--json"]);
+    assert_eq!(
+        run.code,
+        exit::ROLLED_BACK as i32,
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    let o: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(o["outcome"], "rolled_back");
+    let reason = o["reason"].as_str().unwrap();
+    assert!(reason.contains("status 503"), "{reason}");
+    assert_eq!(
+        d.version_and_counter(),
+        ("1.0.0".into(), 2),
+        "state kept through the downgrade"
+    );
+    let (_, body) = d.health();
+    assert_eq!(
+        body["os_pid"].as_str().unwrap(),
+        pid.to_string(),
+        "hot rollback, no restart"
+    );
+    d.assert_settled_on("1.0.0", &["1.2.0"]);
+
+    // The same bundle is not retried by accident ...
+    let again = d.install(&d.bundle("1.2.0"), &[]);
+    again.fails(exit::REFUSED as i32, "was rolled back at");
+    // ... and the failure did not block the next release.
+    d.install(&d.bundle("1.1.0"), &[]).ok();
+    assert_eq!(d.version_and_counter(), ("1.1.0".into(), 2));
+    d.assert_settled_on("1.1.0", &["1.2.0"]);
+}
+
+#[test]
+fn crashing_code_change_is_recognized_and_rolled_back() {
+    let d = Device::new();
+    d.node.incr().unwrap();
+    let run = d.install(&d.bundle("1.3.0"), &[]);
+    assert_eq!(
+        run.code,
+        exit::ROLLED_BACK as i32,
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stdout.contains("code_change in thermo_state crashed")
+            && run.stdout.contains("restarted itself on 1.0.0"),
+        "{}",
+        run.stdout
+    );
+    // The node restarted itself: same release, state gone.
+    assert_eq!(d.version_and_counter(), ("1.0.0".into(), 0));
+    d.assert_settled_on("1.0.0", &["1.3.0"]);
+}
+
+#[test]
+fn cold_upgrade_restarts_into_the_new_release() {
+    let d = Device::new();
+    let old_pid = d.node.os_pid();
+    let run = d.install(&d.bundle("2.0.0"), &[]);
+    run.ok();
+    assert!(
+        run.stdout
+            .contains("committed thermo 2.0.0 (cold, from 1.0.0)"),
+        "{}",
+        run.stdout
+    );
+    let (_, body) = d.health();
+    assert_eq!(body["version"], "2.0.0");
+    assert_ne!(
+        body["os_pid"].as_str().unwrap(),
+        old_pid.to_string(),
+        "a cold upgrade restarts"
+    );
+    d.assert_settled_on("2.0.0", &[]);
+}
+
+#[test]
+fn hot_only_refuses_a_cold_upgrade_without_touching_anything() {
+    let d = Device::new();
+    let cfg = d.path().join("agent.toml");
+    let text = fs::read_to_string(&cfg).unwrap() + "[install]\nstrategy = \"hot-only\"\n";
+    fs::write(&cfg, text).unwrap();
+    let before = d.snapshot();
+    d.install(&d.bundle("2.0.0"), &[]).fails(
+        exit::REFUSED as i32,
+        "has no relup, so it needs a restart, and [install] strategy is hot-only",
+    );
+    assert_eq!(d.snapshot(), before);
+}
+
+#[test]
+fn bad_bundles_are_rejected_and_the_release_is_untouched() {
+    let d = Device::new();
+    d.node.incr().unwrap();
+    let before = d.snapshot();
+    let good = fs::read(d.bundle("1.1.0")).unwrap();
+
+    // Tampered tarball.
+    let mut bytes = good.clone();
+    let n = bytes.len();
+    bytes[n - 5000] ^= 1;
+    fs::write(d.path().join("tampered.bundle"), &bytes).unwrap();
+    d.install(&d.path().join("tampered.bundle"), &[]).fails(
+        exit::TARBALL_MISMATCH as i32,
+        "does not match the signed manifest",
+    );
+    // Truncated copy.
+    fs::write(d.path().join("cut.bundle"), &good[..good.len() / 2]).unwrap();
+    d.install(&d.path().join("cut.bundle"), &[])
+        .fails(exit::TRUNCATED as i32, "truncated");
+    // Not a bundle at all.
+    d.install(releases().tarball("1.1.0"), &[])
+        .fails(exit::NOT_A_BUNDLE as i32, "not a beamup bundle");
+    // Signed by a key the device does not trust.
+    beamup(d.path(), &["keygen", "--out", "other", "--name", "x"]).ok();
+    let tarball = releases().tarball("1.1.0").display().to_string();
+    beamup(
+        d.path(),
+        &[
+            "bundle",
+            "--release",
+            &tarball,
+            "--key",
+            "other/x.key",
+            "--out",
+            "x.bundle",
+        ],
+    )
+    .ok();
+    d.install(&d.path().join("x.bundle"), &[])
+        .fails(exit::UNKNOWN_KEY as i32, "does not trust");
+    // A downgrade to the running version.
+    let base = releases().tarball("1.0.0").display().to_string();
+    beamup(
+        d.path(),
+        &[
+            "bundle",
+            "--release",
+            &base,
+            "--key",
+            "keys/k.key",
+            "--out",
+            "old.bundle",
+        ],
+    )
+    .ok();
+    d.install(&d.path().join("old.bundle"), &[]).fails(
+        exit::DOWNGRADE as i32,
+        "not newer than the installed release 1.0.0",
+    );
+    // A bundle for another device.
+    let cfg = d.path().join("agent.toml");
+    let text = fs::read_to_string(&cfg).unwrap()
+        + "[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\ndevice_id = \"gw-1\"\nfleet = \"acme\"\n";
+    fs::write(&cfg, text).unwrap();
+    beamup(
+        d.path(),
+        &[
+            "bundle",
+            "--release",
+            &tarball,
+            "--key",
+            "keys/k.key",
+            "--target",
+            "device:gw-2",
+            "--out",
+            "t.bundle",
+        ],
+    )
+    .ok();
+    d.install(&d.path().join("t.bundle"), &[]).fails(
+        exit::WRONG_TARGET as i32,
+        "does not include this device (device:gw-1",
+    );
+
+    assert_eq!(d.snapshot(), before, "the release root changed");
+    assert_eq!(d.version_and_counter(), ("1.0.0".into(), 1));
+    let st = d.status();
+    assert_eq!(st["last_outcome"]["outcome"], "rejected", "{st:#}");
+    assert!(st["install_in_progress"].is_null());
+}
+
+/// One entry of a hand-made (hostile) release tarball.
+enum Entry {
+    File(&'static str, Vec<u8>),
+    Symlink(&'static str, &'static str),
+    Hardlink(&'static str, &'static str),
+    CharDevice(&'static str),
+}
+
+/// Writes a gzip tar with raw headers (no path checks: that is the point).
+fn hostile_tarball(entries: &[Entry]) -> Vec<u8> {
+    let mut tar = Vec::new();
+    let rel = br#"{release,{"thermo","1.1.0"},{erts,"13.1.5"},[{kernel,"8.5.3"},{stdlib,"4.2"},{sasl,"4.2"},{thermo,"1.1.0"}]}."#;
+    let mut all = vec![
+        Entry::File("releases/1.1.0/thermo.rel", rel.to_vec()),
+        Entry::File("releases/1.1.0/start.boot", b"boot".to_vec()),
+        Entry::File("lib/thermo-1.1.0/ebin/thermo.app", b"app".to_vec()),
+    ];
+    all.extend(entries.iter().map(|e| match e {
+        Entry::File(p, d) => Entry::File(p, d.clone()),
+        Entry::Symlink(p, t) => Entry::Symlink(p, t),
+        Entry::Hardlink(p, t) => Entry::Hardlink(p, t),
+        Entry::CharDevice(p) => Entry::CharDevice(p),
+    }));
+    for e in &all {
+        let mut h = tar::Header::new_gnu();
+        let (path, data, kind, link): (&str, &[u8], tar::EntryType, &str) = match e {
+            Entry::File(p, d) => (p, d, tar::EntryType::Regular, ""),
+            Entry::Symlink(p, t) => (p, b"", tar::EntryType::Symlink, t),
+            Entry::Hardlink(p, t) => (p, b"", tar::EntryType::Link, t),
+            Entry::CharDevice(p) => (p, b"", tar::EntryType::Char, ""),
+        };
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.name[..path.len()].copy_from_slice(path.as_bytes());
+        gnu.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(kind);
+        h.set_cksum();
+        tar.extend_from_slice(h.as_bytes());
+        tar.extend_from_slice(data);
+        tar.resize(tar.len().div_ceil(512) * 512, 0);
+    }
+    tar.extend_from_slice(&[0; 1024]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
+/// A correctly signed bundle around arbitrary tarball bytes: what a
+/// compromised build server could produce. `unpacked` is the size the
+/// manifest declares.
+fn signed_bundle_of(d: &Device, name: &str, tarball: &[u8], unpacked: u64) -> PathBuf {
+    use beamup::manifest::*;
+    let digests =
+        beamup::bundle::hash_stream(&mut &tarball[..], tarball.len() as u64, DEFAULT_CHUNK_SIZE)
+            .unwrap();
+    let m = Manifest {
+        kind: MANIFEST_TYPE.into(),
+        format: FORMAT,
+        release: ReleaseRef {
+            name: "thermo".into(),
+            version: "1.1.0".into(),
+        },
+        erts: "13.1.5".into(),
+        includes_erts: false,
+        apps: vec!["thermo-1.1.0".into()],
+        upgrade_from: vec!["1.0.0".into()],
+        downgrade_to: vec!["1.0.0".into()],
+        tarball: TarballRef {
+            size: tarball.len() as u64,
+            sha256: hex::encode(digests.whole),
+            chunk_size: DEFAULT_CHUNK_SIZE,
+            unpacked_size: unpacked,
+            chunks: digests.chunks.iter().map(hex::encode).collect(),
+        },
+        target: vec!["any".into()],
+        created_at: format_time(std::time::SystemTime::now()),
+        expires_at: format_time(std::time::SystemTime::now() + Duration::from_secs(3600)),
+        sequence: 1,
+        allow_downgrade: false,
+    };
+    let key = beamup::keys::SecretKey::load(&d.path().join("keys/k.key")).unwrap();
+    let env =
+        beamup::signed::Envelope::sign(beamup::signed::DocKind::Manifest, &m, &[key]).to_bytes();
+    let mut out = tar_header("manifest.json", env.len() as u64).to_vec();
+    out.extend_from_slice(&env);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.extend_from_slice(&tar_header("release.tar.gz", tarball.len() as u64));
+    out.extend_from_slice(tarball);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.extend_from_slice(&[0; 1024]);
+    let path = d.path().join(name);
+    fs::write(&path, out).unwrap();
+    path
+}
+
+#[test]
+fn hostile_tarballs_are_refused_with_the_release_untouched() {
+    let d = Device::new();
+    let before = d.snapshot();
+    let outside = d.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    let cases: Vec<(&str, Vec<Entry>, &str)> = vec![
+        (
+            "tar-slip",
+            vec![Entry::File(
+                "lib/thermo-1.1.0/../../../../escaped",
+                b"x".to_vec(),
+            )],
+            "climbs out with '..'",
+        ),
+        (
+            "absolute",
+            vec![Entry::File("/tmp/beamup-escaped", b"x".to_vec())],
+            "is an absolute path",
+        ),
+        (
+            "symlink-escape",
+            vec![Entry::Symlink(
+                "lib/thermo-1.1.0/priv/etc",
+                "../../../../../../etc",
+            )],
+            "points outside the release",
+        ),
+        (
+            "write-through-symlink",
+            vec![
+                Entry::Symlink("lib/thermo-1.1.0/priv/rel", "../../../releases"),
+                Entry::File("lib/thermo-1.1.0/priv/rel/RELEASES", b"[].".to_vec()),
+            ],
+            "would be written through the symlink",
+        ),
+        (
+            "hardlink-escape",
+            vec![Entry::Hardlink(
+                "lib/thermo-1.1.0/priv/passwd",
+                "/etc/passwd",
+            )],
+            "points outside the release",
+        ),
+        (
+            "hardlink-to-running-release",
+            vec![Entry::Hardlink(
+                "lib/thermo-1.1.0/priv/boot",
+                "releases/start_erl.data",
+            )],
+            "points outside what this release adds",
+        ),
+        (
+            "device-file",
+            vec![Entry::CharDevice("lib/thermo-1.1.0/priv/mem")],
+            "is a character device",
+        ),
+    ];
+    for (name, entries, needle) in cases {
+        let tarball = hostile_tarball(&entries);
+        let bundle = signed_bundle_of(&d, &format!("{name}.bundle"), &tarball, 1 << 20);
+        let run = d.install(&bundle, &[]);
+        assert_eq!(
+            run.code,
+            exit::UNSAFE_TARBALL as i32,
+            "{name}: {}",
+            run.stderr
+        );
+        assert!(run.stderr.contains(needle), "{name}: {}", run.stderr);
+        assert_eq!(d.snapshot(), before, "{name}: the release root changed");
+    }
+    // More data than the manifest declares (a gzip bomb).
+    let big = hostile_tarball(&[Entry::File("lib/thermo-1.1.0/priv/zeros", vec![0; 4 << 20])]);
+    let bundle = signed_bundle_of(&d, "bomb.bundle", &big, 1 << 20);
+    d.install(&bundle, &[]).fails(
+        exit::UNSAFE_TARBALL as i32,
+        "unpacks to more than the 1048576 bytes its manifest declares",
+    );
+    // A truncated gzip stream (signed as it is).
+    let good = hostile_tarball(&[]);
+    let bundle = signed_bundle_of(
+        &d,
+        "truncated-gzip.bundle",
+        &good[..good.len() - 20],
+        1 << 20,
+    );
+    d.install(&bundle, &[])
+        .fails(exit::UNSAFE_TARBALL as i32, "truncated or corrupt");
+
+    assert_eq!(d.snapshot(), before, "the release root changed");
+    assert!(!Path::new("/tmp/beamup-escaped").exists());
+    assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
+    assert_eq!(d.version_and_counter().0, "1.0.0");
+    assert!(d.status()["install_in_progress"].is_null());
+}
+
+#[test]
+fn node_killed_during_the_soak_is_rolled_back_by_restart() {
+    let d = Device::with_health("timeout = \"20s\"\nsoak = \"4s\"");
+    let bundle = d.bundle("1.1.0");
+    let child = Command::new(crate::cli::bin())
+        .args([
+            "install",
+            bundle.to_str().unwrap(),
+            "--config",
+            "agent.toml",
+        ])
+        .current_dir(d.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_phase(&d, "soaking", Duration::from_secs(30));
+    d.node.kill9();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(exit::ROLLED_BACK as i32),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("rolled back thermo 1.1.0"), "{stdout}");
+    assert_eq!(d.version_and_counter().0, "1.0.0");
+    d.assert_settled_on("1.0.0", &["1.1.0"]);
+}
+
+/// Polls state.json until the journal reaches `phase`.
+fn wait_for_phase(d: &Device, phase: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    let path = d.path().join("state/state.json");
+    loop {
+        if let Ok(text) = fs::read_to_string(&path)
+            && let Ok(v) = serde_json::from_str::<Value>(&text)
+            && v["current"]["phase"] == phase
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "install never reached {phase}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// beamup dies (SIGKILL, as in a power cut) at one step boundary; the next
+/// `beamup recover` leaves the device consistent, on the expected release.
+fn crash_and_recover(point: &str, expect: &str) {
+    let d = Device::new();
+    d.node.incr().unwrap();
+    let run = d.install_env(&d.bundle("1.1.0"), &[], &[("BEAMUP_CRASH", point)]);
+    assert_eq!(
+        run.code, -1,
+        "{point}: beamup should have been killed\n{}",
+        run.stderr
+    );
+    let st = d.status();
+    assert!(
+        !st["install_in_progress"].is_null(),
+        "{point}: journal lost: {st:#}"
+    );
+    let rec = beamup(d.path(), &["recover", "--config", "agent.toml", "--json"]);
+    let o: Value = serde_json::from_str(&rec.stdout).unwrap_or(Value::Null);
+    let gone: &[&str] = if expect == "1.0.0" { &["1.1.0"] } else { &[] };
+    d.assert_settled_on(expect, gone);
+    if expect == "1.0.0" {
+        assert_eq!(
+            rec.code,
+            exit::ROLLED_BACK as i32,
+            "{point}: {}",
+            rec.stderr
+        );
+        assert_eq!(o["interrupted"], true, "{point}: {o:#}");
+        // An interruption is not the release's fault: it installs next time.
+        d.install(&d.bundle("1.1.0"), &[]).ok();
+        d.assert_settled_on("1.1.0", &[]);
+    } else {
+        assert_eq!(rec.code, 0, "{point}: {}", rec.stderr);
+        assert_eq!(o["outcome"], "committed", "{point}: {o:#}");
+    }
+    // The counter survived wherever the node kept running.
+    assert_eq!(d.version_and_counter().1, 1, "{point}");
+}
+
+#[test]
+fn killed_while_unpacking() {
+    crash_and_recover("unpacking", "1.0.0");
+}
+#[test]
+fn killed_after_unpacking() {
+    crash_and_recover("unpacking+", "1.0.0");
+}
+#[test]
+fn killed_while_registering() {
+    crash_and_recover("registering", "1.0.0");
+}
+#[test]
+fn killed_after_registering() {
+    crash_and_recover("registering+", "1.0.0");
+}
+#[test]
+fn killed_before_install_release() {
+    crash_and_recover("installing", "1.0.0");
+}
+#[test]
+fn killed_after_install_release() {
+    crash_and_recover("installing+", "1.0.0");
+}
+#[test]
+fn killed_while_soaking() {
+    crash_and_recover("soaking", "1.0.0");
+}
+#[test]
+fn killed_after_the_health_gate_passed() {
+    crash_and_recover("soaking+", "1.0.0");
+}
+#[test]
+fn killed_while_committing() {
+    crash_and_recover("committing", "1.1.0");
+}
+#[test]
+fn killed_after_committing() {
+    crash_and_recover("committing+", "1.1.0");
+}
