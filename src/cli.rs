@@ -412,6 +412,9 @@ struct TerminalProgress;
 
 impl install::Progress for TerminalProgress {
     fn phase(&self, phase: &str, detail: &str) {
+        if phase == "rejected" {
+            return; // the error line that follows says it all
+        }
         if detail.is_empty() {
             eprintln!("beamup: {phase}");
         } else {

@@ -43,6 +43,35 @@ impl Run {
         assert!(lines[0].starts_with("beamup: error: "), "{}", lines[0]);
         self
     }
+
+    /// Like [`Run::fails`], for commands that report progress on stderr
+    /// first: the error is the last line, and the only error line.
+    #[track_caller]
+    pub fn fails_after_progress(&self, code: i32, needle: &str) -> &Self {
+        assert_eq!(
+            self.code, code,
+            "wrong exit code\nstdout:\n{}\nstderr:\n{}",
+            self.stdout, self.stderr
+        );
+        let errors: Vec<&str> = self
+            .stderr
+            .lines()
+            .filter(|l| l.starts_with("beamup: error: "))
+            .collect();
+        assert_eq!(errors.len(), 1, "expected one error line:\n{}", self.stderr);
+        assert_eq!(
+            Some(errors[0]),
+            self.stderr.lines().last(),
+            "{}",
+            self.stderr
+        );
+        assert!(
+            errors[0].contains(needle),
+            "error lacks {needle:?}:\n{}",
+            self.stderr
+        );
+        self
+    }
 }
 
 fn finish(out: Output) -> Run {

@@ -283,7 +283,7 @@ fn unhealthy_release_is_rolled_back_hot_and_the_next_install_succeeds() {
 
     // The same bundle is not retried by accident ...
     let again = d.install(&d.bundle("1.2.0"), &[]);
-    again.fails(exit::REFUSED as i32, "was rolled back at");
+    again.fails_after_progress(exit::REFUSED as i32, "was rolled back at");
     // ... and the failure did not block the next release.
     d.install(&d.bundle("1.1.0"), &[]).ok();
     assert_eq!(d.version_and_counter(), ("1.1.0".into(), 2));
@@ -342,7 +342,7 @@ fn hot_only_refuses_a_cold_upgrade_without_touching_anything() {
     let text = fs::read_to_string(&cfg).unwrap() + "[install]\nstrategy = \"hot-only\"\n";
     fs::write(&cfg, text).unwrap();
     let before = d.snapshot();
-    d.install(&d.bundle("2.0.0"), &[]).fails(
+    d.install(&d.bundle("2.0.0"), &[]).fails_after_progress(
         exit::REFUSED as i32,
         "has no relup, so it needs a restart, and [install] strategy is hot-only",
     );
@@ -361,17 +361,18 @@ fn bad_bundles_are_rejected_and_the_release_is_untouched() {
     let n = bytes.len();
     bytes[n - 5000] ^= 1;
     fs::write(d.path().join("tampered.bundle"), &bytes).unwrap();
-    d.install(&d.path().join("tampered.bundle"), &[]).fails(
-        exit::TARBALL_MISMATCH as i32,
-        "does not match the signed manifest",
-    );
+    d.install(&d.path().join("tampered.bundle"), &[])
+        .fails_after_progress(
+            exit::TARBALL_MISMATCH as i32,
+            "does not match the signed manifest",
+        );
     // Truncated copy.
     fs::write(d.path().join("cut.bundle"), &good[..good.len() / 2]).unwrap();
     d.install(&d.path().join("cut.bundle"), &[])
-        .fails(exit::TRUNCATED as i32, "truncated");
+        .fails_after_progress(exit::TRUNCATED as i32, "truncated");
     // Not a bundle at all.
     d.install(releases().tarball("1.1.0"), &[])
-        .fails(exit::NOT_A_BUNDLE as i32, "not a beamup bundle");
+        .fails_after_progress(exit::NOT_A_BUNDLE as i32, "not a beamup bundle");
     // Signed by a key the device does not trust.
     beamup(d.path(), &["keygen", "--out", "other", "--name", "x"]).ok();
     let tarball = releases().tarball("1.1.0").display().to_string();
@@ -389,7 +390,7 @@ fn bad_bundles_are_rejected_and_the_release_is_untouched() {
     )
     .ok();
     d.install(&d.path().join("x.bundle"), &[])
-        .fails(exit::UNKNOWN_KEY as i32, "does not trust");
+        .fails_after_progress(exit::UNKNOWN_KEY as i32, "does not trust");
     // A downgrade to the running version.
     let base = releases().tarball("1.0.0").display().to_string();
     beamup(
@@ -405,10 +406,11 @@ fn bad_bundles_are_rejected_and_the_release_is_untouched() {
         ],
     )
     .ok();
-    d.install(&d.path().join("old.bundle"), &[]).fails(
-        exit::DOWNGRADE as i32,
-        "not newer than the installed release 1.0.0",
-    );
+    d.install(&d.path().join("old.bundle"), &[])
+        .fails_after_progress(
+            exit::DOWNGRADE as i32,
+            "not newer than the installed release 1.0.0",
+        );
     // A bundle for another device.
     let cfg = d.path().join("agent.toml");
     let text = fs::read_to_string(&cfg).unwrap()
@@ -429,10 +431,11 @@ fn bad_bundles_are_rejected_and_the_release_is_untouched() {
         ],
     )
     .ok();
-    d.install(&d.path().join("t.bundle"), &[]).fails(
-        exit::WRONG_TARGET as i32,
-        "does not include this device (device:gw-1",
-    );
+    d.install(&d.path().join("t.bundle"), &[])
+        .fails_after_progress(
+            exit::WRONG_TARGET as i32,
+            "does not include this device (device:gw-1",
+        );
 
     assert_eq!(d.snapshot(), before, "the release root changed");
     assert_eq!(d.version_and_counter(), ("1.0.0".into(), 1));
@@ -611,7 +614,7 @@ fn hostile_tarballs_are_refused_with_the_release_untouched() {
     // More data than the manifest declares (a gzip bomb).
     let big = hostile_tarball(&[Entry::File("lib/thermo-1.1.0/priv/zeros", vec![0; 4 << 20])]);
     let bundle = signed_bundle_of(&d, "bomb.bundle", &big, 1 << 20);
-    d.install(&bundle, &[]).fails(
+    d.install(&bundle, &[]).fails_after_progress(
         exit::UNSAFE_TARBALL as i32,
         "unpacks to more than the 1048576 bytes its manifest declares",
     );
@@ -624,7 +627,7 @@ fn hostile_tarballs_are_refused_with_the_release_untouched() {
         1 << 20,
     );
     d.install(&bundle, &[])
-        .fails(exit::UNSAFE_TARBALL as i32, "truncated or corrupt");
+        .fails_after_progress(exit::UNSAFE_TARBALL as i32, "truncated or corrupt");
 
     assert_eq!(d.snapshot(), before, "the release root changed");
     assert!(!Path::new("/tmp/beamup-escaped").exists());
