@@ -412,8 +412,11 @@ struct TerminalProgress;
 
 impl install::Progress for TerminalProgress {
     fn phase(&self, phase: &str, detail: &str) {
-        if phase == "rejected" {
-            return; // the error line that follows says it all
+        if matches!(
+            phase,
+            "rejected" | "committed" | "rolled back" | "failed, needs attention"
+        ) {
+            return; // the outcome line that follows says it all
         }
         if detail.is_empty() {
             eprintln!("beamup: {phase}");

@@ -357,8 +357,9 @@ impl<'a> Engine<'a> {
                     }) => {
                         let from = self.journal().from_version.clone();
                         let reason = format!(
-                            "code_change in {module} crashed during install_release: {reason_text}; \
-                             the node restarted itself on {from} and lost its in-memory state"
+                            "code_change in {module} crashed during install_release: {}; \
+                             the node restarted itself on {from} and lost its in-memory state",
+                            brief(&reason_text, 200)
                         );
                         // It is back in about a second; the rollback needs it.
                         self.node.reset();
@@ -721,6 +722,18 @@ impl<'a> Engine<'a> {
             Err(_) => NodeSeen::Down,
         }
     }
+}
+
+/// The first `max` characters of an Erlang term's text: enough to name the
+/// error, short enough for a status line (the full term is in the log).
+fn brief(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_string();
+    }
+    tracing::info!("full text: {text}");
+    let mut s: String = text.chars().take(max).collect();
+    s.push_str("...");
+    s
 }
 
 /// Fault injection for the crash-safety tests: with `BEAMUP_CRASH=PHASE`
