@@ -371,6 +371,14 @@ impl Bundle {
         }
     }
 
+    /// A reader over the tarball that checks each chunk against the
+    /// manifest's digest before handing out any of its bytes: a single pass
+    /// that never lets an unverified byte through. A mismatch is an
+    /// `io::Error` carrying a [`ChunkMismatch`].
+    pub fn verified_tarball<'a>(&'a self, m: &Manifest) -> ChunkVerifier<impl Read + 'a> {
+        ChunkVerifier::new(self.tarball(), m, self.path.clone())
+    }
+
     /// Streams the tarball once and compares the whole and every chunk digest
     /// with the (verified) manifest.
     pub fn verify_tarball(&self, m: &Manifest) -> Result<()> {
@@ -420,6 +428,97 @@ pub fn verify(path: &Path, root: &Root, now: SystemTime, device: &DeviceFacts) -
         signed_by,
         root_version: root.version,
     })
+}
+
+/// A chunk that did not match its signed digest.
+#[derive(Debug)]
+pub struct ChunkMismatch {
+    pub path: PathBuf,
+    pub index: usize,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl std::fmt::Display for ChunkMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "chunk {} (bytes {}..{}) has the wrong SHA-256",
+            self.index, self.start, self.end
+        )
+    }
+}
+
+impl std::error::Error for ChunkMismatch {}
+
+impl ChunkMismatch {
+    pub fn to_error(&self) -> Error {
+        Error::TarballMismatch {
+            path: self.path.clone(),
+            detail: self.to_string(),
+        }
+    }
+}
+
+/// Hands out a tarball's bytes one verified chunk at a time (see
+/// [`Bundle::verified_tarball`]). Memory: one chunk.
+pub struct ChunkVerifier<R> {
+    inner: R,
+    path: PathBuf,
+    digests: Vec<[u8; 32]>,
+    chunk_size: u64,
+    size: u64,
+    next: usize,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl<R: Read> ChunkVerifier<R> {
+    pub fn new(inner: R, m: &Manifest, path: PathBuf) -> Self {
+        ChunkVerifier {
+            inner,
+            path,
+            digests: m.chunk_digests(),
+            chunk_size: u64::from(m.tarball.chunk_size),
+            size: m.tarball.size,
+            next: 0,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for ChunkVerifier<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.pos == self.buf.len() {
+            if self.next == self.digests.len() {
+                return Ok(0);
+            }
+            let start = self.next as u64 * self.chunk_size;
+            let len = self.size.saturating_sub(start).min(self.chunk_size) as usize;
+            self.buf.resize(len, 0);
+            self.inner.read_exact(&mut self.buf)?;
+            if <[u8; 32]>::from(Sha256::digest(&self.buf)) != self.digests[self.next] {
+                self.buf.clear();
+                self.pos = 0;
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    ChunkMismatch {
+                        path: self.path.clone(),
+                        index: self.next,
+                        start,
+                        end: start + len as u64,
+                    },
+                ));
+            }
+            self.next += 1;
+            self.pos = 0;
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
 }
 
 struct TarballReader<'a> {

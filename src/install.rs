@@ -233,7 +233,9 @@ impl<'a> Engine<'a> {
             });
         }
         check_space(self.root(), m.tarball.unpacked_size)?;
-        bundle.verify_tarball(&m)?;
+        // The tarball's bytes are checked chunk by chunk as they are
+        // unpacked (`Bundle::verified_tarball`): one pass, nothing unverified
+        // is ever used.
         let strategy = decide::strategy(&m, &running, &self.cfg.install.strategy)
             .map_err(|reason| Error::Refused { reason })?;
         self.clean_leftovers(&m).await?;
@@ -321,7 +323,7 @@ impl<'a> Engine<'a> {
             "unpacking",
             &format!("{} {}", m.release.name, m.release.version),
         );
-        if let Err(e) = staging::unpack(self.root(), &p.plan, m, p.bundle.tarball()) {
+        if let Err(e) = staging::unpack(self.root(), &p.plan, m, p.bundle.verified_tarball(m)) {
             staging::remove(self.root(), &p.plan)?;
             self.reject_journaled(&e)?;
             return Err(e);

@@ -20,7 +20,6 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use flate2::read::GzDecoder;
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
@@ -80,13 +79,12 @@ pub struct Unpacked {
 }
 
 /// Unpacks the gzip-compressed release tarball read from `tarball` into
-/// `root`, creating only the paths in `plan`. On error, whatever was created
-/// is left for the caller to [`remove`] (the journal already lists it).
-pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, tarball: impl Read) -> Result<Unpacked> {
-    let mut hashing = HashingReader {
-        inner: tarball,
-        hasher: Sha256::new(),
-    };
+/// `root`, creating only the paths in `plan`. `tarball` must check the
+/// manifest's chunk digests as it is read (see
+/// [`crate::bundle::Bundle::verified_tarball`]), so that no unverified byte
+/// reaches the decompressor; it is read to its end. On error, whatever was
+/// created is left for the caller to [`remove`] (the journal lists it).
+pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, mut tarball: impl Read) -> Result<Unpacked> {
     let unsafe_tar = |detail: String| Error::UnsafeTarball { detail };
     let tops: HashSet<&Path> = plan.creates.iter().map(PathBuf::as_path).collect();
     let mut links: HashSet<PathBuf> = HashSet::new();
@@ -96,7 +94,7 @@ pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, tarball: impl Read) -> Res
     {
         let mut archive = tar::Archive::new(GzDecoder::new(io::BufReader::with_capacity(
             256 * 1024,
-            &mut hashing,
+            &mut tarball,
         )));
         let entries = archive.entries().map_err(|e| stream_error(&e))?;
         for entry in entries {
@@ -215,26 +213,12 @@ pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, tarball: impl Read) -> Res
                 }
             }
         }
-        // Read to the end of the compressed stream so the hash covers it all
-        // (the tar end blocks and the gzip trailer).
+        // Read to the end of the compressed stream (the tar end blocks, the
+        // gzip trailer), so that its checks run to the end too.
         let mut rest = archive.into_inner();
         io::copy(&mut rest, &mut io::sink()).map_err(|e| stream_error(&e))?;
     }
-    let mut rest = hashing.inner;
-    let mut hasher = hashing.hasher;
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = rest.read(&mut buf).map_err(|e| stream_error(&e))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    if hasher.finalize().as_slice() != m.tarball_digest() {
-        return Err(Error::UnsafeTarball {
-            detail: "the tarball changed after it was verified".into(),
-        });
-    }
+    io::copy(&mut tarball, &mut io::sink()).map_err(|e| stream_error(&e))?;
     let missing: Vec<String> = plan
         .creates
         .iter()
@@ -261,6 +245,12 @@ fn exists_or_io(e: io::Error, dest: &Path, shown: &str) -> Error {
 }
 
 fn stream_error(e: &io::Error) -> Error {
+    if let Some(m) = e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<crate::bundle::ChunkMismatch>())
+    {
+        return m.to_error();
+    }
     Error::UnsafeTarball {
         detail: format!("the compressed tar stream is truncated or corrupt ({e})"),
     }
@@ -339,19 +329,6 @@ fn check_symlink_target(link: &Path, target: &str) -> std::result::Result<(), &'
         }
     }
     Ok(())
-}
-
-struct HashingReader<R> {
-    inner: R,
-    hasher: Sha256,
-}
-
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
-    }
 }
 
 #[cfg(test)]

@@ -181,3 +181,169 @@ pub fn signed_bundle(dir: &Path, tarball: &Path) -> PathBuf {
     ]);
     out
 }
+
+/// The thermo example releases, built once into the bench scratch area
+/// with `tests/otp/build` (the same script the tests use).
+pub fn otp_releases() -> PathBuf {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-otp");
+    if !dir.join("base").exists() {
+        let status = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otp/build"))
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .status()
+            .expect("run tests/otp/build");
+        assert!(status.success(), "tests/otp/build failed");
+    }
+    dir
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A running node of the thermo base release in its own root, with its own
+/// epmd; stopped by PID on drop.
+pub struct BenchNode {
+    pub root: PathBuf,
+    pub env: Vec<(String, String)>,
+    pub http_port: u16,
+    pub epmd_port: u16,
+    pub name: String,
+    pub cookie: String,
+    epmd: std::process::Child,
+}
+
+impl BenchNode {
+    pub fn start(base: &Path, dir: &Path, id: usize) -> BenchNode {
+        let root = dir.join(format!("node{id}"));
+        let _ = fs::remove_dir_all(&root);
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(base)
+            .arg(&root)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let epmd_port = free_port();
+        let http_port = free_port();
+        let epmd_bin = fs::read_dir(&root)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .find(|e| e.file_name().to_string_lossy().starts_with("erts-"))
+            .expect("erts dir")
+            .path()
+            .join("bin/epmd");
+        let epmd = Command::new(epmd_bin)
+            .args(["-port", &epmd_port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let name = format!("thermo_bench{id}_{}@localhost", std::process::id());
+        let cookie = format!("benchcookie{}", std::process::id());
+        let env = vec![
+            ("NODE_NAME".to_string(), name.clone()),
+            ("COOKIE".to_string(), cookie.clone()),
+            ("THERMO_HTTP_PORT".to_string(), http_port.to_string()),
+            ("ERL_EPMD_PORT".to_string(), epmd_port.to_string()),
+            ("THERMO_START_EPMD".to_string(), "false".to_string()),
+            (
+                "PIPE_DIR".to_string(),
+                format!("{}/pipes{id}/", dir.display()),
+            ),
+        ];
+        let node = BenchNode {
+            root,
+            env,
+            http_port,
+            epmd_port,
+            name,
+            cookie,
+            epmd,
+        };
+        let st = Command::new(node.root.join("bin/thermo"))
+            .arg("daemon")
+            .envs(node.env.iter().cloned())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(st.success(), "node did not start");
+        node
+    }
+
+    /// `bin/thermo ARGS` with the node's environment.
+    pub fn script(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(self.root.join("bin/thermo"));
+        c.args(args).envs(self.env.iter().cloned());
+        c
+    }
+
+    /// The BEAM's OS pid, from /health.
+    pub fn os_pid(&self) -> Option<i32> {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.http_port)).ok()?;
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        let i = body.find("\"os_pid\":\"")? + 10;
+        body[i..].split('"').next()?.parse().ok()
+    }
+
+    /// agent.toml for this node (health soak 0: the bench measures the
+    /// install path, not the soak window).
+    pub fn agent_toml(&self, dir: &Path, root_json: &Path, state: &Path) -> PathBuf {
+        let env: Vec<String> = self.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let env = env.join(" ");
+        let root = self.root.display();
+        let text = format!(
+            r#"[release]
+root = "{root}"
+name = "thermo"
+[node]
+name = "{name}"
+cookie = "{cookie}"
+epmd_port = {epmd}
+start = "env {env} {root}/bin/thermo daemon"
+stop = "env {env} {root}/bin/thermo stop"
+[health]
+http = "http://127.0.0.1:{http}/health"
+expect_version = true
+timeout = "10s"
+soak = "0s"
+interval = "50ms"
+[trust]
+root = "{rootjson}"
+[state]
+dir = "{state}"
+"#,
+            name = self.name,
+            cookie = self.cookie,
+            epmd = self.epmd_port,
+            http = self.http_port,
+            rootjson = root_json.display(),
+            state = state.display(),
+        );
+        let path = dir.join(format!("agent-{}.toml", self.http_port));
+        fs::write(&path, text).unwrap();
+        path
+    }
+}
+
+impl Drop for BenchNode {
+    fn drop(&mut self) {
+        if let Some(pid) = self.os_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.epmd.kill();
+        let _ = self.epmd.wait();
+    }
+}
