@@ -117,6 +117,7 @@ pub struct Checks {
     tcp: Option<String>,
     command: Option<String>,
     expect_version: Option<String>,
+    version: String,
     per_check_timeout: Duration,
 }
 
@@ -127,6 +128,7 @@ impl Checks {
             tcp: cfg.tcp.clone(),
             command: cfg.command.clone(),
             expect_version: cfg.expect_version.then(|| version.to_string()),
+            version: version.to_string(),
             per_check_timeout: cfg.interval.max(Duration::from_secs(2)),
         }
     }
@@ -160,10 +162,10 @@ impl Checks {
         }
         if let Some(cmd) = &self.command {
             let mut c = tokio::process::Command::new("sh");
-            c.arg("-c").arg(cmd).kill_on_drop(true);
-            if let Some(v) = &self.expect_version {
-                c.env("BEAMUP_VERSION", v);
-            }
+            c.arg("-c")
+                .arg(cmd)
+                .env("BEAMUP_VERSION", &self.version)
+                .kill_on_drop(true);
             let out = tokio::time::timeout(
                 self.per_check_timeout.max(Duration::from_secs(10)),
                 c.output(),

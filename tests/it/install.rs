@@ -336,6 +336,31 @@ fn cold_upgrade_restarts_into_the_new_release() {
 }
 
 #[test]
+fn cold_upgrade_that_fails_its_health_check_restarts_the_old_release() {
+    // 2.0.0 itself is healthy; a site-specific check rejects it.
+    let d = Device::with_health(
+        "timeout = \"5s\"\nsoak = \"1s\"\ncommand = \"test \\\"$BEAMUP_VERSION\\\" != 2.0.0\"",
+    );
+    let run = d.install(&d.bundle("2.0.0"), &[]);
+    assert_eq!(
+        run.code,
+        exit::ROLLED_BACK as i32,
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    assert!(
+        run.stdout
+            .contains("rolled back thermo 2.0.0 (cold, from 1.0.0)"),
+        "{}",
+        run.stdout
+    );
+    assert!(run.stdout.contains("command check"), "{}", run.stdout);
+    assert_eq!(d.version_and_counter().0, "1.0.0");
+    d.assert_settled_on("1.0.0", &["2.0.0"]);
+}
+
+#[test]
 fn hot_only_refuses_a_cold_upgrade_without_touching_anything() {
     let d = Device::new();
     let cfg = d.path().join("agent.toml");
