@@ -601,6 +601,59 @@ mod tests {
     }
 
     #[test]
+    fn chunk_verifier_hands_out_nothing_of_a_bad_chunk() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+        let d = hash_stream(&mut &data[..], data.len() as u64, 4096).unwrap();
+        let m = Manifest {
+            kind: manifest::MANIFEST_TYPE.into(),
+            format: manifest::FORMAT,
+            release: ReleaseRef {
+                name: "x".into(),
+                version: "1".into(),
+            },
+            erts: "13".into(),
+            includes_erts: false,
+            apps: vec!["x-1".into()],
+            upgrade_from: vec![],
+            downgrade_to: vec![],
+            tarball: TarballRef {
+                size: data.len() as u64,
+                sha256: hex::encode(d.whole),
+                chunk_size: 4096,
+                unpacked_size: 1,
+                chunks: d.chunks.iter().map(hex::encode).collect(),
+            },
+            target: vec!["any".into()],
+            created_at: String::new(),
+            expires_at: String::new(),
+            sequence: 1,
+            allow_downgrade: false,
+        };
+        let mut out = Vec::new();
+        ChunkVerifier::new(&data[..], &m, "b".into())
+            .read_to_end(&mut out)
+            .unwrap();
+        assert_eq!(out, data);
+
+        let mut bad = data.clone();
+        bad[3 * 4096 + 7] ^= 1;
+        let mut v = ChunkVerifier::new(&bad[..], &m, "b".into());
+        let mut out = Vec::new();
+        let e = v.read_to_end(&mut out).unwrap_err();
+        // Chunks 0..3 came through; nothing of chunk 3 did.
+        assert_eq!(out.len(), 3 * 4096);
+        let mismatch = e
+            .get_ref()
+            .unwrap()
+            .downcast_ref::<ChunkMismatch>()
+            .unwrap();
+        assert_eq!(
+            (mismatch.index, mismatch.start, mismatch.end),
+            (3, 12288, 16384)
+        );
+    }
+
+    #[test]
     fn short_stream_is_eof() {
         let e = hash_stream(&mut &[1u8, 2, 3][..], 10, 4096).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
