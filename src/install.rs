@@ -323,12 +323,23 @@ impl<'a> Engine<'a> {
             "unpacking",
             &format!("{} {}", m.release.name, m.release.version),
         );
-        if let Err(e) = staging::unpack(self.root(), &p.plan, m, p.bundle.verified_tarball(m)) {
-            staging::remove(self.root(), &p.plan)?;
-            self.reject_journaled(&e)?;
-            return Err(e);
+        let t = Instant::now();
+        match staging::unpack(self.root(), &p.plan, m, p.bundle.verified_tarball(m)) {
+            Ok(u) => tracing::debug!(
+                "unpacked {} files ({} bytes) in {:?}",
+                u.files,
+                u.bytes,
+                t.elapsed()
+            ),
+            Err(e) => {
+                staging::remove(self.root(), &p.plan)?;
+                self.reject_journaled(&e)?;
+                return Err(e);
+            }
         }
+        let t = Instant::now();
         sync_fs(self.root())?;
+        tracing::debug!("synced the file system in {:?}", t.elapsed());
 
         self.enter(Phase::Registering)?;
         let rel_file = self

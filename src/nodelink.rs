@@ -116,24 +116,27 @@ impl NodeLink {
     /// What the node runs and has as permanent, and its ERTS version.
     pub async fn running(&mut self) -> std::result::Result<Running, NodeError> {
         let t = self.call_timeout;
-        let releases = self.which_releases().await?;
         let conn = self.conn().await?;
-        let (_, booted) = node::script_id(conn, t).await?;
-        let apps: Vec<String> = node::which_applications(conn, t)
-            .await?
+        // Four independent questions, in flight together on one connection.
+        let (releases, script, apps, erts) = tokio::join!(
+            node::which_releases(conn, t),
+            node::script_id(conn, t),
+            node::which_applications(conn, t),
+            conn.rpc("erlang", "system_info", vec![Term::atom("version")], t),
+        );
+        let (_, booted) = script?;
+        let apps: Vec<String> = apps?
             .into_iter()
             .map(|a| format!("{}-{}", a.name, a.vsn))
             .collect();
-        let erts = conn
-            .rpc("erlang", "system_info", vec![Term::atom("version")], t)
-            .await?;
+        let erts = erts?;
         let erts = erts
             .as_charlist()
             .ok_or_else(|| NodeError::UnexpectedReply {
                 call: "erlang:system_info(version)".into(),
                 reply: erts.to_string(),
             })?;
-        Ok(running_from(&releases, &booted, &apps, erts))
+        Ok(running_from(&releases?, &booted, &apps, erts))
     }
 
     pub async fn os_pid(&mut self) -> Option<u32> {
