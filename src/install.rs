@@ -55,6 +55,9 @@ pub struct Engine<'a> {
     state: DeviceState,
     node: NodeLink,
     progress: &'a dyn Progress,
+    /// Flushing the unpacked files to disk, started after the unpack and
+    /// awaited before the commit (see `commit`).
+    pending_sync: Option<tokio::task::JoinHandle<Result<()>>>,
 }
 
 /// What `prepare` established about a bundle before anything is touched.
@@ -77,6 +80,7 @@ impl<'a> Engine<'a> {
             state,
             node,
             progress,
+            pending_sync: None,
         })
     }
 
@@ -337,9 +341,17 @@ impl<'a> Engine<'a> {
                 return Err(e);
             }
         }
-        let t = Instant::now();
-        sync_fs(self.root())?;
-        tracing::debug!("synced the file system in {:?}", t.elapsed());
+        // The new files must be durable before the release can become
+        // permanent, not before: until the commit, recovery removes them
+        // whatever state they are in. So the flush runs in the background
+        // while the node installs and the health gate runs.
+        let root = self.root().to_path_buf();
+        self.pending_sync = Some(tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            let r = sync_fs(&root);
+            tracing::debug!("synced the file system in {:?}", t.elapsed());
+            r
+        }));
 
         self.enter(Phase::Registering)?;
         let rel_file = self
@@ -465,6 +477,13 @@ impl<'a> Engine<'a> {
         let from = self.journal().from_version.clone();
         self.progress.phase("committing", &to);
         let result: std::result::Result<(), String> = async {
+            match self.pending_sync.take() {
+                Some(sync) => sync
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?,
+                None => sync_fs(self.root()).map_err(|e| e.to_string())?,
+            }
             // Boot script first: a crash between the two then boots the
             // verified release, and recovery makes it permanent.
             if !self.journal().swapped_boot {

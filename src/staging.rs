@@ -19,6 +19,8 @@ use std::io::{self, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use std::sync::mpsc;
+
 use flate2::read::GzDecoder;
 
 use crate::error::{Error, IoContext, Result};
@@ -84,7 +86,89 @@ pub struct Unpacked {
 /// [`crate::bundle::Bundle::verified_tarball`]), so that no unverified byte
 /// reaches the decompressor; it is read to its end. On error, whatever was
 /// created is left for the caller to [`remove`] (the journal lists it).
-pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, mut tarball: impl Read) -> Result<Unpacked> {
+///
+/// Two threads share the work, as `gzip -d | tar -x` does: one reads,
+/// verifies and inflates, the other checks entries and writes files.
+pub fn unpack<R: Read + Send>(
+    root: &Path,
+    plan: &Plan,
+    m: &Manifest,
+    tarball: R,
+) -> Result<Unpacked> {
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
+    std::thread::scope(|s| {
+        s.spawn(move || inflate_into(tarball, tx));
+        extract(
+            root,
+            plan,
+            m,
+            ChannelReader {
+                rx,
+                cur: Vec::new(),
+                pos: 0,
+            },
+        )
+    })
+}
+
+/// Blocks in flight between the two threads, and their size.
+const PIPE_DEPTH: usize = 4;
+const PIPE_BLOCK: usize = 256 * 1024;
+
+/// Inflates `tarball` into `tx`, then reads the compressed stream to its end
+/// (so its verification covers every chunk). An error goes down the channel
+/// as the last message; a closed channel (the extractor gave up) stops it.
+fn inflate_into<R: Read>(tarball: R, tx: mpsc::SyncSender<io::Result<Vec<u8>>>) {
+    let mut gz = GzDecoder::new(io::BufReader::with_capacity(PIPE_BLOCK, tarball));
+    loop {
+        let mut buf = vec![0u8; PIPE_BLOCK];
+        match gz.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                buf.truncate(n);
+                if tx.send(Ok(buf)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        }
+    }
+    if let Err(e) = io::copy(&mut gz.into_inner(), &mut io::sink()) {
+        let _ = tx.send(Err(e));
+    }
+}
+
+/// The receiving end of the inflate pipe as a `Read`; the sender hanging up
+/// is the end of the stream.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<Vec<u8>>>,
+    cur: Vec<u8>,
+    pos: usize,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.cur.len() {
+            match self.rx.recv() {
+                Ok(Ok(buf)) => {
+                    self.cur = buf;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(mpsc::RecvError) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.cur.len() - self.pos);
+        out[..n].copy_from_slice(&self.cur[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+fn extract(root: &Path, plan: &Plan, m: &Manifest, mut tarball: ChannelReader) -> Result<Unpacked> {
     let unsafe_tar = |detail: String| Error::UnsafeTarball { detail };
     let tops: HashSet<&Path> = plan.creates.iter().map(PathBuf::as_path).collect();
     let mut links: HashSet<PathBuf> = HashSet::new();
@@ -92,10 +176,7 @@ pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, mut tarball: impl Read) ->
     let mut declared_total = 0u64;
     let mut entries_seen = 0u64;
     {
-        let mut archive = tar::Archive::new(GzDecoder::new(io::BufReader::with_capacity(
-            256 * 1024,
-            &mut tarball,
-        )));
+        let mut archive = tar::Archive::new(&mut tarball);
         let entries = archive.entries().map_err(|e| stream_error(&e))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| stream_error(&e))?;
