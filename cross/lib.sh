@@ -1,4 +1,4 @@
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # (sets variables for the scripts that source it)
 # Shared by cross/build, cross/test and cross/sizes: what each target needs,
 # how to install it when missing, and the environment cargo builds with.
 # Sourced, not run. Everything here is idempotent and non-interactive.
@@ -23,7 +23,8 @@ note() { echo "cross: $*" >&2; }
 #   TRIPLE       rustc target triple
 #   TRIPLE_ENV   the triple as cargo's env var names spell it
 #   GCC          cross gcc: linker (glibc) and C compiler for -sys crates
-#   GCC_PKG      the Debian package with it
+#   GCC_PKGS     the Debian packages with it and its libc headers (which
+#                are only Recommends, and ring's C includes <stdint.h>)
 #   DEB_ARCH     Debian architecture (for the rustc-web fallback)
 #   QEMU         qemu-user binary; QEMU_ARGS its arguments before the program
 #   ELF_MACHINE  what `readelf -h` calls the machine
@@ -33,7 +34,7 @@ target_facts() {
     aarch64)
         TRIPLE=aarch64-unknown-linux-gnu
         GCC=aarch64-linux-gnu-gcc
-        GCC_PKG=gcc-aarch64-linux-gnu
+        GCC_PKGS=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
         DEB_ARCH=arm64
         QEMU=qemu-aarch64
         QEMU_ARGS=(-L /usr/aarch64-linux-gnu -E LD_LIBRARY_PATH=/usr/aarch64-linux-gnu/lib)
@@ -44,7 +45,7 @@ target_facts() {
     armv7)
         TRIPLE=armv7-unknown-linux-gnueabihf
         GCC=arm-linux-gnueabihf-gcc
-        GCC_PKG=gcc-arm-linux-gnueabihf
+        GCC_PKGS=(gcc-arm-linux-gnueabihf libc6-dev-armhf-cross)
         DEB_ARCH=armhf
         QEMU=qemu-arm
         QEMU_ARGS=(-L /usr/arm-linux-gnueabihf -E LD_LIBRARY_PATH=/usr/arm-linux-gnueabihf/lib)
@@ -59,7 +60,7 @@ target_facts() {
         # (self-contained linking). See cross/README.md.
         TRIPLE=aarch64-unknown-linux-musl
         GCC=aarch64-linux-gnu-gcc
-        GCC_PKG=gcc-aarch64-linux-gnu
+        GCC_PKGS=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
         DEB_ARCH=""
         QEMU=qemu-aarch64
         QEMU_ARGS=()
@@ -83,22 +84,34 @@ is_installed() {
 }
 
 APT_UPDATED=""
-# Installs the Debian packages that are missing (apt-get update first, once).
+# Runs apt-get quietly (as root, or through sudo); its output is shown only
+# when it fails.
+apt_run() {
+    local sudo="" log rc=0
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    log=$(mktemp)
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get "$@" >"$log" 2>&1 || rc=$?
+    if [ "$rc" -ne 0 ]; then
+        tail -n 30 "$log" >&2
+        rm -f "$log"
+        die "apt-get $* failed (exit $rc)"
+    fi
+    rm -f "$log"
+}
+
+# Installs the Debian packages (NAME or NAME:ARCH=VERSION) that are missing;
+# apt-get update first, once per run.
 ensure_apt() {
     local missing=() p
-    for p in "$@"; do is_installed "$p" || missing+=("$p"); done
+    for p in "$@"; do is_installed "${p%%=*}" || missing+=("$p"); done
     ((${#missing[@]})) || return 0
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
     note "installing ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
     if [ -z "$APT_UPDATED" ]; then
-        $sudo apt-get update -qq >&2 || die "apt-get update failed"
+        apt_run update
         APT_UPDATED=1
     fi
-    $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
-        die "apt-get install ${missing[*]} failed"
+    apt_run install -y --no-install-recommends "${missing[@]}"
 }
 
 # Chooses the Rust toolchain and makes the target's std available.
@@ -139,28 +152,29 @@ ensure_rust() {
 ensure_debian_rust() {
     [ -n "$DEB_ARCH" ] || die "$TRIPLE: Debian ships no std for this target; it needs rustup (rustup target add $TRIPLE)"
     command -v dpkg >/dev/null || die "the Debian fallback needs dpkg/apt-get"
-    local sudo=""
-    [ "$(id -u)" -eq 0 ] || sudo="sudo"
     if ! dpkg --print-foreign-architectures | grep -qx "$DEB_ARCH"; then
         note "dpkg --add-architecture $DEB_ARCH"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
         $sudo dpkg --add-architecture "$DEB_ARCH"
-        APT_UPDATED="" # the new architecture's lists must be fetched
+        APT_UPDATED="" # the new architecture's package lists must be fetched
     fi
     ensure_apt rustc-web cargo-web
     # libstd must be exactly rustc-web's version, or rustc refuses it.
-    local v
+    local v have
     v=$(dpkg-query -W -f='${Version}' rustc-web)
-    if [ "$(dpkg-query -W -f='${Version}' "libstd-rust-web-dev:$DEB_ARCH" 2>/dev/null || true)" != "$v" ]; then
-        note "installing libstd-rust-web-dev:$DEB_ARCH=$v"
-        export DEBIAN_FRONTEND=noninteractive
+    have=$(dpkg-query -W -f='${Version}' "libstd-rust-web-dev:$DEB_ARCH" 2>/dev/null || true)
+    if [ "$have" != "$v" ]; then
         if [ -z "$APT_UPDATED" ]; then
-            $sudo apt-get update -qq >&2 || die "apt-get update failed"
+            apt_run update
             APT_UPDATED=1
         fi
-        $sudo apt-get install -y -qq --no-install-recommends "libstd-rust-web-dev:$DEB_ARCH=$v" >&2 ||
-            die "apt-get install libstd-rust-web-dev:$DEB_ARCH=$v failed"
+        note "installing libstd-rust-web-dev:$DEB_ARCH=$v"
+        apt_run install -y --no-install-recommends "libstd-rust-web-dev:$DEB_ARCH=$v"
     fi
-    [ -x /usr/bin/cargo ] && [ -x /usr/bin/rustc ] || die "rustc-web/cargo-web installed but /usr/bin/cargo or /usr/bin/rustc is missing"
+    if [ ! -x /usr/bin/cargo ] || [ ! -x /usr/bin/rustc ]; then
+        die "rustc-web/cargo-web installed but /usr/bin/cargo or /usr/bin/rustc is missing"
+    fi
     export RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
     CARGO=(/usr/bin/cargo)
     RUST_ROUTE=debian
@@ -171,8 +185,8 @@ setup_build() {
     target_facts "$1"
     command -v cargo >/dev/null || [ "${CROSS_RUST:-auto}" = debian ] ||
         die "cargo not found; install Rust (rustup) or set CROSS_RUST=debian"
-    ensure_apt "$GCC_PKG" binutils
-    command -v "$GCC" >/dev/null || die "$GCC not found after installing $GCC_PKG"
+    ensure_apt "${GCC_PKGS[@]}" binutils
+    command -v "$GCC" >/dev/null || die "$GCC not found after installing ${GCC_PKGS[*]}"
     ensure_rust
 
     # Linker and C compiler for this target only; nothing is written to a
@@ -205,7 +219,10 @@ setup_build() {
     fi
     export "CARGO_TARGET_${TRIPLE_ENV}_RUSTFLAGS=$flags"
     export "CFLAGS_${TRIPLE//-/_}=$cflags"
-    export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(git -C "$CROSS_ROOT" log -1 --format=%ct 2>/dev/null || echo 1)}"
+    # Nothing in the binary carries a build time, so any fixed value does;
+    # not the commit time: cc-rs tracks this variable, and a value that
+    # changes with every commit would rebuild ring and all above it.
+    export SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-315532800}" # 1980-01-01
 
     TARGET_DIR=$target_dir
     DEVICE_BIN="$target_dir/$TRIPLE/device/beamup"
