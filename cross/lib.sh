@@ -10,7 +10,7 @@
 #   CROSS_JOBS=N                    cargo -j (default 2)
 #   CARGO_TARGET_DIR                as for cargo (default: <repo>/target)
 
-CROSS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CROSS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)" # physical, as cargo sees it
 CROSS_TARGETS=(aarch64 armv7 aarch64-musl)
 
 die() {
@@ -197,8 +197,11 @@ setup_build() {
 
     # Reproducible bytes: no build paths in the binary (panic locations of
     # dependencies and OUT_DIR includes carry them otherwise), for Rust and C.
-    local cargo_home=${CARGO_HOME:-$HOME/.cargo}
-    local target_dir=${CARGO_TARGET_DIR:-$CROSS_ROOT/target}
+    # Absolute, so that the scripts may cd and the remapping below matches.
+    local cargo_home target_dir
+    cargo_home=$(realpath -m "${CARGO_HOME:-$HOME/.cargo}")
+    target_dir=$(realpath -m "${CARGO_TARGET_DIR:-$CROSS_ROOT/target}")
+    export CARGO_TARGET_DIR=$target_dir
     local p
     for p in "$CROSS_ROOT" "$cargo_home" "$target_dir"; do
         case "$p" in *[[:space:]]*) die "path '$p' contains whitespace; cargo's RUSTFLAGS cannot carry it" ;; esac
