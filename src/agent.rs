@@ -41,7 +41,7 @@ use crate::state::{Outcome, OutcomeKind};
 use crate::transfer::{Download, Received};
 
 /// Requests of tarball pieces in flight at once.
-pub const WINDOW: usize = 32;
+pub const WINDOW: usize = 64;
 /// A piece not answered within this is asked again.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Checkpoint the download (fsync data, then the bitmap) this often, or
@@ -86,6 +86,7 @@ struct Active {
     download: Download,
     retry: bool,
     last_percent_event: u8,
+    started: Instant,
 }
 
 type InstallFuture = Pin<Box<dyn Future<Output = (Engine<'static>, Result<Outcome>, String)>>>;
@@ -114,6 +115,9 @@ struct Agent {
     last_event_id: u64,
     shutting_down: bool,
     node_polled_at: Instant,
+    /// `BEAMUP_AGENT_FETCH_ONLY=1` (benches, tests): skip the node's checks,
+    /// fetch the first offer, exit. Never installs.
+    fetch_only: bool,
 }
 
 fn digest_hex(bytes: &[u8]) -> String {
@@ -225,8 +229,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         last_event_id: 0,
         shutting_down: false,
         node_polled_at: Instant::now(),
+        fetch_only: std::env::var("BEAMUP_AGENT_FETCH_ONLY").is_ok_and(|v| v == "1"),
         topics,
     };
+    if agent.fetch_only {
+        tracing::warn!("BEAMUP_AGENT_FETCH_ONLY=1: fetching one offer without installing it");
+    }
 
     // Recover an interrupted install before anything else.
     match engine.recover().await {
@@ -580,7 +588,12 @@ impl Agent {
             );
         }
         self.set_phase(PhaseName::Verifying, Some(&m), "checking the offer");
-        if let Err(e) = engine.check_offer(&m, retry).await {
+        let checked = if self.fetch_only {
+            Ok(())
+        } else {
+            engine.check_offer(&m, retry).await.map(|_| ())
+        };
+        if let Err(e) = checked {
             self.rejected(Some(engine), Some(&m), &e)?;
             if !is_passing(&e) {
                 self.decide(&digest)?;
@@ -627,6 +640,7 @@ impl Agent {
             download,
             retry,
             last_percent_event: resumed / 25 * 25,
+            started: Instant::now(),
         });
         self.after_progress()?;
         Ok(())
@@ -649,13 +663,21 @@ impl Agent {
         if a.download.window.done() {
             a.download.checkpoint()?;
             let a = self.active.take().expect("active");
+            let took = a.started.elapsed();
             tracing::info!(
-                "fetched {} {}: {} requests, {} replies ignored",
+                "fetched {} {}: {} bytes in {} ms ({:.1} MiB/s), {} requests, {} replies ignored",
                 a.manifest.release.name,
                 a.manifest.release.version,
+                a.manifest.tarball.size,
+                took.as_millis(),
+                a.manifest.tarball.size as f64 / 1048576.0 / took.as_secs_f64().max(1e-6),
                 a.download.window.requested,
                 a.download.window.ignored
             );
+            if self.fetch_only {
+                self.shutting_down = true;
+                return Ok(());
+            }
             self.set_phase(PhaseName::Verifying, Some(&a.manifest), "download complete");
             self.ready = Some((a.download.path(), a.digest, a.retry));
             return Ok(());
@@ -767,7 +789,9 @@ impl Agent {
                     .topics
                     .device_subscriptions(&self.mq.device_id, &self.mq.groups)
                 {
-                    self.conn.subscribe(&f, Qos::AtLeastOnce)?;
+                    if let Err(e) = self.conn.subscribe(&f, Qos::AtLeastOnce) {
+                        tracing::warn!("{e}");
+                    }
                 }
                 let online = serde_json::to_vec(&Online {
                     v: protocol::VERSION,

@@ -24,7 +24,10 @@ fn session(role: &str) -> Result<Session> {
 }
 
 fn unreachable(b: &Broker, why: &str) -> Error {
-    Error::Usage(format!("broker {}: {why}", b.url))
+    Error::Mqtt {
+        url: b.url.clone(),
+        detail: why.to_string(),
+    }
 }
 
 /// Publishes one QoS 1 message and waits for the broker's PUBACK.

@@ -3,6 +3,9 @@
 //! `STATE_DIR/outbox/`, written atomically before anything is sent, and
 //! removed only after the broker acknowledged it (QoS 1 PUBACK).
 //!
+//! Outcomes are fsynced before they are sent; progress messages are written
+//! atomically but not synced (after a power cut some may be missing).
+//!
 //! Delivery is at least once: a message sent, acknowledged and then cut off
 //! by a power loss before its file was removed is sent again. Events carry
 //! an increasing id so that consumers can drop repeats.
@@ -100,7 +103,15 @@ impl Outbox {
         let id = self.next;
         self.next += 1;
         let bytes = serde_json::to_vec(&entry).expect("entry serializes");
-        fsutil::write_atomic(&self.path(id), 0o600, true, &bytes)?;
+        if entry.keep {
+            fsutil::write_atomic(&self.path(id), 0o600, true, &bytes)?;
+        } else {
+            // Progress: atomic but not synced; a power cut may lose it,
+            // and it costs the transfer no fsync.
+            let tmp = self.dir.join(format!(".{id}.tmp"));
+            fs::write(&tmp, &bytes).ctx(&tmp, "write")?;
+            fs::rename(&tmp, self.path(id)).ctx(self.path(id), "rename into place")?;
+        }
         self.entries.insert(id, entry);
         Ok(id)
     }

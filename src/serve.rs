@@ -153,7 +153,9 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
             ev = conn.poll() => match ev {
                 Ok(mqtt::Event::Connected { .. }) => {
                     backoff.reset();
-                    conn.subscribe(&filter, Qos::AtMostOnce)?;
+                    if let Err(e) = conn.subscribe(&filter, Qos::AtMostOnce) {
+                        tracing::warn!("{e}");
+                    }
                     tracing::info!("connected to {}; serving requests on {filter}", opts.broker.url);
                 }
                 Ok(mqtt::Event::Message { topic, payload, .. }) => {
@@ -188,7 +190,6 @@ async fn worker(
     let faults = Faults::from_env();
     let mut corrupted = Vec::new();
     let mut served: u64 = 0;
-    let mut buf = Vec::new();
     while let Some((topic, payload)) = rx.recv().await {
         let Some(Topic::Request(device)) = topics.parse(&topic) else {
             tracing::debug!("request on {topic} ignored");
@@ -216,10 +217,10 @@ async fn worker(
                 if req.len == 0 || req.len > max_piece || end.is_none_or(|e| e > b.tarball_size()) {
                     protocol::encode_error(&id, req.offset, "bad range")
                 } else {
-                    buf.resize(req.len as usize, 0);
-                    match b.read_tarball_at(&mut buf, req.offset) {
-                        Ok(n) if n == buf.len() => {
-                            let mut data = protocol::encode_data(&id, req.offset, &buf);
+                    let mut data = protocol::encode_data(&id, req.offset, &[]);
+                    data.resize(protocol::DATA_HEADER + req.len as usize, 0);
+                    match b.read_tarball_at(&mut data[protocol::DATA_HEADER..], req.offset) {
+                        Ok(n) if n == req.len as usize => {
                             if faults.corrupt.contains(&req.chunk)
                                 && !corrupted.contains(&req.chunk)
                             {
@@ -254,7 +255,11 @@ async fn worker(
                 Conn::publish_wait(&client, &reply_to, Qos::AtMostOnce, false, reply.clone()).await;
         }
         if faults.stray.contains(&req.chunk) {
-            let stray = protocol::encode_data(&id, req.offset + u64::from(req.len), &buf);
+            let stray = protocol::encode_data(
+                &id,
+                req.offset + u64::from(req.len),
+                &reply[protocol::DATA_HEADER.min(reply.len())..],
+            );
             let _ = Conn::publish_wait(&client, &reply_to, Qos::AtMostOnce, false, stray).await;
         }
         if let Err(e) = Conn::publish_wait(&client, &reply_to, Qos::AtMostOnce, false, reply).await

@@ -273,6 +273,9 @@ pub struct Download {
     pub window: Window,
     unsynced: usize,
     last_checkpoint: Instant,
+    /// A checkpoint running in the background: fdatasync, then the bitmap
+    /// as it was when the sync started.
+    syncing: Option<std::thread::JoinHandle<Result<()>>>,
 }
 
 impl Download {
@@ -375,6 +378,7 @@ impl Download {
             window,
             unsynced: 0,
             last_checkpoint: Instant::now(),
+            syncing: None,
         };
         d.write_bitmap()?;
         Ok(d)
@@ -440,8 +444,11 @@ impl Download {
     }
 
     /// Makes the verified chunks durable: data first, then the bitmap that
-    /// names them. Cheap when nothing changed; the caller decides how often.
+    /// names them. Waits for a background checkpoint first.
     pub fn checkpoint(&mut self) -> Result<()> {
+        if let Some(h) = self.syncing.take() {
+            h.join().expect("checkpoint thread")?;
+        }
         if self.unsynced == 0 {
             return Ok(());
         }
@@ -452,16 +459,46 @@ impl Download {
         Ok(())
     }
 
-    /// Checkpoints when enough was received, or enough time passed.
+    /// Checkpoints in the background when enough was received, or enough
+    /// time passed, so that the transfer does not wait for the disk. The
+    /// bitmap written names only chunks written before its fdatasync began.
     pub fn maybe_checkpoint(&mut self, every: Duration, chunks: usize) -> Result<()> {
+        if let Some(h) = &self.syncing {
+            if !h.is_finished() {
+                return Ok(());
+            }
+            self.syncing
+                .take()
+                .expect("some")
+                .join()
+                .expect("checkpoint thread")?;
+        }
         if self.unsynced >= chunks || (self.unsynced > 0 && self.last_checkpoint.elapsed() >= every)
         {
-            self.checkpoint()?;
+            let file = self.file.try_clone().ctx(self.path(), "dup")?;
+            let path = self.path();
+            let bitmap = self.bitmap_bytes();
+            let bitmap_path = self.dir.join(BITMAP_FILE);
+            self.unsynced = 0;
+            self.last_checkpoint = Instant::now();
+            self.syncing = Some(std::thread::spawn(move || {
+                file.sync_data().ctx(&path, "fsync")?;
+                fsutil::write_atomic(&bitmap_path, 0o600, true, &bitmap)
+            }));
         }
         Ok(())
     }
 
     fn write_bitmap(&self) -> Result<()> {
+        fsutil::write_atomic(
+            &self.dir.join(BITMAP_FILE),
+            0o600,
+            true,
+            &self.bitmap_bytes(),
+        )
+    }
+
+    fn bitmap_bytes(&self) -> Vec<u8> {
         let have = self.window.have();
         let mut bytes = Vec::with_capacity(40 + have.len() / 8 + 1);
         bytes.extend_from_slice(BITMAP_MAGIC);
@@ -474,7 +511,7 @@ impl Download {
             }
         }
         bytes.extend_from_slice(&bits);
-        fsutil::write_atomic(&self.dir.join(BITMAP_FILE), 0o600, true, &bytes)
+        bytes
     }
 }
 

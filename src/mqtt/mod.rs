@@ -177,6 +177,7 @@ enum Inner {
 /// A connection, reconnecting on every [`Conn::poll`] after an error.
 pub struct Conn {
     inner: Inner,
+    url: String,
 }
 
 fn tls_config(b: &Broker) -> Result<rustls::ClientConfig> {
@@ -232,6 +233,15 @@ fn tls_config(b: &Broker) -> Result<rustls::ClientConfig> {
     }
 }
 
+/// TCP_NODELAY: requests are small and latency-bound (rumqttc leaves
+/// Nagle's algorithm on); a connect timeout of 10 s.
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n.set_connection_timeout(10);
+    n
+}
+
 fn password(b: &Broker) -> Result<Option<(String, String)>> {
     let Some(user) = &b.username else {
         return Ok(None);
@@ -271,11 +281,11 @@ impl Conn {
                 o.set_keep_alive(s.keep_alive)
                     .set_clean_start(!s.persistent)
                     .set_max_packet_size(Some(MAX_INCOMING))
-                    .set_outgoing_inflight_upper_limit(INFLIGHT)
-                    .set_connection_timeout(10);
+                    .set_outgoing_inflight_upper_limit(INFLIGHT);
                 if s.persistent {
                     o.set_session_expiry_interval(Some(7 * 24 * 3600));
                 }
+                o.set_network_options(network_options());
                 if let Some(tls) = tls {
                     o.set_transport(rumqttc::Transport::tls_with_config(tls));
                 }
@@ -317,14 +327,18 @@ impl Conn {
                         true,
                     ));
                 }
-                let (client, el) = rumqttc::AsyncClient::new(o, cap);
+                let (client, mut el) = rumqttc::AsyncClient::new(o, cap);
+                el.set_network_options(network_options());
                 Inner::V3 {
                     client,
                     el: Box::new(el),
                 }
             }
         };
-        Ok(Conn { inner })
+        Ok(Conn {
+            inner,
+            url: b.url.clone(),
+        })
     }
 
     /// The next event. After an error the caller should wait (back off)
@@ -380,7 +394,10 @@ impl Conn {
                 .try_publish(topic, v3_qos(qos), retain, payload)
                 .map_err(|e| e.to_string()),
         };
-        r.map_err(|e| Error::Usage(format!("MQTT publish to {topic}: {e}")))
+        r.map_err(|e| Error::Mqtt {
+            url: self.url.clone(),
+            detail: format!("publish to {topic}: {e}"),
+        })
     }
 
     /// Like [`Conn::publish`], waiting for room in the request queue (the
@@ -402,7 +419,10 @@ impl Conn {
                 .await
                 .map_err(|e| e.to_string()),
         };
-        r.map_err(|e| Error::Usage(format!("MQTT publish to {topic}: {e}")))
+        r.map_err(|e| Error::Mqtt {
+            url: "(request queue)".into(),
+            detail: format!("publish to {topic}: {e}"),
+        })
     }
 
     /// Queues a QoS 1 publish with the packet id `pkid` (in
@@ -442,7 +462,10 @@ impl Conn {
                 .try_subscribe(filter, v3_qos(qos))
                 .map_err(|e| e.to_string()),
         };
-        r.map_err(|e| Error::Usage(format!("MQTT subscribe to {filter}: {e}")))
+        r.map_err(|e| Error::Mqtt {
+            url: self.url.clone(),
+            detail: format!("subscribe to {filter}: {e}"),
+        })
     }
 
     /// A handle for publishing from another task.

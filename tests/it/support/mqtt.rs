@@ -51,7 +51,8 @@ impl Broker {
         ))
     }
 
-    fn start_with(extra: &str) -> Broker {
+    /// With extra configuration lines.
+    pub fn start_with(extra: &str) -> Broker {
         let mut dir = tempfile::Builder::new()
             .prefix("beamup-mosquitto-")
             .tempdir()
