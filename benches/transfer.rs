@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const MIB: u64 = 1024 * 1024;
-const RUNS: usize = 3;
+const RUNS: usize = 5;
 const CHUNK: usize = 64 * 1024;
 
 fn free_port() -> u16 {

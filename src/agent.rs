@@ -40,6 +40,37 @@ use crate::root::Root;
 use crate::state::{Outcome, OutcomeKind};
 use crate::transfer::{Download, Received};
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::Piece;
+
+    #[test]
+    fn adjacent_pieces_share_a_request() {
+        let p = |chunk, offset, len| Piece { chunk, offset, len };
+        let reqs = group_requests(
+            "b",
+            &[
+                p(0, 0, 100),
+                p(1, 100, 100),
+                p(2, 200, 40),
+                p(3, 240, 100),
+                p(7, 700, 100),
+            ],
+        );
+        let got: Vec<(u64, u32, Option<u32>)> =
+            reqs.iter().map(|r| (r.offset, r.len, r.piece)).collect();
+        assert_eq!(
+            got,
+            [(0, 240, Some(100)), (240, 100, None), (700, 100, None)]
+        );
+        let many: Vec<Piece> = (0..20).map(|i| p(i, u64::from(i) * 10, 10)).collect();
+        let reqs = group_requests("b", &many);
+        assert_eq!(reqs.len(), 3);
+        assert!(reqs.iter().all(|r| r.replies().count() <= 8));
+    }
+}
+
 /// Requests of tarball pieces in flight at once.
 pub const WINDOW: usize = 64;
 /// A piece not answered within this is asked again.
@@ -118,6 +149,8 @@ struct Agent {
     /// `BEAMUP_AGENT_FETCH_ONLY=1` (benches, tests): skip the node's checks,
     /// fetch the first offer, exit. Never installs.
     fetch_only: bool,
+    /// Where the chunk checker threads send their verdicts.
+    checked: mpsc::UnboundedSender<crate::transfer::Checked>,
 }
 
 fn digest_hex(bytes: &[u8]) -> String {
@@ -174,6 +207,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     })?;
     let broker = Broker::from_config(mq)?;
     let (ptx, mut prx) = mpsc::unbounded_channel();
+    let (checked, mut checked_rx) = mpsc::unbounded_channel();
     let progress: &'static ProgressTx = Box::leak(Box::new(ProgressTx(ptx)));
     let mut engine = Engine::open(cfg, progress)?;
     let dir = engine.state_dir().join("agent");
@@ -230,6 +264,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         shutting_down: false,
         node_polled_at: Instant::now(),
         fetch_only: std::env::var("BEAMUP_AGENT_FETCH_ONLY").is_ok_and(|v| v == "1"),
+        checked,
         topics,
     };
     if agent.fetch_only {
@@ -303,6 +338,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 agent.reconnect_at = None;
             }
             Some((step, detail)) = prx.recv() => agent.on_progress(&step, &detail)?,
+            Some(c) = checked_rx.recv() => agent.on_checked(c)?,
             (e, result, digest) = async { installing.as_mut().expect("guarded").await }, if installing.is_some() => {
                 installing = None;
                 let mut e = e;
@@ -610,6 +646,7 @@ impl Agent {
             self.piece_size(&m),
             WINDOW,
             PIECE_TIMEOUT,
+            self.checked.clone(),
         ) {
             Ok(d) => d,
             Err(e) => {
@@ -685,20 +722,18 @@ impl Agent {
         if !self.connected || self.shutting_down {
             return Ok(());
         }
+        // Refill in batches, so that adjacent pieces share a request.
+        let w = &a.download.window;
+        if w.in_flight() > 0 && w.room() < protocol::MAX_PIECES_PER_REQUEST {
+            return Ok(());
+        }
         let pieces = a.download.window.next_requests(Instant::now());
         if pieces.is_empty() {
             return Ok(());
         }
         let topic = self.topics.request(&self.mq.device_id);
         let bundle = hex::encode(a.download.tarball_id());
-        for p in pieces {
-            let req = ChunkRequest {
-                v: protocol::VERSION,
-                bundle: bundle.clone(),
-                chunk: p.chunk,
-                offset: p.offset,
-                len: p.len,
-            };
+        for req in group_requests(&bundle, &pieces) {
             let payload = serde_json::to_vec(&req).expect("json");
             if let Err(e) = self.conn.publish(&topic, Qos::AtMostOnce, false, payload) {
                 // Re-asked after the timeout.
@@ -708,7 +743,7 @@ impl Agent {
         Ok(())
     }
 
-    fn on_data(&mut self, payload: &[u8]) -> Result<()> {
+    fn on_data(&mut self, payload: &bytes::Bytes) -> Result<()> {
         let Some(a) = self.active.as_mut() else {
             return Ok(());
         };
@@ -719,46 +754,65 @@ impl Agent {
                 return Ok(());
             }
         };
-        match reply {
-            DataReply::Data {
-                bundle,
-                offset,
-                data,
-            } if &bundle == a.download.tarball_id() => match a.download.on_data(offset, data) {
-                Ok(Received::Corrupt(c)) => {
-                    tracing::warn!("chunk {c} failed its SHA-256; fetching it again")
-                }
-                Ok(Received::Ignored(why)) => {
-                    tracing::debug!("piece at {offset} ignored: {why}")
-                }
-                Ok(Received::Verified(_)) => {
-                    let pct = a.download.window.percent();
-                    if self.status.phase.percent != Some(pct) {
-                        self.status.phase.percent = Some(pct);
-                        self.status_dirty = true;
-                    }
-                    a.download
-                        .maybe_checkpoint(CHECKPOINT_EVERY, CHECKPOINT_CHUNKS)?;
-                    if pct / 25 * 25 > a.last_percent_event && pct < 100 {
-                        a.last_percent_event = pct / 25 * 25;
-                        let m = a.manifest.clone();
-                        self.progress_event(PhaseName::Downloading, &m, Some(pct))?;
-                    }
-                }
-                Ok(Received::Stored) => {}
-                Err(e) => {
-                    let a = self.active.take().expect("active");
-                    let _ = Download::discard(&self.download_dir());
-                    self.rejected(None, Some(&a.manifest), &e)?;
-                    return self.decide(&a.digest);
-                }
-            },
+        let r = match reply {
+            DataReply::Data { bundle, offset, .. } if &bundle == a.download.tarball_id() => {
+                // The payload's tail, without a copy.
+                let data = payload.slice(protocol::DATA_HEADER..);
+                (offset, a.download.on_data(offset, &data))
+            }
             DataReply::Error {
                 bundle, message, ..
             } if &bundle == a.download.tarball_id() => {
                 tracing::warn!("the server cannot serve this release: {message}");
+                return Ok(());
             }
-            _ => tracing::debug!("data reply for another transfer ignored"),
+            _ => {
+                tracing::debug!("data reply for another transfer ignored");
+                return Ok(());
+            }
+        };
+        self.on_received(r.0, r.1)
+    }
+
+    /// A verdict of the chunk checker thread.
+    fn on_checked(&mut self, c: crate::transfer::Checked) -> Result<()> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        let r = a.download.on_checked(c);
+        self.on_received(0, r)
+    }
+
+    fn on_received(&mut self, offset: u64, r: Result<Received>) -> Result<()> {
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        match r {
+            Ok(Received::Corrupt(c)) => {
+                tracing::warn!("chunk {c} failed its SHA-256; fetching it again")
+            }
+            Ok(Received::Ignored(why)) => tracing::debug!("piece at {offset} ignored: {why}"),
+            Ok(Received::Verified(_)) => {
+                let pct = a.download.window.percent();
+                if self.status.phase.percent != Some(pct) {
+                    self.status.phase.percent = Some(pct);
+                    self.status_dirty = true;
+                }
+                a.download
+                    .maybe_checkpoint(CHECKPOINT_EVERY, CHECKPOINT_CHUNKS)?;
+                if pct / 25 * 25 > a.last_percent_event && pct < 100 {
+                    a.last_percent_event = pct / 25 * 25;
+                    let m = a.manifest.clone();
+                    self.progress_event(PhaseName::Downloading, &m, Some(pct))?;
+                }
+            }
+            Ok(Received::Stored | Received::Checking(_)) => {}
+            Err(e) => {
+                let a = self.active.take().expect("active");
+                let _ = Download::discard(&self.download_dir());
+                self.rejected(None, Some(&a.manifest), &e)?;
+                return self.decide(&a.digest);
+            }
         }
         self.after_progress()
     }
@@ -1079,6 +1133,38 @@ impl Agent {
         self.status_dirty = false;
         self.status_sent_at = Some(Instant::now());
     }
+}
+
+/// Requests for pieces: runs of adjacent pieces of the same size become one
+/// request (fewer messages for the broker and the servers), up to
+/// `MAX_PIECES_PER_REQUEST`.
+fn group_requests(bundle: &str, pieces: &[crate::transfer::Piece]) -> Vec<ChunkRequest> {
+    let mut out: Vec<ChunkRequest> = Vec::new();
+    for p in pieces {
+        if let Some(last) = out.last_mut() {
+            let piece = last.piece.unwrap_or(last.len);
+            let count = last.len.div_ceil(piece) as usize;
+            let full = last.len % piece == 0;
+            if full
+                && p.len <= piece
+                && last.offset + u64::from(last.len) == p.offset
+                && count < protocol::MAX_PIECES_PER_REQUEST
+            {
+                last.len += p.len;
+                last.piece = Some(piece);
+                continue;
+            }
+        }
+        out.push(ChunkRequest {
+            v: protocol::VERSION,
+            bundle: bundle.to_string(),
+            chunk: p.chunk,
+            offset: p.offset,
+            len: p.len,
+            piece: None,
+        });
+    }
+    out
 }
 
 /// The agent's state directory for a config (for tests and tooling).

@@ -372,7 +372,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 max_piece: manifest::MAX_CHUNK_SIZE,
             };
             fleet.topics()?;
-            runtime()?.block_on(crate::serve::run(opts))?;
+            // Two threads: reading bundles and encoding replies beside the
+            // connection's I/O.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?
+                .block_on(crate::serve::run(opts))?;
         }
         Command::Offer {
             file,

@@ -150,15 +150,36 @@ impl Topics {
 }
 
 /// A device asks for `len` bytes of the tarball whose SHA-256 is `bundle`,
-/// from `offset`. A request never spans two chunks.
+/// from `offset`, answered in replies of `piece` bytes each (the last may
+/// be shorter). No reply spans two chunks: `offset` and `piece` are chosen
+/// by the device so that every piece lies within one chunk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRequest {
     pub v: u32,
     /// SHA-256 (hex) of the release tarball, from the signed manifest.
     pub bundle: String,
+    /// The first chunk concerned (for logs).
     pub chunk: u32,
     pub offset: u64,
     pub len: u32,
+    /// Bytes per reply; absent: one reply of `len` bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece: Option<u32>,
+}
+
+/// Most pieces one request asks for.
+pub const MAX_PIECES_PER_REQUEST: usize = 8;
+
+impl ChunkRequest {
+    /// The replies it asks for: (offset, len) of each.
+    pub fn replies(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let piece = self.piece.unwrap_or(self.len).max(1);
+        let n = self.len.div_ceil(piece);
+        (0..n).map(move |k| {
+            let off = u64::from(k) * u64::from(piece);
+            (self.offset + off, piece.min(self.len - k * piece))
+        })
+    }
 }
 
 /// A data reply, decoded.
@@ -417,6 +438,26 @@ mod tests {
             Topics::new("a/b/", "f").state("d"),
             "a/b/f/device/d/state".to_string()
         );
+    }
+
+    #[test]
+    fn a_request_names_its_replies() {
+        let r = ChunkRequest {
+            v: 1,
+            bundle: String::new(),
+            chunk: 2,
+            offset: 131072,
+            len: 65536 * 2 + 100,
+            piece: Some(65536),
+        };
+        assert_eq!(
+            r.replies().collect::<Vec<_>>(),
+            [(131072, 65536), (196608, 65536), (262144, 100)]
+        );
+        let one = ChunkRequest { piece: None, ..r };
+        assert_eq!(one.replies().count(), 1);
+        let json = serde_json::to_string(&one).unwrap();
+        assert!(!json.contains("piece"), "{json}");
     }
 
     #[test]

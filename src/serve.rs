@@ -69,7 +69,8 @@ impl Faults {
 /// The bundles of a directory, by tarball SHA-256.
 struct Index {
     dir: PathBuf,
-    bundles: HashMap<[u8; 32], Arc<Bundle>>,
+    /// The bundle and its chunk size.
+    bundles: HashMap<[u8; 32], (Arc<Bundle>, u32)>,
     scanned_at: Option<Instant>,
 }
 
@@ -97,7 +98,7 @@ impl Index {
                             m.sequence,
                             path.display()
                         );
-                        slot.insert(Arc::new(b));
+                        slot.insert((Arc::new(b), m.tarball.chunk_size));
                     }
                 }
                 Err(e) => tracing::debug!("{}: not served ({e})", path.display()),
@@ -105,7 +106,7 @@ impl Index {
         }
     }
 
-    fn get(&mut self, id: &[u8; 32]) -> Option<Arc<Bundle>> {
+    fn get(&mut self, id: &[u8; 32]) -> Option<(Arc<Bundle>, u32)> {
         if !self.bundles.contains_key(id)
             && self
                 .scanned_at
@@ -210,61 +211,72 @@ async fn worker(
             continue;
         }
         let reply_to = topics.data(&device);
-        let reply = match index.get(&id) {
-            None => protocol::encode_error(&id, req.offset, "no bundle with this tarball here"),
-            Some(b) => {
-                let end = req.offset.checked_add(u64::from(req.len));
-                if req.len == 0 || req.len > max_piece || end.is_none_or(|e| e > b.tarball_size()) {
-                    protocol::encode_error(&id, req.offset, "bad range")
-                } else {
-                    let mut data = protocol::encode_data(&id, req.offset, &[]);
-                    data.resize(protocol::DATA_HEADER + req.len as usize, 0);
-                    match b.read_tarball_at(&mut data[protocol::DATA_HEADER..], req.offset) {
-                        Ok(n) if n == req.len as usize => {
-                            if faults.corrupt.contains(&req.chunk)
-                                && !corrupted.contains(&req.chunk)
-                            {
-                                corrupted.push(req.chunk);
-                                let last = data.len() - 1;
-                                data[last] ^= 0x5a;
-                                tracing::warn!("fault injection: corrupting chunk {}", req.chunk);
-                            }
-                            data
-                        }
-                        _ => protocol::encode_error(&id, req.offset, "read error"),
-                    }
-                }
-            }
-        };
-        if let Some(d) = faults.delay {
-            tokio::time::sleep(d).await;
-        }
-        tracing::debug!(
-            "served device={device} chunk={} offset={} len={}",
-            req.chunk,
-            req.offset,
-            req.len
-        );
-        served += 1;
-        if served % 1000 == 0 {
-            tracing::info!("{served} requests served");
-        }
-        let dup = faults.dup.contains(&req.chunk);
-        if dup {
-            let _ =
-                Conn::publish_wait(&client, &reply_to, Qos::AtMostOnce, false, reply.clone()).await;
-        }
-        if faults.stray.contains(&req.chunk) {
-            let stray = protocol::encode_data(
+        let bundle = index.get(&id);
+        let bad = req.len == 0
+            || req.piece.is_some_and(|p| p == 0 || p > max_piece)
+            || (req.piece.is_none() && req.len > max_piece)
+            || req.len.div_ceil(req.piece.unwrap_or(req.len).max(1)) as usize
+                > protocol::MAX_PIECES_PER_REQUEST
+            || req
+                .offset
+                .checked_add(u64::from(req.len))
+                .is_none_or(|e| bundle.as_ref().is_some_and(|(b, _)| e > b.tarball_size()));
+        let replies: Vec<Vec<u8>> = match (&bundle, bad) {
+            (None, _) => vec![protocol::encode_error(
                 &id,
-                req.offset + u64::from(req.len),
-                &reply[protocol::DATA_HEADER.min(reply.len())..],
-            );
-            let _ = Conn::publish_wait(&client, &reply_to, Qos::AtMostOnce, false, stray).await;
-        }
-        if let Err(e) = Conn::publish_wait(&client, &reply_to, Qos::AtMostOnce, false, reply).await
-        {
-            tracing::warn!("{e}");
+                req.offset,
+                "no bundle with this tarball here",
+            )],
+            (Some(_), true) => vec![protocol::encode_error(&id, req.offset, "bad range")],
+            (Some((b, _)), false) => req
+                .replies()
+                .map(|(offset, len)| {
+                    let mut data = Vec::with_capacity(protocol::DATA_HEADER + len as usize);
+                    data.extend_from_slice(&protocol::encode_data(&id, offset, &[]));
+                    data.resize(protocol::DATA_HEADER + len as usize, 0);
+                    match b.read_tarball_at(&mut data[protocol::DATA_HEADER..], offset) {
+                        Ok(n) if n == len as usize => data,
+                        _ => protocol::encode_error(&id, offset, "read error"),
+                    }
+                })
+                .collect(),
+        };
+        for (mut reply, (offset, len)) in replies.into_iter().zip(req.replies()) {
+            let chunk = bundle
+                .as_ref()
+                .map_or(req.chunk, |(_, cs)| (offset / u64::from(*cs)) as u32);
+            if faults.corrupt.contains(&chunk) && !corrupted.contains(&chunk) {
+                corrupted.push(chunk);
+                let last = reply.len() - 1;
+                reply[last] ^= 0x5a;
+                tracing::warn!("fault injection: corrupting chunk {chunk}");
+            }
+            if let Some(d) = faults.delay {
+                tokio::time::sleep(d).await;
+            }
+            tracing::debug!("served device={device} chunk={chunk} offset={offset} len={len}");
+            served += 1;
+            if served % 1000 == 0 {
+                tracing::info!("{served} replies served");
+            }
+            if faults.dup.contains(&chunk) {
+                let _ =
+                    Conn::publish_wait(&client, &reply_to, Qos::AtMostOnce, false, reply.clone())
+                        .await;
+            }
+            if faults.stray.contains(&chunk) {
+                let stray = protocol::encode_data(
+                    &id,
+                    offset + u64::from(len),
+                    &reply[protocol::DATA_HEADER.min(reply.len())..],
+                );
+                let _ = Conn::publish_wait(&client, &reply_to, Qos::AtMostOnce, false, stray).await;
+            }
+            if let Err(e) =
+                Conn::publish_wait(&client, &reply_to, Qos::AtMostOnce, false, reply).await
+            {
+                tracing::warn!("{e}");
+            }
         }
     }
 }

@@ -63,6 +63,8 @@ pub struct Window {
     cursor: usize,
     window: usize,
     timeout: Duration,
+    /// Complete chunks whose digest is being checked.
+    verifying: std::collections::HashSet<u32>,
     /// Digest failures per chunk.
     failures: HashMap<u32, u32>,
     pub requested: u64,
@@ -92,6 +94,7 @@ impl Window {
             cursor: 0,
             window: window.max(1),
             timeout,
+            verifying: Default::default(),
             failures: HashMap::new(),
             requested: 0,
             ignored: 0,
@@ -112,6 +115,11 @@ impl Window {
 
     pub fn in_flight(&self) -> usize {
         self.inflight.len()
+    }
+
+    /// Requests the window has room for.
+    pub fn room(&self) -> usize {
+        self.window.saturating_sub(self.inflight.len())
     }
 
     /// Percent of chunks verified, 0..=100.
@@ -160,7 +168,7 @@ impl Window {
         }
         let mut chunk = self.cursor;
         while self.inflight.len() < self.window && chunk < self.have.len() {
-            if !self.have[chunk] {
+            if !self.have[chunk] && !self.verifying.contains(&(chunk as u32)) {
                 let c = chunk as u32;
                 let base = u64::from(c) * u64::from(self.chunk_size);
                 let clen = self.chunk_len(c);
@@ -209,26 +217,28 @@ impl Window {
             return Accept::Ignore("chunk already verified");
         }
         let pieces = self.pieces_of(chunk) as usize;
-        if pieces == 1 {
-            return Accept::Store {
-                chunk,
-                complete: true,
-            };
+        let complete = if pieces == 1 {
+            true
+        } else {
+            let base = u64::from(chunk) * u64::from(self.chunk_size);
+            let p = ((offset - base) / u64::from(self.piece)) as usize;
+            let got = self
+                .partial
+                .entry(chunk)
+                .or_insert_with(|| vec![false; pieces]);
+            got[p] = true;
+            got.iter().all(|&g| g)
+        };
+        if complete {
+            self.verifying.insert(chunk);
         }
-        let base = u64::from(chunk) * u64::from(self.chunk_size);
-        let p = ((offset - base) / u64::from(self.piece)) as usize;
-        let got = self
-            .partial
-            .entry(chunk)
-            .or_insert_with(|| vec![false; pieces]);
-        got[p] = true;
-        let complete = got.iter().all(|&g| g);
         Accept::Store { chunk, complete }
     }
 
     /// The chunk's data matched its digest (and is stored).
     pub fn chunk_verified(&mut self, chunk: u32) {
         self.partial.remove(&chunk);
+        self.verifying.remove(&chunk);
         if !self.have[chunk as usize] {
             self.have[chunk as usize] = true;
             self.have_count += 1;
@@ -239,6 +249,7 @@ impl Window {
     /// often this chunk failed so far.
     pub fn chunk_failed(&mut self, chunk: u32) -> u32 {
         self.partial.remove(&chunk);
+        self.verifying.remove(&chunk);
         let n = self.failures.entry(chunk).or_insert(0);
         *n += 1;
         *n
@@ -252,14 +263,49 @@ const BITMAP_MAGIC: &[u8; 4] = b"BUBM";
 /// server's copy is bad, re-asking will not help.
 pub const MAX_CHUNK_FAILURES: u32 = 10;
 
-/// What [`Download::on_data`] did with a piece.
+/// What [`Download::on_data`] (or [`Download::on_checked`]) did with a
+/// piece.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Received {
     Ignored(&'static str),
     Stored,
+    /// A whole chunk went to the checker thread; its verdict comes back
+    /// through the channel given to [`Download::open`].
+    Checking(u32),
     Verified(u32),
     /// The chunk failed its digest and will be fetched again.
     Corrupt(u32),
+}
+
+/// The checker thread's verdict on one chunk: (tarball id, chunk, digest
+/// matched and the data is written).
+pub type Checked = ([u8; 32], u32, std::io::Result<bool>);
+
+struct Job {
+    chunk: u32,
+    at: u64,
+    data: bytes::Bytes,
+}
+
+/// Hashes whole chunks and writes the good ones, beside the event loop.
+fn checker(
+    file: File,
+    tarball: [u8; 32],
+    digests: Vec<[u8; 32]>,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    done: tokio::sync::mpsc::UnboundedSender<Checked>,
+) {
+    for j in jobs {
+        let ok = <[u8; 32]>::from(Sha256::digest(&j.data)) == digests[j.chunk as usize];
+        let r = if ok {
+            file.write_all_at(&j.data, j.at).map(|()| true)
+        } else {
+            Ok(false)
+        };
+        if done.send((tarball, j.chunk, r)).is_err() {
+            return;
+        }
+    }
 }
 
 /// A transfer in progress, in `STATE_DIR/download/`.
@@ -276,6 +322,7 @@ pub struct Download {
     /// A checkpoint running in the background: fdatasync, then the bitmap
     /// as it was when the sync started.
     syncing: Option<std::thread::JoinHandle<Result<()>>>,
+    jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl Download {
@@ -304,6 +351,7 @@ impl Download {
         piece: u32,
         window: usize,
         timeout: Duration,
+        checked: tokio::sync::mpsc::UnboundedSender<Checked>,
     ) -> Result<Download> {
         let mtime = humantime::parse_rfc3339(&m.created_at)
             .ok()
@@ -368,7 +416,15 @@ impl Download {
             window,
             timeout,
         );
+        let (jobs, rx) = std::sync::mpsc::channel();
+        let worker_file = file.try_clone().ctx(&path, "dup")?;
+        let worker_digests = digests.clone();
+        std::thread::Builder::new()
+            .name("chunk-check".into())
+            .spawn(move || checker(worker_file, tarball, worker_digests, rx, checked))
+            .map_err(|e| Error::io(&path, "start the chunk checker", e))?;
         let d = Download {
+            jobs,
             dir: dir.to_path_buf(),
             file,
             frame,
@@ -393,8 +449,10 @@ impl Download {
         &self.tarball
     }
 
-    /// Takes a piece that arrived; verifies its chunk when it is complete.
-    pub fn on_data(&mut self, offset: u64, data: &[u8]) -> Result<Received> {
+    /// Takes a piece that arrived. A whole chunk goes to the checker
+    /// thread (hashed before it touches the disk); pieces of a larger chunk
+    /// are written, and the chunk is checked here once all are in.
+    pub fn on_data(&mut self, offset: u64, data: &bytes::Bytes) -> Result<Received> {
         let (chunk, complete) = match self.window.on_piece(offset, data.len()) {
             Accept::Ignore(why) => return Ok(Received::Ignored(why)),
             Accept::Store { chunk, complete } => (chunk, complete),
@@ -405,13 +463,19 @@ impl Download {
             == (self.frame.tarball_size - u64::from(chunk) * u64::from(self.chunk_size))
                 .min(u64::from(self.chunk_size));
         let digest_ok = if whole {
-            // The common case: one piece is the whole chunk, checked before
-            // it touches the disk.
-            let ok = <[u8; 32]>::from(Sha256::digest(data)) == self.digests[chunk as usize];
-            if ok {
-                self.file.write_all_at(data, at).ctx(&path, "write")?;
+            let job = Job {
+                chunk,
+                at,
+                data: data.clone(),
+            };
+            if self.jobs.send(job).is_err() {
+                return Err(Error::io(
+                    &path,
+                    "check a chunk",
+                    std::io::Error::other("the chunk checker stopped"),
+                ));
             }
-            ok
+            return Ok(Received::Checking(chunk));
         } else {
             self.file.write_all_at(data, at).ctx(&path, "write")?;
             if !complete {
@@ -425,6 +489,22 @@ impl Download {
                 .ctx(&path, "read")?;
             <[u8; 32]>::from(Sha256::digest(&buf)) == self.digests[chunk as usize]
         };
+        self.verdict(chunk, digest_ok)
+    }
+
+    /// The checker thread's verdict; verdicts for another download are
+    /// ignored.
+    pub fn on_checked(&mut self, c: Checked) -> Result<Received> {
+        let (tarball, chunk, r) = c;
+        if tarball != self.tarball {
+            return Ok(Received::Ignored("verdict for another download"));
+        }
+        let ok = r.ctx(self.path(), "write")?;
+        self.verdict(chunk, ok)
+    }
+
+    fn verdict(&mut self, chunk: u32, digest_ok: bool) -> Result<Received> {
+        let path = self.path();
         if digest_ok {
             self.window.chunk_verified(chunk);
             self.unsynced += 1;

@@ -195,12 +195,32 @@ impl Setup {
     }
 }
 
-fn requested_chunks(sub: &Sub) -> Vec<u64> {
-    sub.messages()
+/// The chunks of every reply asked for (a request may ask for several
+/// adjacent pieces).
+fn requested_chunks(sub: &Sub, chunk_size: u64) -> Vec<u64> {
+    requested_pieces(sub)
         .iter()
-        .filter(|m| m.topic == "beamup/acme/req/gw-1")
-        .map(|m| m.json()["chunk"].as_u64().unwrap())
+        .map(|(offset, _)| offset / chunk_size)
         .collect()
+}
+
+/// (offset, len) of every reply asked for.
+fn requested_pieces(sub: &Sub) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for m in sub.messages() {
+        if m.topic != "beamup/acme/req/gw-1" {
+            continue;
+        }
+        let r = m.json();
+        let (offset, len) = (r["offset"].as_u64().unwrap(), r["len"].as_u64().unwrap());
+        let piece = r["piece"].as_u64().unwrap_or(len);
+        let mut at = 0;
+        while at < len {
+            out.push((offset + at, piece.min(len - at)));
+            at += piece;
+        }
+    }
+    out
 }
 
 #[test]
@@ -352,7 +372,7 @@ fn bad_offers_are_rejected_before_any_data_is_requested() {
     );
     // Not a single data request left the device, nothing was downloaded.
     std::thread::sleep(Duration::from_millis(300));
-    assert!(requested_chunks(&requests).is_empty());
+    assert!(requested_pieces(&requests).is_empty());
     assert!(!s.d.path().join("state/agent/download").exists());
     assert_eq!(s.d.snapshot(), before, "the release root changed");
     assert_eq!(s.d.status()["last_outcome"]["outcome"], "rejected");
@@ -378,7 +398,7 @@ fn corrupt_duplicated_and_stray_chunks_are_handled_over_mqtt_3_1_1() {
         log.contains("chunk 2 failed its SHA-256; fetching it again"),
         "{log}"
     );
-    let chunks = requested_chunks(&requests);
+    let chunks = requested_chunks(&requests, 65536);
     assert_eq!(chunks.iter().filter(|&&c| c == 2).count(), 2, "{chunks:?}");
     assert!(log.contains("ignored: not requested"), "{log}");
     s.d.assert_settled_on("1.1.0", &[]);
@@ -421,7 +441,7 @@ fn agent_killed_mid_transfer_resumes_without_fetching_chunks_again() {
     s.start_agent();
     s.wait_phase("committed", "1.1.0");
     s.agent().wait_log("resuming at", Duration::from_secs(1));
-    let again: Vec<u64> = requested_chunks(&requests);
+    let again: Vec<u64> = requested_chunks(&requests, 16384);
     assert!(!again.is_empty());
     let refetched: Vec<&u64> = again
         .iter()
@@ -501,11 +521,7 @@ fn two_servers_share_the_load_within_the_brokers_packet_size() {
     assert!(counts.iter().all(|&c| c > 20), "{counts:?}");
     // 97 full chunks in 3 pieces each, and a short last one.
     assert!(counts.iter().sum::<usize>() > 97 * 3, "{counts:?}");
-    let lens: Vec<u64> = requests
-        .messages()
-        .iter()
-        .map(|m| m.json()["len"].as_u64().unwrap())
-        .collect();
+    let lens: Vec<u64> = requested_pieces(&requests).iter().map(|p| p.1).collect();
     assert!(lens.iter().all(|&l| l < 30000), "{lens:?}");
     s.d.assert_settled_on("1.1.0", &[]);
 }
