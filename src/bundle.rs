@@ -170,16 +170,7 @@ fn write_member(
     mtime: u64,
     data: &mut impl Read,
 ) -> io::Result<()> {
-    let mut h = tar::Header::new_ustar();
-    h.set_path(name)?;
-    h.set_size(size);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(mtime);
-    h.set_entry_type(tar::EntryType::Regular);
-    h.set_cksum();
-    w.write_all(h.as_bytes())?;
+    w.write_all(&member_header(name, size, mtime)?)?;
     let copied = io::copy(data, w)?;
     if copied != size {
         return Err(io::Error::new(
@@ -190,8 +181,92 @@ fn write_member(
     w.write_all(&vec![0u8; padding(size) as usize])
 }
 
+fn member_header(name: &str, size: u64, mtime: u64) -> io::Result<[u8; BLOCK as usize]> {
+    let mut h = tar::Header::new_ustar();
+    h.set_path(name)?;
+    h.set_size(size);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(mtime);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    Ok(*h.as_bytes())
+}
+
 fn padding(size: u64) -> u64 {
     (BLOCK - size % BLOCK) % BLOCK
+}
+
+/// Where the parts of a bundle lie, from the manifest's length and the
+/// tarball's size alone: a transport can lay out a bundle-shaped file and
+/// fill in the tarball region piece by piece, in any order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frame {
+    /// Everything before the tarball: the manifest member (header, envelope,
+    /// padding) and the tarball's member header.
+    pub head: Vec<u8>,
+    /// Everything after it: its padding and the two end-of-archive blocks.
+    pub tail: Vec<u8>,
+    pub tarball_offset: u64,
+    pub tarball_size: u64,
+}
+
+impl Frame {
+    pub fn new(envelope: &[u8], tarball_size: u64, mtime: u64) -> Frame {
+        let mut head = Vec::with_capacity(envelope.len() + 3 * BLOCK as usize);
+        let len = envelope.len() as u64;
+        head.extend_from_slice(&member_header(MANIFEST_ENTRY, len, mtime).expect("short name"));
+        head.extend_from_slice(envelope);
+        head.resize(head.len() + padding(len) as usize, 0);
+        head.extend_from_slice(
+            &member_header(TARBALL_ENTRY, tarball_size, mtime).expect("short name"),
+        );
+        let mut tail = vec![0u8; padding(tarball_size) as usize];
+        tail.resize(tail.len() + 2 * BLOCK as usize, 0);
+        Frame {
+            tarball_offset: head.len() as u64,
+            head,
+            tail,
+            tarball_size,
+        }
+    }
+
+    /// The length of the whole bundle file.
+    pub fn len(&self) -> u64 {
+        self.tarball_offset + self.tarball_size + self.tail.len() as u64
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Reads, bounds and checks a signed manifest envelope given as bytes (an
+/// offer received over MQTT, or the first member of a bundle): the size,
+/// the envelope's shape, the signatures against `root`, then the manifest.
+/// Nothing in the manifest is looked at before its signatures verify.
+pub fn verify_envelope(bytes: &[u8], root: &Root, what: &str) -> Result<(Manifest, Vec<String>)> {
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(Error::TooLarge {
+            what: what.to_string(),
+            size: bytes.len() as u64,
+            limit: MAX_MANIFEST_BYTES,
+        });
+    }
+    let envelope = Envelope::parse(bytes).map_err(|e| Error::InvalidManifest {
+        detail: format!("{what} is not a signed manifest ({e})"),
+    })?;
+    verify_parsed(&envelope, root, what)
+}
+
+fn verify_parsed(envelope: &Envelope, root: &Root, what: &str) -> Result<(Manifest, Vec<String>)> {
+    let signed_by = envelope.verify(DocKind::Manifest, &root.trust(), what)?;
+    let manifest: Manifest = envelope.body().map_err(|e| Error::InvalidManifest {
+        detail: format!("{e} (signed, but not a manifest this beamup understands)"),
+    })?;
+    manifest.validate()?;
+    Ok((manifest, signed_by))
 }
 
 /// SHA-256 of a whole stream and of each fixed-size chunk of it.
@@ -248,6 +323,7 @@ pub struct Bundle {
     path: PathBuf,
     file: File,
     envelope: Envelope,
+    envelope_bytes: Vec<u8>,
     tarball_offset: u64,
     tarball_size: u64,
 }
@@ -330,6 +406,7 @@ impl Bundle {
             path: path.to_path_buf(),
             file,
             envelope,
+            envelope_bytes,
             tarball_offset,
             tarball_size,
         })
@@ -343,13 +420,7 @@ impl Bundle {
     /// manifest. Nothing from the manifest is looked at before this.
     pub fn verify_manifest(&self, root: &Root) -> Result<(Manifest, Vec<String>)> {
         let what = format!("manifest in {}", self.path.display());
-        let signed_by = self
-            .envelope
-            .verify(DocKind::Manifest, &root.trust(), &what)?;
-        let manifest: Manifest = self.envelope.body().map_err(|e| Error::InvalidManifest {
-            detail: format!("{e} (signed, but not a manifest this beamup understands)"),
-        })?;
-        manifest.validate()?;
+        let (manifest, signed_by) = verify_parsed(&self.envelope, root, &what)?;
         if manifest.tarball.size != self.tarball_size {
             return Err(Error::TarballMismatch {
                 path: self.path.clone(),
@@ -360,6 +431,36 @@ impl Bundle {
             });
         }
         Ok((manifest, signed_by))
+    }
+
+    /// The `manifest.json` member exactly as stored: what an MQTT offer
+    /// carries.
+    pub fn manifest_bytes(&self) -> &[u8] {
+        &self.envelope_bytes
+    }
+
+    /// The manifest as the bundle claims it, NOT verified: for the operator
+    /// side (indexing the bundles a server holds), never for a decision on
+    /// a device.
+    pub fn manifest_unverified(&self) -> Result<Manifest> {
+        let m: Manifest = self.envelope.body().map_err(|e| Error::InvalidManifest {
+            detail: format!("{}: {e}", self.path.display()),
+        })?;
+        m.validate()?;
+        Ok(m)
+    }
+
+    pub fn tarball_size(&self) -> u64 {
+        self.tarball_size
+    }
+
+    /// Reads tarball bytes `offset..offset + buf.len()` (relative to the
+    /// tarball), as far as the tarball goes.
+    pub fn read_tarball_at(&self, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+        let want = buf
+            .len()
+            .min(self.tarball_size.saturating_sub(offset) as usize);
+        read_full_at(&self.file, &mut buf[..want], self.tarball_offset + offset)
     }
 
     /// A reader over exactly the tarball's bytes.

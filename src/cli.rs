@@ -83,6 +83,39 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The daemon on a device: take signed offers over MQTT, fetch and
+    /// verify the release, install it like `beamup install`, report.
+    Agent {
+        #[arg(long, value_name = "agent.toml")]
+        config: PathBuf,
+    },
+    /// Answer devices' requests for release data from the bundles in a
+    /// directory. Several servers may serve one fleet.
+    Serve {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Directory of bundles (from `beamup bundle`) to serve.
+        #[arg(long, value_name = "DIR")]
+        bundles: PathBuf,
+    },
+    /// Offer a signed bundle to a device or a group (a retained message:
+    /// devices that are offline get it when they connect). The bundle must
+    /// also be in the directory of a `beamup serve`.
+    Offer {
+        /// The bundle file.
+        file: PathBuf,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        #[command(flatten)]
+        to: OfferTarget,
+    },
+    /// The fleet's devices as they report themselves.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -126,6 +159,115 @@ pub enum RootCommand {
         #[arg(long, value_name = "ROOT")]
         trusted: PathBuf,
     },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// Broker URL: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
+    #[arg(long, value_name = "URL", env = "BEAMUP_BROKER")]
+    broker: String,
+    /// MQTT protocol version: 5 or 3.1.1.
+    #[arg(long, value_name = "VERSION", default_value = "5")]
+    mqtt_version: String,
+    /// CA certificate(s) (PEM) to verify the broker with (mqtts://).
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for TLS client authentication.
+    #[arg(long, value_name = "PEM", requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, value_name = "PEM", requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    #[arg(long)]
+    username: Option<String>,
+    /// File holding the password.
+    #[arg(long, value_name = "FILE", requires = "username")]
+    password_file: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    fn broker(&self) -> Result<crate::mqtt::Broker> {
+        crate::mqtt::parse_url(&self.broker).map_err(Error::Usage)?;
+        Ok(crate::mqtt::Broker {
+            url: self.broker.clone(),
+            version: crate::mqtt::Version::parse(&self.mqtt_version).map_err(Error::Usage)?,
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FleetArgs {
+    /// The fleet.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    fleet: String,
+    /// Topic prefix (as in the devices' agent.toml).
+    #[arg(long, value_name = "PREFIX", default_value = "beamup")]
+    prefix: String,
+}
+
+impl FleetArgs {
+    fn topics(&self) -> Result<crate::protocol::Topics> {
+        if !crate::config::is_safe_prefix(&self.prefix) {
+            return Err(Error::Usage(format!(
+                "--prefix {:?} must be names of A-Z a-z 0-9 . _ - separated by /",
+                self.prefix
+            )));
+        }
+        Ok(crate::protocol::Topics::new(&self.prefix, &self.fleet))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+#[group(required = true, multiple = false)]
+pub struct OfferTarget {
+    /// Offer to this device.
+    #[arg(long, value_name = "ID", value_parser = parse_name)]
+    device: Option<String>,
+    /// Offer to every device of this group.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    group: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FleetCommand {
+    /// Each device's retained state: online, running and permanent release,
+    /// phase, last outcome.
+    Status {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        #[arg(long)]
+        json: bool,
+        /// Stop collecting when no state arrived for this long.
+        #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = manifest::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Tell a device to install the last release offered to it again, even
+    /// though it was rolled back.
+    Retry {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        #[arg(long, value_name = "ID", value_parser = parse_name)]
+        device: String,
+    },
+}
+
+fn parse_name(s: &str) -> std::result::Result<String, String> {
+    if crate::protocol::is_topic_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
 }
 
 #[derive(Args, Debug)]
@@ -213,8 +355,132 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         } => return install_command(&bundle, &config, retry, json),
         Command::Recover { config, json } => return recover_command(&config, json),
         Command::Status { config, json } => return status_command(&config, json),
+        Command::Agent { config } => {
+            let cfg = Config::load(&config)?;
+            runtime()?.block_on(crate::agent::run(cfg))?;
+        }
+        Command::Serve {
+            broker,
+            fleet,
+            bundles,
+        } => {
+            let opts = crate::serve::ServeOptions {
+                broker: broker.broker()?,
+                prefix: fleet.prefix.clone(),
+                fleet: fleet.fleet.clone(),
+                bundles,
+                max_piece: manifest::MAX_CHUNK_SIZE,
+            };
+            fleet.topics()?;
+            // Two threads: reading bundles and encoding replies beside the
+            // connection's I/O.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?
+                .block_on(crate::serve::run(opts))?;
+        }
+        Command::Offer {
+            file,
+            broker,
+            fleet,
+            to,
+        } => offer_command(&file, &broker, &fleet, &to)?,
+        Command::Fleet(cmd) => fleet_command(cmd)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+impl Cli {
+    /// The log level when neither -v nor RUST_LOG says otherwise: the
+    /// daemons log what they do, the one-shot commands only warnings.
+    pub fn default_log_level(&self) -> &'static str {
+        match (self.verbose, &self.command) {
+            (0, Command::Agent { .. } | Command::Serve { .. }) => "info",
+            (0, _) => "warn",
+            (1, _) => "info",
+            _ => "debug",
+        }
+    }
+}
+
+fn offer_command(file: &Path, b: &BrokerArgs, f: &FleetArgs, to: &OfferTarget) -> Result<()> {
+    let topics = f.topics()?;
+    let bundle = bundle::Bundle::open(file)?;
+    let m = bundle.manifest_unverified()?;
+    let (topic, whom) = match (&to.device, &to.group) {
+        (Some(d), _) => (topics.device_offer(d), format!("device {d}")),
+        (_, Some(g)) => (topics.group_offer(g), format!("group {g}")),
+        _ => unreachable!("clap requires one"),
+    };
+    let broker = b.broker()?;
+    runtime()?.block_on(crate::fleet::publish_once(
+        &broker,
+        &topic,
+        bundle.manifest_bytes().to_vec(),
+        true,
+        std::time::Duration::from_secs(30),
+    ))?;
+    println!(
+        "offered     {} {} (sequence {}) to {whom}",
+        m.release.name, m.release.version, m.sequence
+    );
+    println!("topic       {topic} (retained)");
+    println!(
+        "data        {} bytes in {} chunks, served by `beamup serve` from a directory holding {}",
+        m.tarball.size,
+        m.tarball.chunks.len(),
+        file.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+    );
+    Ok(())
+}
+
+fn fleet_command(cmd: FleetCommand) -> Result<()> {
+    match cmd {
+        FleetCommand::Status {
+            broker,
+            fleet,
+            json,
+            wait,
+        } => {
+            let topics = fleet.topics()?;
+            let rows = runtime()?.block_on(crate::fleet::status(
+                &broker.broker()?,
+                &topics,
+                wait,
+                std::time::Duration::from_secs(10).max(wait * 4),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+            } else if rows.is_empty() {
+                println!("no devices have reported in fleet {}", fleet.fleet);
+            } else {
+                print!("{}", crate::fleet::table(&rows));
+            }
+        }
+        FleetCommand::Retry {
+            broker,
+            fleet,
+            device,
+        } => {
+            let topics = fleet.topics()?;
+            let cmd = crate::protocol::Command {
+                v: crate::protocol::VERSION,
+                cmd: "retry".into(),
+            };
+            runtime()?.block_on(crate::fleet::publish_once(
+                &broker.broker()?,
+                &topics.command(&device),
+                serde_json::to_vec(&cmd).expect("json"),
+                false,
+                std::time::Duration::from_secs(30),
+            ))?;
+            println!("sent retry to device {device}");
+        }
+    }
+    Ok(())
 }
 
 fn load_public(paths: &[PathBuf]) -> Result<Vec<PublicKey>> {

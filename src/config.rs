@@ -12,6 +12,7 @@ use serde::{Deserialize, Deserializer};
 use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::manifest::is_safe_name;
+use crate::protocol::is_topic_name;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +127,8 @@ pub struct MqttConfig {
     /// Topic prefix; topics are `PREFIX/FLEET/...`.
     #[serde(default = "default_prefix")]
     pub prefix: String,
+    /// MQTT protocol version: "5" (default) or "3.1.1".
+    pub version: Option<String>,
 }
 
 fn default_prefix() -> String {
@@ -223,15 +226,25 @@ impl Config {
         }
         if let Some(m) = &self.mqtt {
             for (what, v) in [("device_id", &m.device_id), ("fleet", &m.fleet)] {
-                if !is_safe_name(v) {
+                if !is_topic_name(v) {
                     return Err(format!(
-                        "[mqtt] {what} {v:?} must be 1-64 characters of A-Z a-z 0-9 . _ + -"
+                        "[mqtt] {what} {v:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
                     ));
                 }
             }
-            if let Some(g) = m.groups.iter().find(|g| !is_safe_name(g)) {
+            crate::mqtt::parse_url(&m.url).map_err(|e| format!("[mqtt] url: {e}"))?;
+            if let Some(v) = &m.version {
+                crate::mqtt::Version::parse(v).map_err(|e| format!("[mqtt] version: {e}"))?;
+            }
+            if !is_safe_prefix(&m.prefix) {
                 return Err(format!(
-                    "[mqtt] group {g:?} must be 1-64 characters of A-Z a-z 0-9 . _ + -"
+                    "[mqtt] prefix {:?} must be names of A-Z a-z 0-9 . _ - separated by /",
+                    m.prefix
+                ));
+            }
+            if let Some(g) = m.groups.iter().find(|g| !is_topic_name(g)) {
+                return Err(format!(
+                    "[mqtt] group {g:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
                 ));
             }
         }
@@ -272,6 +285,12 @@ impl Config {
             groups: m.groups.clone(),
         })
     }
+}
+
+/// A topic prefix: one or more safe names joined by `/` (no wildcards,
+/// no empty levels, no `$` at the start).
+pub fn is_safe_prefix(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 128 && p.split('/').all(is_topic_name)
 }
 
 /// One line: where (line, table) and what, from toml's error.

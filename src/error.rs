@@ -42,6 +42,10 @@ pub mod exit {
     pub const NO_SPACE: u8 = 25;
     pub const NODE: u8 = 26;
 
+    /// The MQTT broker could not be reached, refused us, or did not
+    /// acknowledge in time.
+    pub const MQTT: u8 = 30;
+
     // Outcomes of an install that got past verification.
     pub const ROLLED_BACK: u8 = 40;
     pub const NEEDS_ATTENTION: u8 = 50;
@@ -149,6 +153,9 @@ pub enum Error {
         detail: String,
     },
 
+    #[error("MQTT broker {url}: {detail}")]
+    Mqtt { url: String, detail: String },
+
     #[error("{0}")]
     Usage(String),
 }
@@ -183,6 +190,7 @@ impl Error {
             Error::Refused { .. } => REFUSED,
             Error::NoSpace { .. } => NO_SPACE,
             Error::Node { .. } => NODE,
+            Error::Mqtt { .. } => MQTT,
             Error::Usage(_) => USAGE,
         }
     }
@@ -215,6 +223,7 @@ impl Error {
             Error::Refused { .. } => "refused",
             Error::NoSpace { .. } => "no_space",
             Error::Node { .. } => "node",
+            Error::Mqtt { .. } => "mqtt",
             Error::Usage(_) => "usage",
         }
     }

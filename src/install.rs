@@ -181,16 +181,13 @@ impl<'a> Engine<'a> {
         Ok(outcome)
     }
 
-    async fn prepare(
-        &mut self,
-        path: &Path,
-        opts: &InstallOptions,
-        seen: &mut Option<Manifest>,
-    ) -> Result<Prepared> {
-        let root = Root::load(&self.cfg.trust.root)?;
-        let bundle = Bundle::open(path)?;
-        let (m, _) = bundle.verify_manifest(&root)?;
-        *seen = Some(m.clone());
+    /// Everything that decides whether this device takes a verified
+    /// manifest, before any data is fetched or read: the release name, a
+    /// node in a settled state, the policy (expiry, target, anti-rollback
+    /// against the node's permanent release and the last sequence), and
+    /// no automatic retry of a release that was rolled back. Returns what
+    /// the node runs.
+    pub async fn check_offer(&mut self, m: &Manifest, retry: bool) -> Result<Running> {
         if m.release.name != self.cfg.release.name {
             return Err(Error::Refused {
                 reason: format!(
@@ -199,11 +196,7 @@ impl<'a> Engine<'a> {
                 ),
             });
         }
-        let running = self
-            .node
-            .running()
-            .await
-            .map_err(|e| self.node.node_error("reading the running release", e))?;
+        let running = self.running().await?;
         if running.current != running.permanent {
             return Err(Error::Refused {
                 reason: format!(
@@ -218,8 +211,8 @@ impl<'a> Engine<'a> {
             last_sequence: self.state.last_sequence,
             identity: self.cfg.identity(),
         };
-        policy::check(&m, SystemTime::now(), &facts)?;
-        if !opts.retry
+        policy::check(m, SystemTime::now(), &facts)?;
+        if !retry
             && let Some(o) = self
                 .state
                 .rolled_back_before(&m.release.version, m.sequence)
@@ -236,6 +229,39 @@ impl<'a> Engine<'a> {
                 ),
             });
         }
+        Ok(running)
+    }
+
+    /// What the node runs, as it reports it.
+    pub async fn running(&mut self) -> Result<Running> {
+        self.node
+            .running()
+            .await
+            .map_err(|e| self.node.node_error("reading the running release", e))
+    }
+
+    /// Records a rejection decided outside `install` (an offer refused
+    /// before its data was fetched), so that `beamup status` shows it.
+    pub fn record_rejection(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
+        self.reject(m, e)
+    }
+
+    /// The locked state directory.
+    pub fn state_dir(&self) -> &Path {
+        self.store.dir()
+    }
+
+    async fn prepare(
+        &mut self,
+        path: &Path,
+        opts: &InstallOptions,
+        seen: &mut Option<Manifest>,
+    ) -> Result<Prepared> {
+        let root = Root::load(&self.cfg.trust.root)?;
+        let bundle = Bundle::open(path)?;
+        let (m, _) = bundle.verify_manifest(&root)?;
+        *seen = Some(m.clone());
+        let running = self.check_offer(&m, opts.retry).await?;
         check_space(self.root(), m.tarball.unpacked_size)?;
         // The tarball's bytes are checked chunk by chunk as they are
         // unpacked (`Bundle::verified_tarball`): one pass, nothing unverified

@@ -3,6 +3,7 @@
 //! The library holds everything; `src/main.rs` is a thin command-line shell
 //! over it. See `ARCHITECTURE.md` for the map.
 
+pub mod agent;
 pub mod bundle;
 pub mod cli;
 pub mod config;
@@ -10,19 +11,25 @@ pub mod decide;
 pub mod dist;
 pub mod error;
 pub mod eterm;
+pub mod fleet;
 pub mod fsutil;
 pub mod health;
 pub mod install;
 pub mod keys;
 pub mod manifest;
+pub mod mqtt;
 pub mod node;
 pub mod nodelink;
+pub mod outbox;
 pub mod policy;
+pub mod protocol;
 pub mod release;
 pub mod root;
+pub mod serve;
 pub mod signed;
 pub mod staging;
 pub mod state;
+pub mod transfer;
 pub mod version;
 
 pub use error::{Error, Result};

@@ -236,6 +236,22 @@ impl DeviceState {
         self.history.first()
     }
 
+    /// The final word on this exact bundle (version and sequence), if there
+    /// is one: committed, rolled back for its own sake (not because beamup
+    /// was interrupted), or left needing attention. Rejections are not
+    /// final: the reason may have been passing (the node was down).
+    pub fn settled(&self, version: &str, sequence: u64) -> Option<&Outcome> {
+        self.history.iter().find(|o| {
+            o.version == version
+                && o.sequence == Some(sequence)
+                && match o.outcome {
+                    OutcomeKind::Committed | OutcomeKind::NeedsAttention => true,
+                    OutcomeKind::RolledBack => !o.interrupted,
+                    OutcomeKind::Rejected => false,
+                }
+        })
+    }
+
     /// Whether this exact bundle (version and sequence) was rolled back
     /// before; such a bundle is not retried without an explicit request.
     pub fn rolled_back_before(&self, version: &str, sequence: u64) -> Option<&Outcome> {
@@ -277,6 +293,9 @@ mod tests {
         assert_eq!(s.last_sequence, Some(9));
         s.finish(outcome(OutcomeKind::Committed, 3)); // an allowed downgrade
         assert_eq!(s.last_sequence, Some(9));
+        assert!(s.settled("1.1.0", 7).is_some());
+        s.finish(outcome(OutcomeKind::Rejected, 11));
+        assert!(s.settled("1.1.0", 11).is_none(), "a rejection is not final");
     }
 
     #[test]

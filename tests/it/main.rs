@@ -5,6 +5,7 @@
 mod cli;
 mod dist;
 mod install;
+mod mqtt;
 mod otp_release;
 mod signing;
 mod support;

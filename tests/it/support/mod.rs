@@ -1,4 +1,6 @@
 //! Shared test harness. Not every helper is used by every test module.
 #![allow(dead_code)]
 
+pub mod device;
+pub mod mqtt;
 pub mod otp;

@@ -1,0 +1,327 @@
+//! A 50 MiB release through mosquitto on loopback: `beamup serve` ->
+//! broker -> `beamup agent` (requests, per-chunk SHA-256, writes, fsynced
+//! checkpoints) against the broker's raw throughput for the same bytes (a
+//! plain publisher loop of the same 64 KiB chunks into `mosquitto_sub`), in
+//! one run. Plus the agent's idle RSS and its peak RSS during the transfer.
+//!
+//! Goals: transfer throughput >= 0.8 of raw; idle RSS 4 MiB (must be
+//! < 8 MiB); peak RSS < 24 MiB.
+//!
+//! The agent runs with `BEAMUP_AGENT_FETCH_ONLY=1`: it verifies the offer's
+//! signatures, fetches and verifies every chunk exactly as in production,
+//! then exits instead of installing (there is no BEAM node here).
+//!
+//! Run: `cargo bench --bench transfer`
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+const RUNS: usize = 5;
+const CHUNK: usize = 64 * 1024;
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Killed(Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn mosquitto(dir: &Path) -> (Killed, u16) {
+    let port = free_port();
+    let conf = dir.join("mosquitto.conf");
+    fs::write(
+        &conf,
+        // As docs/mosquitto/mosquitto.conf recommends (both runs use it).
+        format!(
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("/usr/sbin/mosquitto")
+        .arg("-c")
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+        assert!(Instant::now() < deadline, "mosquitto did not start");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (Killed(child), port)
+}
+
+/// The tarball bytes of a bundle, in 64 KiB messages with the same 44-byte
+/// header beamup's data replies carry.
+fn chunks(bundle: &Path) -> Vec<Vec<u8>> {
+    let b = beamup::bundle::Bundle::open(bundle).unwrap();
+    let mut tar = vec![0u8; b.tarball_size() as usize];
+    b.read_tarball_at(&mut tar, 0).unwrap();
+    tar.chunks(CHUNK)
+        .enumerate()
+        .map(|(i, c)| beamup::protocol::encode_data(&[7; 32], (i * CHUNK) as u64, c))
+        .collect()
+}
+
+/// Raw: a rumqttc publisher loop (QoS 0) into `mosquitto_sub`, timed from
+/// the first publish to the subscriber's exit after the last message.
+fn raw(port: u16, msgs: &[Vec<u8>]) -> Duration {
+    let mut sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(["-t", "bench/raw", "-q", "0", "-C", &msgs.len().to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    std::thread::sleep(Duration::from_millis(300)); // subscribed
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut o = rumqttc::v5::MqttOptions::new("bench-raw", "127.0.0.1", port);
+    o.set_max_packet_size(Some(1 << 20));
+    let (client, mut el) = rumqttc::v5::AsyncClient::new(o, 64);
+    let payloads: Vec<Vec<u8>> = msgs.to_vec();
+    let mut out = sub.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut sink = vec![0u8; 1 << 20];
+        let mut n = 0u64;
+        while let Ok(k) = out.read(&mut sink) {
+            if k == 0 {
+                break;
+            }
+            n += k as u64;
+        }
+        n
+    });
+    let start = Instant::now();
+    rt.block_on(async {
+        let publisher = async {
+            for p in payloads {
+                client
+                    .publish(
+                        "bench/raw",
+                        rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                        false,
+                        p,
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        let driver = async {
+            loop {
+                if el.poll().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = async { publisher.await; std::future::pending::<()>().await } => {}
+            _ = driver => {}
+            _ = tokio::task::spawn_blocking(move || sub.wait()) => {}
+        }
+    });
+    let took = start.elapsed();
+    let bytes = reader.join().unwrap();
+    assert!(
+        bytes >= (msgs.len() * CHUNK) as u64 - CHUNK as u64,
+        "mosquitto_sub got {bytes} bytes"
+    );
+    took
+}
+
+fn vm(pid: u32, field: &str) -> u64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|k| k.parse::<u64>().ok())
+        .map_or(0, |k| k * 1024)
+}
+
+/// One agent transfer: (wall time offer -> agent exit, transfer time the
+/// agent reports, idle RSS, peak RSS).
+fn agent_run(dir: &Path, port: u16, bundle: &Path, n: usize) -> (Duration, Duration, u64, u64) {
+    let run_dir = dir.join(format!("agent-{n}"));
+    let _ = fs::remove_dir_all(&run_dir);
+    fs::create_dir_all(&run_dir).unwrap();
+    let config = format!(
+        r#"[release]
+root = "{d}/release"
+name = "thermo"
+[node]
+name = "thermo@localhost"
+cookie = "bench"
+epmd_port = {closed}
+start = "true"
+stop = "true"
+[health]
+tcp = "127.0.0.1:1"
+[trust]
+root = "{root}"
+[state]
+dir = "{d}/state"
+[mqtt]
+url = "mqtt://127.0.0.1:{port}"
+device_id = "bench-{n}"
+fleet = "bench"
+"#,
+        d = run_dir.display(),
+        closed = free_port(),
+        root = dir.join("root.json").display(),
+    );
+    fs::write(run_dir.join("agent.toml"), config).unwrap();
+    let log = fs::File::create(run_dir.join("agent.log")).unwrap();
+    let child = Command::new(beamup())
+        .args(["agent", "--config", "agent.toml"])
+        .current_dir(&run_dir)
+        .env("BEAMUP_AGENT_FETCH_ONLY", "1")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fs::read_to_string(run_dir.join("agent.log"))
+        .unwrap_or_default()
+        .contains("connected to")
+    {
+        assert!(Instant::now() < deadline, "agent did not connect");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(2)); // settled, idle
+    let idle = vm(pid, "VmRSS:");
+    let start = Instant::now();
+    let out = Command::new(beamup())
+        .args(["offer", bundle.to_str().unwrap(), "--broker"])
+        .arg(format!("mqtt://127.0.0.1:{port}"))
+        .args(["--fleet", "bench", "--device", &format!("bench-{n}")])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Peak RSS: the kernel's high-water mark of the agent's own memory,
+    // sampled until it exits (wait4's ru_maxrss would also count the
+    // bench's pages the child had between fork and exec).
+    let mut peak = 0;
+    let mut child = child;
+    let status = loop {
+        peak = peak.max(vm(pid, "VmHWM:"));
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
+    let wall = start.elapsed();
+    let text = fs::read_to_string(run_dir.join("agent.log")).unwrap();
+    assert!(status.success(), "agent failed:\n{text}");
+    let ms: u64 = text
+        .lines()
+        .find(|l| l.contains("fetched thermo"))
+        .and_then(|l| l.split(" bytes in ").nth(1))
+        .and_then(|r| r.split(" ms").next())
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("no transfer line in the agent log:\n{text}"));
+    (wall, Duration::from_millis(ms), idle, peak)
+}
+
+fn main() {
+    let dir = scratch("transfer");
+    let tarball = release_tarball(&dir, "thermo", "1.1.0", 50 * MIB);
+    let bundle = signed_bundle(&dir, &tarball);
+    let bundles = dir.join("bundles");
+    fs::create_dir_all(&bundles).unwrap();
+    fs::rename(&bundle, bundles.join("thermo.bundle")).unwrap();
+    let bundle = bundles.join("thermo.bundle");
+    let size = beamup::bundle::Bundle::open(&bundle)
+        .unwrap()
+        .tarball_size();
+    let msgs = chunks(&bundle);
+
+    let (_broker, port) = mosquitto(&dir);
+    let serve_log = fs::File::create(dir.join("serve.log")).unwrap();
+    let serve = Command::new(beamup())
+        .args(["serve", "--broker"])
+        .arg(format!("mqtt://127.0.0.1:{port}"))
+        .args(["--fleet", "bench", "--bundles"])
+        .arg(&bundles)
+        .stdout(Stdio::null())
+        .stderr(serve_log)
+        .spawn()
+        .unwrap();
+    let _serve = Killed(serve);
+    std::thread::sleep(Duration::from_millis(500));
+
+    raw(port, &msgs); // warm-up
+    let mut t_raw = Vec::new();
+    let mut t_wall = Vec::new();
+    let mut t_agent = Vec::new();
+    let mut idle = Vec::new();
+    let mut peak = Vec::new();
+    for n in 0..RUNS {
+        t_raw.push(raw(port, &msgs));
+        let (w, a, i, p) = agent_run(&dir, port, &bundle, n);
+        t_wall.push(w);
+        t_agent.push(a);
+        idle.push(i);
+        peak.push(p);
+    }
+    let (r, w, a) = (median(t_raw), median(t_wall), median(t_agent));
+    let mb = |b: u64| b as f64 / MIB as f64;
+    println!(
+        "transfer: {:.1} MiB release tarball in {} chunks of 64 KiB through mosquitto on loopback, median of {RUNS}",
+        mb(size),
+        msgs.len()
+    );
+    println!(
+        "  raw (rumqttc publisher -> mosquitto -> mosquitto_sub)  {:>8.1} ms  {:>7.1} MiB/s",
+        r.as_secs_f64() * 1e3,
+        mib_per_s(size, r)
+    );
+    println!(
+        "  beamup serve -> agent, first request to last chunk     {:>8.1} ms  {:>7.1} MiB/s",
+        a.as_secs_f64() * 1e3,
+        mib_per_s(size, a)
+    );
+    println!(
+        "  beamup offer -> agent done (verify, allocate, fetch)   {:>8.1} ms  {:>7.1} MiB/s",
+        w.as_secs_f64() * 1e3,
+        mib_per_s(size, w)
+    );
+    println!(
+        "  ratio (agent transfer / raw throughput): {:.2}; offer-to-done / raw: {:.2} (goal >= 0.8)",
+        r.as_secs_f64() / a.as_secs_f64(),
+        r.as_secs_f64() / w.as_secs_f64()
+    );
+    idle.sort();
+    peak.sort();
+    println!(
+        "  agent idle RSS {:.1} MiB (goal 4, must be < 8); peak RSS during the transfer {:.1} MiB (must be < 24)",
+        mb(idle[idle.len() / 2]),
+        mb(peak[peak.len() / 2])
+    );
+    fs::remove_dir_all(&dir).unwrap();
+}

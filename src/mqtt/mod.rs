@@ -1,0 +1,596 @@
+//! One MQTT connection, MQTT 5 or 3.1.1, plain or TLS, behind one small
+//! interface: the agent, the server and the operator commands do not care
+//! which protocol version rumqttc speaks underneath.
+//!
+//! Settings that rumqttc leaves at surprising defaults are set explicitly
+//! here: packet size limits (10 KiB by default, in both directions), the
+//! number of QoS 1 publishes in flight, and the TLS crypto provider (ring,
+//! pure Rust and C-free enough to cross-compile; no process-wide default).
+//!
+//! QoS 1 publishes whose PUBACK matters (the outbox) get their packet id
+//! from the caller, so that a PUBACK names exactly the message it
+//! acknowledges, across rumqttc's own retransmissions after a reconnect.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::v5;
+
+use crate::config::MqttConfig;
+use crate::error::{Error, Result};
+use crate::fsutil;
+
+/// Largest packet we accept from the broker: a manifest (16 MiB at most)
+/// or a data reply of the largest chunk, plus headers.
+pub const MAX_INCOMING: u32 = 16 * 1024 * 1024 + 64 * 1024;
+/// Largest packet we send (MQTT 5: further bounded by the broker's Maximum
+/// Packet Size from CONNACK).
+pub const MAX_OUTGOING: u32 = MAX_INCOMING;
+/// QoS 1 publishes rumqttc keeps in flight at most; caller-chosen packet
+/// ids must lie in `1..=INFLIGHT`.
+pub const INFLIGHT: u16 = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Version {
+    V5,
+    V311,
+}
+
+impl Version {
+    pub fn parse(s: &str) -> std::result::Result<Version, String> {
+        match s {
+            "5" | "5.0" => Ok(Version::V5),
+            "3.1.1" | "3" | "4" => Ok(Version::V311),
+            _ => Err(format!("MQTT version {s:?} must be 5 or 3.1.1")),
+        }
+    }
+}
+
+/// Where and how to connect.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    pub url: String,
+    pub version: Version,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+}
+
+impl Broker {
+    pub fn from_config(m: &MqttConfig) -> Result<Broker> {
+        let version = match &m.version {
+            None => Version::V5,
+            Some(v) => Version::parse(v).map_err(Error::Usage)?,
+        };
+        Ok(Broker {
+            url: m.url.clone(),
+            version,
+            ca_file: m.ca_file.clone(),
+            cert_file: m.cert_file.clone(),
+            key_file: m.key_file.clone(),
+            username: m.username.clone(),
+            password_file: m.password_file.clone(),
+        })
+    }
+}
+
+/// A parsed `mqtt://host:port` or `mqtts://host:port` URL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+pub fn parse_url(url: &str) -> std::result::Result<Endpoint, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("mqtt://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "broker URL {url:?} must start with mqtt:// or mqtts://"
+        ));
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() || rest.contains('/') || rest.contains('@') {
+        return Err(format!("broker URL {url:?} must be mqtt[s]://HOST[:PORT]"));
+    }
+    let default_port = if tls { 8883 } else { 1883 };
+    let (host, port) = if let Some(h) = rest.strip_prefix('[') {
+        // [::1]:1883
+        let (h, p) = h
+            .split_once(']')
+            .ok_or_else(|| format!("broker URL {url:?}: unclosed ["))?;
+        (h.to_string(), p.strip_prefix(':'))
+    } else {
+        match rest.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (rest.to_string(), None),
+        }
+    };
+    let port = match port {
+        None => default_port,
+        Some(p) => p
+            .parse()
+            .map_err(|_| format!("broker URL {url:?}: bad port {p:?}"))?,
+    };
+    if host.is_empty() {
+        return Err(format!("broker URL {url:?} has no host"));
+    }
+    Ok(Endpoint { tls, host, port })
+}
+
+/// How this client presents itself.
+#[derive(Clone, Debug)]
+pub struct Session {
+    pub client_id: String,
+    /// Keep the session (subscriptions, queued QoS 1 messages) across
+    /// disconnects: `clean_start = false` with a session expiry (MQTT 5),
+    /// `clean_session = false` (3.1.1).
+    pub persistent: bool,
+    pub keep_alive: Duration,
+    /// Last will: topic, payload, retained, QoS 1.
+    pub will: Option<(String, Vec<u8>)>,
+}
+
+/// Quality of service, as far as beamup uses it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Qos {
+    AtMostOnce,
+    AtLeastOnce,
+}
+
+/// What the connection reports.
+#[derive(Debug)]
+pub enum Event {
+    Connected {
+        session_present: bool,
+        /// MQTT 5: the broker's Maximum Packet Size, if it sets one.
+        max_packet: Option<u32>,
+    },
+    Message {
+        topic: String,
+        payload: bytes::Bytes,
+        retain: bool,
+    },
+    PubAck(u16),
+    /// A packet of no interest (pings, acks of subscriptions, our own
+    /// outgoing packets).
+    Other,
+}
+
+enum Inner {
+    V5 {
+        client: v5::AsyncClient,
+        el: Box<v5::EventLoop>,
+    },
+    V3 {
+        client: rumqttc::AsyncClient,
+        el: Box<rumqttc::EventLoop>,
+    },
+}
+
+/// A connection, reconnecting on every [`Conn::poll`] after an error.
+pub struct Conn {
+    inner: Inner,
+    url: String,
+}
+
+fn tls_config(b: &Broker) -> Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::Usage(format!("TLS: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    match &b.ca_file {
+        Some(ca) => {
+            let certs: Vec<CertificateDer> = CertificateDer::pem_file_iter(ca)
+                .and_then(|i| i.collect())
+                .map_err(|e| Error::Config {
+                    path: ca.clone(),
+                    detail: format!("ca_file: not PEM certificates ({e})"),
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(Error::Config {
+                    path: ca.clone(),
+                    detail: "ca_file holds no usable CA certificate".into(),
+                });
+            }
+        }
+        None => {
+            let found = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(found.certs);
+        }
+    }
+    let builder = builder.with_root_certificates(roots);
+    match (&b.cert_file, &b.key_file) {
+        (Some(cert), Some(key)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .and_then(|i| i.collect())
+                .map_err(|e| Error::Config {
+                    path: cert.clone(),
+                    detail: format!("cert_file: not PEM certificates ({e})"),
+                })?;
+            let key = PrivateKeyDer::from_pem_file(key).map_err(|e| Error::Config {
+                path: key.clone(),
+                detail: format!("key_file: no PEM private key ({e})"),
+            })?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| Error::Usage(format!("TLS client certificate: {e}")))
+        }
+        (None, None) => Ok(builder.with_no_client_auth()),
+        _ => Err(Error::Usage(
+            "TLS client authentication needs both cert_file and key_file".into(),
+        )),
+    }
+}
+
+/// TCP_NODELAY: requests are small and latency-bound (rumqttc leaves
+/// Nagle's algorithm on); a connect timeout of 10 s.
+fn network_options() -> rumqttc::NetworkOptions {
+    let mut n = rumqttc::NetworkOptions::new();
+    n.set_tcp_nodelay(true);
+    n.set_connection_timeout(10);
+    n
+}
+
+fn password(b: &Broker) -> Result<Option<(String, String)>> {
+    let Some(user) = &b.username else {
+        return Ok(None);
+    };
+    let pass = match &b.password_file {
+        Some(p) => {
+            let bytes = fsutil::read_limited(p, 4096, "password file")?;
+            String::from_utf8_lossy(&bytes).trim_end().to_string()
+        }
+        None => String::new(),
+    };
+    Ok(Some((user.clone(), pass)))
+}
+
+impl Conn {
+    pub fn new(b: &Broker, s: &Session) -> Result<Conn> {
+        let ep = parse_url(&b.url).map_err(Error::Usage)?;
+        let tls = if ep.tls {
+            Some(rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(b)?)))
+        } else {
+            None
+        };
+        if let Some(ca) = &b.ca_file
+            && !ep.tls
+        {
+            tracing::warn!(
+                "ca_file {} is ignored: the broker URL is not mqtts://",
+                ca.display()
+            );
+        }
+        let creds = password(b)?;
+        // Room for a reconnect's worth of requests without blocking.
+        let cap = 256;
+        let inner = match b.version {
+            Version::V5 => {
+                let mut o = v5::MqttOptions::new(&s.client_id, &ep.host, ep.port);
+                o.set_keep_alive(s.keep_alive)
+                    .set_clean_start(!s.persistent)
+                    .set_max_packet_size(Some(MAX_INCOMING))
+                    .set_outgoing_inflight_upper_limit(INFLIGHT);
+                if s.persistent {
+                    o.set_session_expiry_interval(Some(7 * 24 * 3600));
+                }
+                o.set_network_options(network_options());
+                if let Some(tls) = tls {
+                    o.set_transport(rumqttc::Transport::tls_with_config(tls));
+                }
+                if let Some((u, p)) = creds {
+                    o.set_credentials(u, p);
+                }
+                if let Some((topic, payload)) = &s.will {
+                    o.set_last_will(v5::mqttbytes::v5::LastWill::new(
+                        topic,
+                        payload.clone(),
+                        v5::mqttbytes::QoS::AtLeastOnce,
+                        true,
+                        None,
+                    ));
+                }
+                let (client, el) = v5::AsyncClient::new(o, cap);
+                Inner::V5 {
+                    client,
+                    el: Box::new(el),
+                }
+            }
+            Version::V311 => {
+                let mut o = rumqttc::MqttOptions::new(&s.client_id, &ep.host, ep.port);
+                o.set_keep_alive(s.keep_alive)
+                    .set_clean_session(!s.persistent)
+                    .set_max_packet_size(MAX_INCOMING as usize, MAX_OUTGOING as usize)
+                    .set_inflight(INFLIGHT);
+                if let Some(tls) = tls {
+                    o.set_transport(rumqttc::Transport::tls_with_config(tls));
+                }
+                if let Some((u, p)) = creds {
+                    o.set_credentials(u, p);
+                }
+                if let Some((topic, payload)) = &s.will {
+                    o.set_last_will(rumqttc::LastWill::new(
+                        topic,
+                        payload.clone(),
+                        rumqttc::QoS::AtLeastOnce,
+                        true,
+                    ));
+                }
+                let (client, mut el) = rumqttc::AsyncClient::new(o, cap);
+                el.set_network_options(network_options());
+                Inner::V3 {
+                    client,
+                    el: Box::new(el),
+                }
+            }
+        };
+        Ok(Conn {
+            inner,
+            url: b.url.clone(),
+        })
+    }
+
+    /// The next event. After an error the caller should wait (back off)
+    /// before polling again, which reconnects.
+    pub async fn poll(&mut self) -> std::result::Result<Event, String> {
+        match &mut self.inner {
+            Inner::V5 { el, .. } => {
+                use v5::mqttbytes::v5::Packet;
+                match el.poll().await.map_err(|e| describe_v5(&e))? {
+                    v5::Event::Incoming(Packet::ConnAck(c)) => Ok(Event::Connected {
+                        session_present: c.session_present,
+                        max_packet: c.properties.and_then(|p| p.max_packet_size),
+                    }),
+                    v5::Event::Incoming(Packet::Publish(p)) => Ok(Event::Message {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        payload: p.payload,
+                        retain: p.retain,
+                    }),
+                    v5::Event::Incoming(Packet::PubAck(a)) => Ok(Event::PubAck(a.pkid)),
+                    v5::Event::Incoming(Packet::Disconnect(d)) => {
+                        Err(format!("the broker disconnected us: {:?}", d.reason_code))
+                    }
+                    _ => Ok(Event::Other),
+                }
+            }
+            Inner::V3 { el, .. } => {
+                use rumqttc::Packet;
+                match el.poll().await.map_err(|e| e.to_string())? {
+                    rumqttc::Event::Incoming(Packet::ConnAck(c)) => Ok(Event::Connected {
+                        session_present: c.session_present,
+                        max_packet: None,
+                    }),
+                    rumqttc::Event::Incoming(Packet::Publish(p)) => Ok(Event::Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        retain: p.retain,
+                    }),
+                    rumqttc::Event::Incoming(Packet::PubAck(a)) => Ok(Event::PubAck(a.pkid)),
+                    _ => Ok(Event::Other),
+                }
+            }
+        }
+    }
+
+    /// Queues a QoS 0 publish, or a QoS 1 publish whose acknowledgement the
+    /// caller does not track. Fails when the request queue is full.
+    pub fn publish(&self, topic: &str, qos: Qos, retain: bool, payload: Vec<u8>) -> Result<()> {
+        let r = match &self.inner {
+            Inner::V5 { client, .. } => client
+                .try_publish(topic, v5_qos(qos), retain, payload)
+                .map_err(|e| e.to_string()),
+            Inner::V3 { client, .. } => client
+                .try_publish(topic, v3_qos(qos), retain, payload)
+                .map_err(|e| e.to_string()),
+        };
+        r.map_err(|e| Error::Mqtt {
+            url: self.url.clone(),
+            detail: format!("publish to {topic}: {e}"),
+        })
+    }
+
+    /// Like [`Conn::publish`], waiting for room in the request queue (the
+    /// event loop must be polled by another task meanwhile).
+    pub async fn publish_wait(
+        client: &Client,
+        topic: &str,
+        qos: Qos,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<()> {
+        let r = match client {
+            Client::V5(c) => c
+                .publish(topic, v5_qos(qos), retain, payload)
+                .await
+                .map_err(|e| e.to_string()),
+            Client::V3(c) => c
+                .publish(topic, v3_qos(qos), retain, payload)
+                .await
+                .map_err(|e| e.to_string()),
+        };
+        r.map_err(|e| Error::Mqtt {
+            url: "(request queue)".into(),
+            detail: format!("publish to {topic}: {e}"),
+        })
+    }
+
+    /// Queues a QoS 1 publish with the packet id `pkid` (in
+    /// `1..=INFLIGHT`, not in flight): its PUBACK comes back as
+    /// `Event::PubAck(pkid)`. Goes out ahead of queued requests, and is
+    /// dropped by rumqttc if the next connection starts a new session (the
+    /// caller sends it again on `Connected { session_present: false }`).
+    pub fn publish_tracked(&mut self, topic: &str, retain: bool, payload: Vec<u8>, pkid: u16) {
+        debug_assert!((1..=INFLIGHT).contains(&pkid));
+        match &mut self.inner {
+            Inner::V5 { el, .. } => {
+                let mut p = v5::mqttbytes::v5::Publish::new(
+                    topic,
+                    v5::mqttbytes::QoS::AtLeastOnce,
+                    payload,
+                    None,
+                );
+                p.retain = retain;
+                p.pkid = pkid;
+                el.pending.push_back(v5::Request::Publish(p));
+            }
+            Inner::V3 { el, .. } => {
+                let mut p = rumqttc::Publish::new(topic, rumqttc::QoS::AtLeastOnce, payload);
+                p.retain = retain;
+                p.pkid = pkid;
+                el.pending.push_back(rumqttc::Request::Publish(p));
+            }
+        }
+    }
+
+    pub fn subscribe(&self, filter: &str, qos: Qos) -> Result<()> {
+        let r = match &self.inner {
+            Inner::V5 { client, .. } => client
+                .try_subscribe(filter, v5_qos(qos))
+                .map_err(|e| e.to_string()),
+            Inner::V3 { client, .. } => client
+                .try_subscribe(filter, v3_qos(qos))
+                .map_err(|e| e.to_string()),
+        };
+        r.map_err(|e| Error::Mqtt {
+            url: self.url.clone(),
+            detail: format!("subscribe to {filter}: {e}"),
+        })
+    }
+
+    /// A handle for publishing from another task.
+    pub fn client(&self) -> Client {
+        match &self.inner {
+            Inner::V5 { client, .. } => Client::V5(client.clone()),
+            Inner::V3 { client, .. } => Client::V3(client.clone()),
+        }
+    }
+
+    /// Sends DISCONNECT (no last will) and lets the event loop write it.
+    pub async fn disconnect(&mut self) {
+        let _ = match &self.inner {
+            Inner::V5 { client, .. } => client.try_disconnect().map_err(|e| e.to_string()),
+            Inner::V3 { client, .. } => client.try_disconnect().map_err(|e| e.to_string()),
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            while self.poll().await.is_ok() {}
+        })
+        .await;
+    }
+}
+
+/// A cloneable publishing handle.
+#[derive(Clone)]
+pub enum Client {
+    V5(v5::AsyncClient),
+    V3(rumqttc::AsyncClient),
+}
+
+fn v5_qos(q: Qos) -> v5::mqttbytes::QoS {
+    match q {
+        Qos::AtMostOnce => v5::mqttbytes::QoS::AtMostOnce,
+        Qos::AtLeastOnce => v5::mqttbytes::QoS::AtLeastOnce,
+    }
+}
+
+fn v3_qos(q: Qos) -> rumqttc::QoS {
+    match q {
+        Qos::AtMostOnce => rumqttc::QoS::AtMostOnce,
+        Qos::AtLeastOnce => rumqttc::QoS::AtLeastOnce,
+    }
+}
+
+fn describe_v5(e: &v5::ConnectionError) -> String {
+    match e {
+        v5::ConnectionError::ConnectionRefused(code) => {
+            format!("the broker refused the connection: {code:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Reconnect delays: doubling from `min` to `max`, reset on success.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The delay before the next attempt, with up to 25% jitter so that a
+    /// fleet does not reconnect in lockstep after a broker restart.
+    pub fn next_delay(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let mut b = [0u8; 2];
+        let _ = getrandom::fill(&mut b);
+        let jitter = u64::from(u16::from_le_bytes(b)) * (d.as_millis() as u64 / 4) / 65535;
+        d + Duration::from_millis(jitter)
+    }
+
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1:1884").unwrap(),
+            Endpoint {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 1884
+            }
+        );
+        assert_eq!(parse_url("mqtts://broker.example").unwrap().port, 8883);
+        assert_eq!(parse_url("mqtt://h/").unwrap().port, 1883);
+        assert_eq!(parse_url("mqtt://[::1]:9").unwrap().host, "::1");
+        for bad in [
+            "http://h",
+            "mqtt://",
+            "mqtt://h:x",
+            "mqtt://u@h",
+            "mqtt://h/t",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
+        let d: Vec<u128> = (0..4).map(|_| b.next_delay().as_millis()).collect();
+        assert!((100..=125).contains(&d[0]), "{d:?}");
+        assert!((200..=250).contains(&d[1]), "{d:?}");
+        assert!(
+            (350..=437).contains(&d[2]) && (350..=437).contains(&d[3]),
+            "{d:?}"
+        );
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(125));
+    }
+}

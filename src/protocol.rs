@@ -1,0 +1,497 @@
+//! The MQTT protocol between devices (`beamup agent`), servers (`beamup
+//! serve`) and operators (`beamup offer`, `beamup fleet`): topic names and
+//! payloads, and nothing else. No I/O here; `docs/PROTOCOL.md` is the prose
+//! version of this file and the two change together.
+//!
+//! ```text
+//! PREFIX/FLEET/device/ID/offer    operator -> device   signed manifest envelope   QoS 1, retained
+//! PREFIX/FLEET/group/G/offer      operator -> group    signed manifest envelope   QoS 1, retained
+//! PREFIX/FLEET/device/ID/cmd      operator -> device   Command (JSON)             QoS 1
+//! PREFIX/FLEET/req/ID             device -> servers    ChunkRequest (JSON)        QoS 0
+//! PREFIX/FLEET/device/ID/data     server -> device     data reply (binary)        QoS 0
+//! PREFIX/FLEET/device/ID/state    device -> all        DeviceStatus (JSON)        QoS 1, retained
+//! PREFIX/FLEET/device/ID/online   device -> all        Online (JSON), also LWT    QoS 1, retained
+//! PREFIX/FLEET/device/ID/events   device -> all        Event (JSON)               QoS 1, via the outbox
+//! ```
+//!
+//! JSON payloads carry `"v": 1`; binary data replies start with a 4-byte
+//! magic that names the version. A receiver ignores (and logs) a payload
+//! whose version it does not know.
+
+use serde::{Deserialize, Serialize};
+
+/// The version of every JSON payload.
+pub const VERSION: u32 = 1;
+
+/// Magic of a data reply carrying tarball bytes.
+pub const DATA_MAGIC: &[u8; 4] = b"BUD1";
+/// Magic of a data reply saying the server cannot serve a request.
+pub const ERROR_MAGIC: &[u8; 4] = b"BUE1";
+/// magic + tarball SHA-256 + offset.
+pub const DATA_HEADER: usize = 4 + 32 + 8;
+
+/// Shared-subscription group of `beamup serve`: the broker hands each
+/// request to one of the servers subscribed in this group.
+pub const SERVE_SHARE_GROUP: &str = "beamup-serve";
+
+/// A device id, fleet or group as a topic level: a safe name without `+`
+/// (an MQTT wildcard).
+pub fn is_topic_name(s: &str) -> bool {
+    crate::manifest::is_safe_name(s) && !s.contains('+')
+}
+
+/// Topic names under `PREFIX/FLEET`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topics {
+    base: String,
+}
+
+/// What a topic is, as parsed by [`Topics::parse`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Topic {
+    DeviceOffer(String),
+    GroupOffer(String),
+    Command(String),
+    Request(String),
+    Data(String),
+    State(String),
+    Online(String),
+    Events(String),
+}
+
+impl Topics {
+    /// `prefix` may contain `/` (e.g. `acme/beamup`); it and `fleet` were
+    /// checked as configuration.
+    pub fn new(prefix: &str, fleet: &str) -> Topics {
+        Topics {
+            base: format!("{}/{fleet}", prefix.trim_end_matches('/')),
+        }
+    }
+
+    fn device(&self, id: &str, leaf: &str) -> String {
+        format!("{}/device/{id}/{leaf}", self.base)
+    }
+
+    pub fn device_offer(&self, id: &str) -> String {
+        self.device(id, "offer")
+    }
+    pub fn group_offer(&self, group: &str) -> String {
+        format!("{}/group/{group}/offer", self.base)
+    }
+    pub fn command(&self, id: &str) -> String {
+        self.device(id, "cmd")
+    }
+    pub fn data(&self, id: &str) -> String {
+        self.device(id, "data")
+    }
+    pub fn state(&self, id: &str) -> String {
+        self.device(id, "state")
+    }
+    pub fn online(&self, id: &str) -> String {
+        self.device(id, "online")
+    }
+    pub fn events(&self, id: &str) -> String {
+        self.device(id, "events")
+    }
+    pub fn request(&self, id: &str) -> String {
+        format!("{}/req/{id}", self.base)
+    }
+
+    /// What `beamup serve` subscribes to: every device's requests, shared
+    /// among the servers of the fleet (MQTT 5 shared subscription; mosquitto
+    /// also honours it for 3.1.1 clients).
+    pub fn request_filter(&self, shared: bool) -> String {
+        let f = format!("{}/req/+", self.base);
+        if shared {
+            format!("$share/{SERVE_SHARE_GROUP}/{f}")
+        } else {
+            f
+        }
+    }
+    pub fn state_filter(&self) -> String {
+        self.device("+", "state")
+    }
+    pub fn online_filter(&self) -> String {
+        self.device("+", "online")
+    }
+    pub fn events_filter(&self) -> String {
+        self.device("+", "events")
+    }
+
+    /// The subscriptions of a device: only what concerns it.
+    pub fn device_subscriptions(&self, id: &str, groups: &[String]) -> Vec<String> {
+        let mut v = vec![self.device_offer(id), self.command(id), self.data(id)];
+        v.extend(groups.iter().map(|g| self.group_offer(g)));
+        v
+    }
+
+    pub fn parse(&self, topic: &str) -> Option<Topic> {
+        let rest = topic.strip_prefix(&self.base)?.strip_prefix('/')?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        let name = |s: &str| is_topic_name(s).then(|| s.to_string());
+        match parts.as_slice() {
+            ["device", id, leaf] => {
+                let id = name(id)?;
+                Some(match *leaf {
+                    "offer" => Topic::DeviceOffer(id),
+                    "cmd" => Topic::Command(id),
+                    "data" => Topic::Data(id),
+                    "state" => Topic::State(id),
+                    "online" => Topic::Online(id),
+                    "events" => Topic::Events(id),
+                    _ => return None,
+                })
+            }
+            ["group", g, "offer"] => Some(Topic::GroupOffer(name(g)?)),
+            ["req", id] => Some(Topic::Request(name(id)?)),
+            _ => None,
+        }
+    }
+}
+
+/// A device asks for `len` bytes of the tarball whose SHA-256 is `bundle`,
+/// from `offset`, answered in replies of `piece` bytes each (the last may
+/// be shorter). No reply spans two chunks: `offset` and `piece` are chosen
+/// by the device so that every piece lies within one chunk.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkRequest {
+    pub v: u32,
+    /// SHA-256 (hex) of the release tarball, from the signed manifest.
+    pub bundle: String,
+    /// The first chunk concerned (for logs).
+    pub chunk: u32,
+    pub offset: u64,
+    pub len: u32,
+    /// Bytes per reply; absent: one reply of `len` bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece: Option<u32>,
+}
+
+/// Most pieces one request asks for.
+pub const MAX_PIECES_PER_REQUEST: usize = 8;
+
+impl ChunkRequest {
+    /// The replies it asks for: (offset, len) of each.
+    pub fn replies(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        let piece = self.piece.unwrap_or(self.len).max(1);
+        let n = self.len.div_ceil(piece);
+        (0..n).map(move |k| {
+            let off = u64::from(k) * u64::from(piece);
+            (self.offset + off, piece.min(self.len - k * piece))
+        })
+    }
+}
+
+/// A data reply, decoded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataReply<'a> {
+    Data {
+        bundle: [u8; 32],
+        offset: u64,
+        data: &'a [u8],
+    },
+    Error {
+        bundle: [u8; 32],
+        offset: u64,
+        message: String,
+    },
+}
+
+pub fn encode_data(bundle: &[u8; 32], offset: u64, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(DATA_HEADER + data.len());
+    v.extend_from_slice(DATA_MAGIC);
+    v.extend_from_slice(bundle);
+    v.extend_from_slice(&offset.to_be_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+pub fn encode_error(bundle: &[u8; 32], offset: u64, message: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(DATA_HEADER + message.len());
+    v.extend_from_slice(ERROR_MAGIC);
+    v.extend_from_slice(bundle);
+    v.extend_from_slice(&offset.to_be_bytes());
+    v.extend_from_slice(message.as_bytes());
+    v
+}
+
+pub fn decode_data(payload: &[u8]) -> Result<DataReply<'_>, String> {
+    if payload.len() < DATA_HEADER {
+        return Err(format!(
+            "data reply of {} bytes is too short",
+            payload.len()
+        ));
+    }
+    let bundle: [u8; 32] = payload[4..36].try_into().expect("32 bytes");
+    let offset = u64::from_be_bytes(payload[36..44].try_into().expect("8 bytes"));
+    let rest = &payload[DATA_HEADER..];
+    match &payload[..4] {
+        m if m == DATA_MAGIC => Ok(DataReply::Data {
+            bundle,
+            offset,
+            data: rest,
+        }),
+        m if m == ERROR_MAGIC => Ok(DataReply::Error {
+            bundle,
+            offset,
+            message: String::from_utf8_lossy(rest).into_owned(),
+        }),
+        m => Err(format!("unknown data reply magic {m:?}")),
+    }
+}
+
+/// Where a device is in handling an update.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PhaseName {
+    Idle,
+    Downloading,
+    Verifying,
+    Unpacking,
+    Installing,
+    Soaking,
+    Committed,
+    RollingBack,
+    RolledBack,
+    Rejected,
+    /// Finishing or undoing an install interrupted by a restart.
+    Recovering,
+    /// A rollback failed: a person must look.
+    NeedsAttention,
+}
+
+impl PhaseName {
+    /// The phase an install engine progress step stands for.
+    pub fn from_engine(step: &str) -> Option<PhaseName> {
+        Some(match step {
+            "verifying" => PhaseName::Verifying,
+            "unpacking" => PhaseName::Unpacking,
+            "installing" | "restarting" | "committing" => PhaseName::Installing,
+            "soaking" => PhaseName::Soaking,
+            "rolling_back" => PhaseName::RollingBack,
+            "recovering" => PhaseName::Recovering,
+            "committed" => PhaseName::Committed,
+            "rolled back" => PhaseName::RolledBack,
+            "rejected" => PhaseName::Rejected,
+            "failed, needs attention" => PhaseName::NeedsAttention,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            PhaseName::Idle => "idle",
+            PhaseName::Downloading => "downloading",
+            PhaseName::Verifying => "verifying",
+            PhaseName::Unpacking => "unpacking",
+            PhaseName::Installing => "installing",
+            PhaseName::Soaking => "soaking",
+            PhaseName::Committed => "committed",
+            PhaseName::RollingBack => "rolling_back",
+            PhaseName::RolledBack => "rolled_back",
+            PhaseName::Rejected => "rejected",
+            PhaseName::Recovering => "recovering",
+            PhaseName::NeedsAttention => "needs_attention",
+        }
+    }
+}
+
+/// The phase with what it concerns.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseReport {
+    pub name: PhaseName,
+    /// Downloading: percent of the tarball verified so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    /// The release and version it concerns.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl PhaseReport {
+    pub fn idle() -> PhaseReport {
+        PhaseReport {
+            name: PhaseName::Idle,
+            percent: None,
+            release: None,
+            version: None,
+            detail: String::new(),
+        }
+    }
+}
+
+/// The last outcome, as the install engine recorded it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutcomeReport {
+    /// committed, rolled_back, rejected, needs_attention
+    pub outcome: String,
+    pub release: String,
+    pub version: String,
+    #[serde(default)]
+    pub sequence: Option<u64>,
+    #[serde(default)]
+    pub reason: Option<String>,
+    pub at: String,
+}
+
+/// The retained state of a device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStatus {
+    pub v: u32,
+    pub device: String,
+    pub fleet: String,
+    #[serde(default)]
+    pub groups: Vec<String>,
+    pub agent_version: String,
+    /// What the node executes, as it reports it (`None`: not reachable).
+    pub running: Option<String>,
+    /// The release the node boots (release_handler's permanent one).
+    pub permanent: Option<String>,
+    pub phase: PhaseReport,
+    pub last_outcome: Option<OutcomeReport>,
+    pub updated_at: String,
+}
+
+/// Retained on `.../online`; the last will publishes `online: false`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Online {
+    pub v: u32,
+    pub online: bool,
+}
+
+/// One event of a device: progress, or the outcome of an offer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub v: u32,
+    /// Increasing per device; a consumer drops repeats (delivery is at
+    /// least once).
+    pub id: u64,
+    pub device: String,
+    /// `progress` or `outcome`.
+    pub kind: String,
+    pub phase: PhaseName,
+    #[serde(default)]
+    pub release: Option<String>,
+    #[serde(default)]
+    pub version: Option<String>,
+    #[serde(default)]
+    pub sequence: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at: String,
+}
+
+/// An operator's command to one device.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub v: u32,
+    /// `retry`: install the last offered release again, even though it was
+    /// rolled back (once; a new rollback is final again).
+    pub cmd: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topics_round_trip() {
+        let t = Topics::new("beamup", "acme");
+        assert_eq!(t.device_offer("gw-1"), "beamup/acme/device/gw-1/offer");
+        assert_eq!(t.group_offer("eu"), "beamup/acme/group/eu/offer");
+        assert_eq!(t.request("gw-1"), "beamup/acme/req/gw-1");
+        assert_eq!(
+            t.request_filter(true),
+            "$share/beamup-serve/beamup/acme/req/+"
+        );
+        for (topic, want) in [
+            (t.device_offer("gw-1"), Topic::DeviceOffer("gw-1".into())),
+            (t.group_offer("eu"), Topic::GroupOffer("eu".into())),
+            (t.command("gw-1"), Topic::Command("gw-1".into())),
+            (t.request("gw-1"), Topic::Request("gw-1".into())),
+            (t.data("gw-1"), Topic::Data("gw-1".into())),
+            (t.state("gw-1"), Topic::State("gw-1".into())),
+            (t.online("gw-1"), Topic::Online("gw-1".into())),
+            (t.events("gw-1"), Topic::Events("gw-1".into())),
+        ] {
+            assert_eq!(t.parse(&topic), Some(want), "{topic}");
+        }
+        for bad in [
+            "beamup/other/device/gw-1/offer",
+            "beamup/acme/device/gw-1/offer/x",
+            "beamup/acme/device/../offer",
+            "beamup/acme/req/+",
+            "beamup/acmex/req/a",
+        ] {
+            assert_eq!(t.parse(bad), None, "{bad}");
+        }
+        let sub = t.device_subscriptions("gw-1", &["eu".into()]);
+        assert_eq!(sub.len(), 4);
+        assert!(!sub.iter().any(|s| s.contains('+') || s.contains('#')));
+        assert_eq!(
+            Topics::new("a/b/", "f").state("d"),
+            "a/b/f/device/d/state".to_string()
+        );
+    }
+
+    #[test]
+    fn a_request_names_its_replies() {
+        let r = ChunkRequest {
+            v: 1,
+            bundle: String::new(),
+            chunk: 2,
+            offset: 131072,
+            len: 65536 * 2 + 100,
+            piece: Some(65536),
+        };
+        assert_eq!(
+            r.replies().collect::<Vec<_>>(),
+            [(131072, 65536), (196608, 65536), (262144, 100)]
+        );
+        let one = ChunkRequest { piece: None, ..r };
+        assert_eq!(one.replies().count(), 1);
+        let json = serde_json::to_string(&one).unwrap();
+        assert!(!json.contains("piece"), "{json}");
+    }
+
+    #[test]
+    fn data_replies_round_trip_and_reject_garbage() {
+        let id = [7u8; 32];
+        let p = encode_data(&id, 65536, b"hello");
+        assert_eq!(
+            decode_data(&p).unwrap(),
+            DataReply::Data {
+                bundle: id,
+                offset: 65536,
+                data: b"hello"
+            }
+        );
+        let e = encode_error(&id, 3, "no such bundle");
+        assert!(matches!(
+            decode_data(&e).unwrap(),
+            DataReply::Error { message, offset: 3, .. } if message == "no such bundle"
+        ));
+        assert!(decode_data(&p[..10]).is_err());
+        let mut bad = p.clone();
+        bad[0] = b'X';
+        assert!(decode_data(&bad).is_err());
+    }
+
+    #[test]
+    fn engine_steps_map_to_phases() {
+        assert_eq!(PhaseName::from_engine("soaking"), Some(PhaseName::Soaking));
+        assert_eq!(
+            PhaseName::from_engine("rolled back"),
+            Some(PhaseName::RolledBack)
+        );
+        assert_eq!(PhaseName::from_engine("nonsense"), None);
+        let s = serde_json::to_string(&PhaseName::RolledBack).unwrap();
+        assert_eq!(s, "\"rolled_back\"");
+    }
+}

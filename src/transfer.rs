@@ -1,0 +1,787 @@
+//! Fetching a release tarball in pieces: which pieces to ask for next (a
+//! bounded window of requests in flight, re-asked after a timeout), what to
+//! make of a piece that arrives (requested? duplicate? the wrong size?), and
+//! the file it all goes into.
+//!
+//! [`Window`] is the pure state machine; [`Download`] does the I/O. The
+//! download is a bundle-shaped file in the state dir (header, manifest,
+//! tarball region at its final offsets, trailer), so that once every chunk
+//! is in, the file *is* a bundle and goes to the install engine as it is.
+//! Beside it, an atomically written bitmap lists the chunks whose data
+//! verified against the manifest's chunk digests and was fsynced before the
+//! bitmap named them: after a power cut, a kill or a broker restart the
+//! transfer resumes with exactly what is missing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::bundle::{Bundle, Frame};
+use crate::error::{Error, IoContext, Result};
+use crate::fsutil;
+use crate::manifest::Manifest;
+
+/// A piece of the tarball to request: never spans two chunks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Piece {
+    pub chunk: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// What to do with a piece that arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accept {
+    /// Store it; `complete` when it was the last missing piece of its chunk,
+    /// which must now be checked against its digest.
+    Store { chunk: u32, complete: bool },
+    /// Drop it, for the reason given.
+    Ignore(&'static str),
+}
+
+struct Sent {
+    len: u32,
+    at: Instant,
+}
+
+/// The request window over the pieces of one tarball.
+pub struct Window {
+    size: u64,
+    chunk_size: u32,
+    piece: u32,
+    have: Vec<bool>,
+    have_count: usize,
+    /// Pieces received of chunks not yet verified (multi-piece chunks only).
+    partial: HashMap<u32, Vec<bool>>,
+    /// In flight, by offset.
+    inflight: BTreeMap<u64, Sent>,
+    /// The lowest chunk that may still be missing.
+    cursor: usize,
+    window: usize,
+    timeout: Duration,
+    /// Complete chunks whose digest is being checked.
+    verifying: std::collections::HashSet<u32>,
+    /// Digest failures per chunk.
+    failures: HashMap<u32, u32>,
+    pub requested: u64,
+    pub ignored: u64,
+}
+
+impl Window {
+    /// `have` lists the chunks already verified; `piece` is the largest
+    /// piece the transport carries (at most the chunk size).
+    pub fn new(
+        size: u64,
+        chunk_size: u32,
+        piece: u32,
+        have: Vec<bool>,
+        window: usize,
+        timeout: Duration,
+    ) -> Window {
+        let have_count = have.iter().filter(|&&h| h).count();
+        Window {
+            size,
+            chunk_size,
+            piece: piece.clamp(1, chunk_size),
+            have,
+            have_count,
+            partial: HashMap::new(),
+            inflight: BTreeMap::new(),
+            cursor: 0,
+            window: window.max(1),
+            timeout,
+            verifying: Default::default(),
+            failures: HashMap::new(),
+            requested: 0,
+            ignored: 0,
+        }
+    }
+
+    pub fn chunks(&self) -> usize {
+        self.have.len()
+    }
+
+    pub fn have(&self) -> &[bool] {
+        &self.have
+    }
+
+    pub fn done(&self) -> bool {
+        self.have_count == self.have.len()
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.inflight.len()
+    }
+
+    /// Requests the window has room for.
+    pub fn room(&self) -> usize {
+        self.window.saturating_sub(self.inflight.len())
+    }
+
+    /// Percent of chunks verified, 0..=100.
+    pub fn percent(&self) -> u8 {
+        if self.have.is_empty() {
+            return 100;
+        }
+        (self.have_count * 100 / self.have.len()) as u8
+    }
+
+    fn chunk_len(&self, chunk: u32) -> u32 {
+        let start = u64::from(chunk) * u64::from(self.chunk_size);
+        (self.size - start).min(u64::from(self.chunk_size)) as u32
+    }
+
+    fn pieces_of(&self, chunk: u32) -> u32 {
+        self.chunk_len(chunk).div_ceil(self.piece)
+    }
+
+    /// A new largest piece size (another broker limit after a reconnect):
+    /// partial chunks and requests in flight are dropped.
+    pub fn set_piece(&mut self, piece: u32) {
+        let piece = piece.clamp(1, self.chunk_size);
+        if piece != self.piece {
+            self.piece = piece;
+            self.partial.clear();
+            self.inflight.clear();
+        }
+    }
+
+    /// Forgets every request in flight (the connection was lost: replies
+    /// to them may never come); they are asked again.
+    pub fn reset_in_flight(&mut self) {
+        self.inflight.clear();
+    }
+
+    /// Requests to send now: timed-out ones again, then missing pieces in
+    /// order, up to the window.
+    pub fn next_requests(&mut self, now: Instant) -> Vec<Piece> {
+        let timeout = self.timeout;
+        self.inflight
+            .retain(|_, s| now.saturating_duration_since(s.at) < timeout);
+        let mut out = Vec::new();
+        while self.cursor < self.have.len() && self.have[self.cursor] {
+            self.cursor += 1;
+        }
+        let mut chunk = self.cursor;
+        while self.inflight.len() < self.window && chunk < self.have.len() {
+            if !self.have[chunk] && !self.verifying.contains(&(chunk as u32)) {
+                let c = chunk as u32;
+                let base = u64::from(c) * u64::from(self.chunk_size);
+                let clen = self.chunk_len(c);
+                for p in 0..self.pieces_of(c) {
+                    if self.inflight.len() >= self.window {
+                        break;
+                    }
+                    let received = self
+                        .partial
+                        .get(&c)
+                        .is_some_and(|r| r.get(p as usize) == Some(&true));
+                    let offset = base + u64::from(p) * u64::from(self.piece);
+                    if received || self.inflight.contains_key(&offset) {
+                        continue;
+                    }
+                    let len = (clen - p * self.piece).min(self.piece);
+                    self.inflight.insert(offset, Sent { len, at: now });
+                    self.requested += 1;
+                    out.push(Piece {
+                        chunk: c,
+                        offset,
+                        len,
+                    });
+                }
+            }
+            chunk += 1;
+        }
+        out
+    }
+
+    /// A piece arrived: only what was asked for, in the size asked for, and
+    /// not yet held, is stored.
+    pub fn on_piece(&mut self, offset: u64, len: usize) -> Accept {
+        let Some(sent) = self.inflight.get(&offset) else {
+            self.ignored += 1;
+            return Accept::Ignore("not requested (or a duplicate)");
+        };
+        if sent.len as usize != len {
+            self.ignored += 1;
+            return Accept::Ignore("not the length requested");
+        }
+        self.inflight.remove(&offset);
+        let chunk = (offset / u64::from(self.chunk_size)) as u32;
+        if self.have[chunk as usize] {
+            self.ignored += 1;
+            return Accept::Ignore("chunk already verified");
+        }
+        let pieces = self.pieces_of(chunk) as usize;
+        let complete = if pieces == 1 {
+            true
+        } else {
+            let base = u64::from(chunk) * u64::from(self.chunk_size);
+            let p = ((offset - base) / u64::from(self.piece)) as usize;
+            let got = self
+                .partial
+                .entry(chunk)
+                .or_insert_with(|| vec![false; pieces]);
+            got[p] = true;
+            got.iter().all(|&g| g)
+        };
+        if complete {
+            self.verifying.insert(chunk);
+        }
+        Accept::Store { chunk, complete }
+    }
+
+    /// The chunk's data matched its digest (and is stored).
+    pub fn chunk_verified(&mut self, chunk: u32) {
+        self.partial.remove(&chunk);
+        self.verifying.remove(&chunk);
+        if !self.have[chunk as usize] {
+            self.have[chunk as usize] = true;
+            self.have_count += 1;
+        }
+    }
+
+    /// The chunk's data did not match: all of it is asked again. Returns how
+    /// often this chunk failed so far.
+    pub fn chunk_failed(&mut self, chunk: u32) -> u32 {
+        self.partial.remove(&chunk);
+        self.verifying.remove(&chunk);
+        let n = self.failures.entry(chunk).or_insert(0);
+        *n += 1;
+        *n
+    }
+}
+
+const PART_FILE: &str = "bundle.part";
+const BITMAP_FILE: &str = "chunks.bitmap";
+const BITMAP_MAGIC: &[u8; 4] = b"BUBM";
+/// A chunk that fails its digest this often stops the transfer: the
+/// server's copy is bad, re-asking will not help.
+pub const MAX_CHUNK_FAILURES: u32 = 10;
+
+/// What [`Download::on_data`] (or [`Download::on_checked`]) did with a
+/// piece.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Received {
+    Ignored(&'static str),
+    Stored,
+    /// A whole chunk went to the checker thread; its verdict comes back
+    /// through the channel given to [`Download::open`].
+    Checking(u32),
+    Verified(u32),
+    /// The chunk failed its digest and will be fetched again.
+    Corrupt(u32),
+}
+
+/// The checker thread's verdict on one chunk: (tarball id, chunk, digest
+/// matched and the data is written).
+pub type Checked = ([u8; 32], u32, std::io::Result<bool>);
+
+struct Job {
+    chunk: u32,
+    at: u64,
+    data: bytes::Bytes,
+}
+
+/// Hashes whole chunks and writes the good ones, beside the event loop.
+fn checker(
+    file: File,
+    tarball: [u8; 32],
+    digests: Vec<[u8; 32]>,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    done: tokio::sync::mpsc::UnboundedSender<Checked>,
+) {
+    for j in jobs {
+        let ok = <[u8; 32]>::from(Sha256::digest(&j.data)) == digests[j.chunk as usize];
+        let r = if ok {
+            file.write_all_at(&j.data, j.at).map(|()| true)
+        } else {
+            Ok(false)
+        };
+        if done.send((tarball, j.chunk, r)).is_err() {
+            return;
+        }
+    }
+}
+
+/// A transfer in progress, in `STATE_DIR/download/`.
+pub struct Download {
+    dir: PathBuf,
+    file: File,
+    frame: Frame,
+    digests: Vec<[u8; 32]>,
+    tarball: [u8; 32],
+    chunk_size: u32,
+    pub window: Window,
+    unsynced: usize,
+    last_checkpoint: Instant,
+    /// A checkpoint running in the background: fdatasync, then the bitmap
+    /// as it was when the sync started.
+    syncing: Option<std::thread::JoinHandle<Result<()>>>,
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+impl Download {
+    /// The envelope bytes of the download kept in `dir`, if there is one.
+    pub fn existing_offer(dir: &Path) -> Option<Vec<u8>> {
+        let b = Bundle::open(&dir.join(PART_FILE)).ok()?;
+        Some(b.manifest_bytes().to_vec())
+    }
+
+    /// Removes whatever download `dir` holds.
+    pub fn discard(dir: &Path) -> Result<()> {
+        match fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(dir, "remove", e)),
+        }
+    }
+
+    /// Starts, or resumes, the download of `m`'s tarball (whose signed
+    /// envelope is `envelope`) into `dir`. A resumed download re-checks the
+    /// chunks its bitmap lists and keeps only the good ones.
+    pub fn open(
+        dir: &Path,
+        envelope: &[u8],
+        m: &Manifest,
+        piece: u32,
+        window: usize,
+        timeout: Duration,
+        checked: tokio::sync::mpsc::UnboundedSender<Checked>,
+    ) -> Result<Download> {
+        let mtime = humantime::parse_rfc3339(&m.created_at)
+            .ok()
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_secs());
+        let frame = Frame::new(envelope, m.tarball.size, mtime);
+        let digests = m.chunk_digests();
+        let tarball = m.tarball_digest();
+        let path = dir.join(PART_FILE);
+        let resumed = Self::existing_offer(dir).is_some_and(|e| e == envelope)
+            && fs::metadata(&path).is_ok_and(|md| md.len() == frame.len());
+        let (file, have) = if resumed {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .ctx(&path, "open")?;
+            let listed = read_bitmap(&dir.join(BITMAP_FILE), &tarball, digests.len());
+            let mut have = vec![false; digests.len()];
+            let mut buf = vec![0u8; m.tarball.chunk_size as usize];
+            for (i, listed) in listed.into_iter().enumerate() {
+                if !listed {
+                    continue;
+                }
+                let len = m.chunk_len(i) as usize;
+                let off = frame.tarball_offset + i as u64 * u64::from(m.tarball.chunk_size);
+                if file.read_exact_at(&mut buf[..len], off).is_ok()
+                    && <[u8; 32]>::from(Sha256::digest(&buf[..len])) == digests[i]
+                {
+                    have[i] = true;
+                } else {
+                    tracing::warn!("download: chunk {i} listed as verified did not verify again");
+                }
+            }
+            (file, have)
+        } else {
+            Self::discard(dir)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .create(dir)
+                .ctx(dir, "create")?;
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .ctx(&path, "create")?;
+            file.set_len(frame.len()).ctx(&path, "allocate")?;
+            file.write_all_at(&frame.head, 0).ctx(&path, "write")?;
+            file.write_all_at(&frame.tail, frame.tarball_offset + frame.tarball_size)
+                .ctx(&path, "write")?;
+            file.sync_all().ctx(&path, "fsync")?;
+            fsutil::sync_dir(dir)?;
+            (file, vec![false; digests.len()])
+        };
+        let window = Window::new(
+            m.tarball.size,
+            m.tarball.chunk_size,
+            piece,
+            have,
+            window,
+            timeout,
+        );
+        let (jobs, rx) = std::sync::mpsc::channel();
+        let worker_file = file.try_clone().ctx(&path, "dup")?;
+        let worker_digests = digests.clone();
+        std::thread::Builder::new()
+            .name("chunk-check".into())
+            .spawn(move || checker(worker_file, tarball, worker_digests, rx, checked))
+            .map_err(|e| Error::io(&path, "start the chunk checker", e))?;
+        let d = Download {
+            jobs,
+            dir: dir.to_path_buf(),
+            file,
+            frame,
+            digests,
+            tarball,
+            chunk_size: m.tarball.chunk_size,
+            window,
+            unsynced: 0,
+            last_checkpoint: Instant::now(),
+            syncing: None,
+        };
+        d.write_bitmap()?;
+        Ok(d)
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.dir.join(PART_FILE)
+    }
+
+    /// The tarball's SHA-256: what requests name.
+    pub fn tarball_id(&self) -> &[u8; 32] {
+        &self.tarball
+    }
+
+    /// Takes a piece that arrived. A whole chunk goes to the checker
+    /// thread (hashed before it touches the disk); pieces of a larger chunk
+    /// are written, and the chunk is checked here once all are in.
+    pub fn on_data(&mut self, offset: u64, data: &bytes::Bytes) -> Result<Received> {
+        let (chunk, complete) = match self.window.on_piece(offset, data.len()) {
+            Accept::Ignore(why) => return Ok(Received::Ignored(why)),
+            Accept::Store { chunk, complete } => (chunk, complete),
+        };
+        let path = self.path();
+        let at = self.frame.tarball_offset + offset;
+        let whole = data.len() as u64
+            == (self.frame.tarball_size - u64::from(chunk) * u64::from(self.chunk_size))
+                .min(u64::from(self.chunk_size));
+        let digest_ok = if whole {
+            let job = Job {
+                chunk,
+                at,
+                data: data.clone(),
+            };
+            if self.jobs.send(job).is_err() {
+                return Err(Error::io(
+                    &path,
+                    "check a chunk",
+                    std::io::Error::other("the chunk checker stopped"),
+                ));
+            }
+            return Ok(Received::Checking(chunk));
+        } else {
+            self.file.write_all_at(data, at).ctx(&path, "write")?;
+            if !complete {
+                return Ok(Received::Stored);
+            }
+            let start = u64::from(chunk) * u64::from(self.chunk_size);
+            let len = (self.frame.tarball_size - start).min(u64::from(self.chunk_size)) as usize;
+            let mut buf = vec![0u8; len];
+            self.file
+                .read_exact_at(&mut buf, self.frame.tarball_offset + start)
+                .ctx(&path, "read")?;
+            <[u8; 32]>::from(Sha256::digest(&buf)) == self.digests[chunk as usize]
+        };
+        self.verdict(chunk, digest_ok)
+    }
+
+    /// The checker thread's verdict; verdicts for another download are
+    /// ignored.
+    pub fn on_checked(&mut self, c: Checked) -> Result<Received> {
+        let (tarball, chunk, r) = c;
+        if tarball != self.tarball {
+            return Ok(Received::Ignored("verdict for another download"));
+        }
+        let ok = r.ctx(self.path(), "write")?;
+        self.verdict(chunk, ok)
+    }
+
+    fn verdict(&mut self, chunk: u32, digest_ok: bool) -> Result<Received> {
+        let path = self.path();
+        if digest_ok {
+            self.window.chunk_verified(chunk);
+            self.unsynced += 1;
+            Ok(Received::Verified(chunk))
+        } else {
+            let n = self.window.chunk_failed(chunk);
+            if n >= MAX_CHUNK_FAILURES {
+                return Err(Error::TarballMismatch {
+                    path,
+                    detail: format!(
+                        "chunk {chunk} arrived with the wrong SHA-256 {n} times; the server's copy differs from the signed manifest"
+                    ),
+                });
+            }
+            Ok(Received::Corrupt(chunk))
+        }
+    }
+
+    /// Makes the verified chunks durable: data first, then the bitmap that
+    /// names them. Waits for a background checkpoint first.
+    pub fn checkpoint(&mut self) -> Result<()> {
+        if let Some(h) = self.syncing.take() {
+            h.join().expect("checkpoint thread")?;
+        }
+        if self.unsynced == 0 {
+            return Ok(());
+        }
+        self.file.sync_data().ctx(self.path(), "fsync")?;
+        self.write_bitmap()?;
+        self.unsynced = 0;
+        self.last_checkpoint = Instant::now();
+        Ok(())
+    }
+
+    /// Checkpoints in the background when enough was received, or enough
+    /// time passed, so that the transfer does not wait for the disk. The
+    /// bitmap written names only chunks written before its fdatasync began.
+    pub fn maybe_checkpoint(&mut self, every: Duration, chunks: usize) -> Result<()> {
+        if let Some(h) = &self.syncing {
+            if !h.is_finished() {
+                return Ok(());
+            }
+            self.syncing
+                .take()
+                .expect("some")
+                .join()
+                .expect("checkpoint thread")?;
+        }
+        if self.unsynced >= chunks || (self.unsynced > 0 && self.last_checkpoint.elapsed() >= every)
+        {
+            let file = self.file.try_clone().ctx(self.path(), "dup")?;
+            let path = self.path();
+            let bitmap = self.bitmap_bytes();
+            let bitmap_path = self.dir.join(BITMAP_FILE);
+            self.unsynced = 0;
+            self.last_checkpoint = Instant::now();
+            self.syncing = Some(std::thread::spawn(move || {
+                file.sync_data().ctx(&path, "fsync")?;
+                fsutil::write_atomic(&bitmap_path, 0o600, true, &bitmap)
+            }));
+        }
+        Ok(())
+    }
+
+    fn write_bitmap(&self) -> Result<()> {
+        fsutil::write_atomic(
+            &self.dir.join(BITMAP_FILE),
+            0o600,
+            true,
+            &self.bitmap_bytes(),
+        )
+    }
+
+    fn bitmap_bytes(&self) -> Vec<u8> {
+        let have = self.window.have();
+        let mut bytes = Vec::with_capacity(40 + have.len() / 8 + 1);
+        bytes.extend_from_slice(BITMAP_MAGIC);
+        bytes.extend_from_slice(&self.tarball);
+        bytes.extend_from_slice(&(have.len() as u32).to_be_bytes());
+        let mut bits = vec![0u8; have.len().div_ceil(8)];
+        for (i, &h) in have.iter().enumerate() {
+            if h {
+                bits[i / 8] |= 1 << (i % 8);
+            }
+        }
+        bytes.extend_from_slice(&bits);
+        bytes
+    }
+}
+
+/// The chunks a bitmap file lists; nothing when it is missing, damaged or
+/// belongs to another tarball.
+pub fn read_bitmap(path: &Path, tarball: &[u8; 32], chunks: usize) -> Vec<bool> {
+    let none = vec![false; chunks];
+    let Ok(bytes) = fs::read(path) else {
+        return none;
+    };
+    if bytes.len() != 40 + chunks.div_ceil(8)
+        || &bytes[..4] != BITMAP_MAGIC
+        || &bytes[4..36] != tarball
+        || bytes[36..40] != (chunks as u32).to_be_bytes()
+    {
+        return none;
+    }
+    (0..chunks)
+        .map(|i| bytes[40 + i / 8] & (1 << (i % 8)) != 0)
+        .collect()
+}
+
+/// The bitmap file of the download in `dir` (for tests and `status`).
+pub fn bitmap_path(dir: &Path) -> PathBuf {
+    dir.join(BITMAP_FILE)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn window_is_bounded_and_fills_in_order() {
+        let mut w = Window::new(
+            10 * 4096,
+            4096,
+            4096,
+            vec![false; 10],
+            3,
+            Duration::from_secs(5),
+        );
+        let now = t0();
+        let r = w.next_requests(now);
+        assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [0, 1, 2]);
+        assert!(w.next_requests(now).is_empty(), "window full");
+        assert_eq!(
+            w.on_piece(4096, 4096),
+            Accept::Store {
+                chunk: 1,
+                complete: true
+            }
+        );
+        w.chunk_verified(1);
+        let r = w.next_requests(now);
+        assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn duplicates_unrequested_and_wrong_sizes_are_ignored() {
+        let mut w = Window::new(
+            4 * 4096,
+            4096,
+            4096,
+            vec![false; 4],
+            2,
+            Duration::from_secs(5),
+        );
+        w.next_requests(t0());
+        assert!(
+            matches!(w.on_piece(3 * 4096, 4096), Accept::Ignore(_)),
+            "unrequested"
+        );
+        assert!(matches!(w.on_piece(0, 100), Accept::Ignore(_)), "short");
+        assert!(matches!(w.on_piece(0, 4096), Accept::Store { .. }));
+        w.chunk_verified(0);
+        assert!(
+            matches!(w.on_piece(0, 4096), Accept::Ignore(_)),
+            "duplicate"
+        );
+        assert!(
+            matches!(w.on_piece(17, 4096), Accept::Ignore(_)),
+            "misaligned"
+        );
+        assert_eq!(w.ignored, 4);
+    }
+
+    #[test]
+    fn reordered_pieces_complete_a_chunk_and_failures_refetch_it() {
+        // 2 chunks of 8192, pieces of 4096, the last chunk short.
+        let size = 8192 + 5000;
+        let mut w = Window::new(size, 8192, 4096, vec![false; 2], 8, Duration::from_secs(5));
+        let r = w.next_requests(t0());
+        assert_eq!(
+            r.iter()
+                .map(|p| (p.chunk, p.offset, p.len))
+                .collect::<Vec<_>>(),
+            [
+                (0, 0, 4096),
+                (0, 4096, 4096),
+                (1, 8192, 4096),
+                (1, 12288, 904)
+            ]
+        );
+        assert_eq!(
+            w.on_piece(12288, 904),
+            Accept::Store {
+                chunk: 1,
+                complete: false
+            }
+        );
+        assert_eq!(
+            w.on_piece(8192, 4096),
+            Accept::Store {
+                chunk: 1,
+                complete: true
+            }
+        );
+        assert_eq!(w.chunk_failed(1), 1);
+        let again = w.next_requests(t0());
+        assert_eq!(again.iter().map(|p| p.chunk).collect::<Vec<_>>(), [1, 1]);
+    }
+
+    #[test]
+    fn timeouts_and_reconnects_re_request() {
+        let mut w = Window::new(
+            2 * 4096,
+            4096,
+            4096,
+            vec![false; 2],
+            1,
+            Duration::from_secs(5),
+        );
+        let now = t0();
+        assert_eq!(w.next_requests(now).len(), 1);
+        assert!(w.next_requests(now + Duration::from_secs(1)).is_empty());
+        let r = w.next_requests(now + Duration::from_secs(6));
+        assert_eq!(r[0].chunk, 0, "timed out: asked again");
+        w.reset_in_flight();
+        assert_eq!(w.next_requests(now).len(), 1);
+        assert_eq!(w.requested, 3);
+    }
+
+    #[test]
+    fn resumed_window_asks_only_for_what_is_missing() {
+        let mut w = Window::new(
+            4 * 4096,
+            4096,
+            4096,
+            vec![true, false, true, false],
+            8,
+            Duration::from_secs(5),
+        );
+        assert_eq!(w.percent(), 50);
+        let r = w.next_requests(t0());
+        assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [1, 3]);
+    }
+
+    #[test]
+    fn bitmap_round_trips_and_refuses_other_tarballs() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b");
+        let id = [1u8; 32];
+        let mut bytes = BITMAP_MAGIC.to_vec();
+        bytes.extend_from_slice(&id);
+        bytes.extend_from_slice(&10u32.to_be_bytes());
+        bytes.extend_from_slice(&[0b0000_0101, 0b10]);
+        fs::write(&p, &bytes).unwrap();
+        let have = read_bitmap(&p, &id, 10);
+        assert_eq!(
+            have.iter().positions(),
+            vec![0, 2, 9],
+            "bits 0, 2 and 9 are set"
+        );
+        assert!(!read_bitmap(&p, &[2u8; 32], 10).iter().any(|&h| h));
+        assert!(!read_bitmap(&p, &id, 11).iter().any(|&h| h));
+    }
+
+    trait Positions {
+        fn positions(self) -> Vec<usize>;
+    }
+    impl<'a, I: Iterator<Item = &'a bool>> Positions for I {
+        fn positions(self) -> Vec<usize> {
+            self.enumerate()
+                .filter(|(_, b)| **b)
+                .map(|(i, _)| i)
+                .collect()
+        }
+    }
+}

@@ -1,0 +1,592 @@
+//! `beamup agent`, `serve`, `offer` and `fleet` against a real mosquitto on
+//! loopback and real nodes of the thermo release: offers verified before
+//! any data moves, chunked transfer with corruption, broker and agent
+//! crashes, outcomes reported across a broker outage, shared serving, TLS.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::cli::{Run, beamup};
+use crate::support::device::Device;
+use crate::support::mqtt::{Broker, Daemon, Msg, Sub, make_certs};
+
+const OUTCOME: Duration = Duration::from_secs(90);
+
+/// A broker, a device with an agent.toml that names it, a directory of
+/// bundles, and the daemons the test starts.
+struct Setup {
+    broker: Broker,
+    d: Device,
+    serves: Vec<Daemon>,
+    agent: Option<Daemon>,
+    /// States, online flags and events of the fleet.
+    watch: Sub,
+    /// Extra `beamup` arguments naming the broker (TLS).
+    broker_args: Vec<String>,
+}
+
+impl Setup {
+    fn new(broker: Broker, health: &str, mqtt_extra: &str) -> Setup {
+        let url = broker.url();
+        Self::with(broker, &url, health, mqtt_extra, vec![])
+    }
+
+    fn with(
+        broker: Broker,
+        url: &str,
+        health: &str,
+        mqtt_extra: &str,
+        broker_args: Vec<String>,
+    ) -> Setup {
+        let d = Device::with_health(health);
+        d.add_mqtt(url, "gw-1", &["canary"], mqtt_extra);
+        fs::create_dir(d.path().join("bundles")).unwrap();
+        let watch = if broker_args.is_empty() {
+            Sub::new(
+                &broker,
+                &[
+                    "beamup/acme/device/+/state",
+                    "beamup/acme/device/+/online",
+                    "beamup/acme/device/+/events",
+                ],
+            )
+        } else {
+            Sub::new(&broker, &[]) // TLS: watched through `fleet status`
+        };
+        Setup {
+            broker,
+            d,
+            serves: vec![],
+            agent: None,
+            watch,
+            broker_args,
+        }
+    }
+
+    fn url_args(&self) -> Vec<String> {
+        if self.broker_args.is_empty() {
+            vec!["--broker".into(), self.broker.url()]
+        } else {
+            self.broker_args.clone()
+        }
+    }
+
+    /// A bundle in the served directory.
+    fn bundle(&self, vsn: &str, extra: &[&str]) -> PathBuf {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let name = format!("bundles/thermo-{vsn}-{n}.bundle");
+        self.d.bundle_with(vsn, &name, extra)
+    }
+
+    fn serve(&mut self, env: &[(&str, &str)]) {
+        let n = self.serves.len();
+        let mut args = vec!["serve".to_string()];
+        args.extend(self.url_args());
+        args.extend(["--fleet", "acme", "--bundles", "bundles"].map(String::from));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let s = Daemon::start(self.d.path(), &format!("serve-{n}.log"), &args, env);
+        s.wait_log("serving requests on", Duration::from_secs(20));
+        self.serves.push(s);
+    }
+
+    fn start_agent(&mut self) {
+        let a = Daemon::start(
+            self.d.path(),
+            "agent.log",
+            &["agent", "--config", "agent.toml"],
+            &[],
+        );
+        self.agent = Some(a);
+    }
+
+    fn agent(&self) -> &Daemon {
+        self.agent.as_ref().expect("agent started")
+    }
+
+    fn beamup(&self, args: &[&str]) -> Run {
+        let mut all: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        all.extend(self.url_args());
+        all.extend(["--fleet".into(), "acme".into()]);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        beamup(self.d.path(), &all)
+    }
+
+    fn offer(&self, bundle: &Path) {
+        self.beamup(&["offer", bundle.to_str().unwrap(), "--device", "gw-1"])
+            .ok();
+    }
+
+    fn offer_group(&self, bundle: &Path, group: &str) {
+        self.beamup(&["offer", bundle.to_str().unwrap(), "--group", group])
+            .ok();
+    }
+
+    /// The first retained state of gw-1 in `phase` (and `version`).
+    #[track_caller]
+    fn wait_phase(&self, phase: &str, version: &str) -> Value {
+        self.watch
+            .wait_for(&format!("state {phase} {version}"), OUTCOME, |m| {
+                m.topic == "beamup/acme/device/gw-1/state"
+                    && m.json()["phase"]["name"] == phase
+                    && m.json()["phase"]["version"] == version
+            })
+            .json()
+    }
+
+    fn events(&self) -> Vec<Value> {
+        self.watch
+            .messages()
+            .iter()
+            .filter(|m| m.topic == "beamup/acme/device/gw-1/events")
+            .map(Msg::json)
+            .collect()
+    }
+
+    fn outcomes(&self) -> Vec<Value> {
+        self.events()
+            .into_iter()
+            .filter(|e| e["kind"] == "outcome")
+            .collect()
+    }
+
+    fn state_file(&self) -> Value {
+        let text = fs::read_to_string(self.d.path().join("state/state.json")).unwrap_or_default();
+        serde_json::from_str(&text).unwrap_or(Value::Null)
+    }
+
+    /// Verified chunks in the download's bitmap: (indexes, total).
+    fn bitmap(&self) -> (Vec<usize>, usize) {
+        let Ok(b) = fs::read(self.d.path().join("state/agent/download/chunks.bitmap")) else {
+            return (vec![], 0);
+        };
+        if b.len() < 40 {
+            return (vec![], 0);
+        }
+        let n = u32::from_be_bytes(b[36..40].try_into().unwrap()) as usize;
+        let set = (0..n)
+            .filter(|i| b[40 + i / 8] & (1 << (i % 8)) != 0)
+            .collect();
+        (set, n)
+    }
+
+    #[track_caller]
+    fn wait_bitmap(&self, percent: usize) -> (Vec<usize>, usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (set, n) = self.bitmap();
+            if n > 0 && set.len() * 100 >= n * percent {
+                assert!(
+                    set.len() < n,
+                    "the transfer finished too fast to interrupt it"
+                );
+                return (set, n);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "download never reached {percent}%\n{}",
+                self.agent().log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The chunks of every reply asked for (a request may ask for several
+/// adjacent pieces).
+fn requested_chunks(sub: &Sub, chunk_size: u64) -> Vec<u64> {
+    requested_pieces(sub)
+        .iter()
+        .map(|(offset, _)| offset / chunk_size)
+        .collect()
+}
+
+/// (offset, len) of every reply asked for.
+fn requested_pieces(sub: &Sub) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    for m in sub.messages() {
+        if m.topic != "beamup/acme/req/gw-1" {
+            continue;
+        }
+        let r = m.json();
+        let (offset, len) = (r["offset"].as_u64().unwrap(), r["len"].as_u64().unwrap());
+        let piece = r["piece"].as_u64().unwrap_or(len);
+        let mut at = 0;
+        while at < len {
+            out.push((offset + at, piece.min(len - at)));
+            at += piece;
+        }
+    }
+    out
+}
+
+#[test]
+fn offer_downloads_hot_upgrades_and_reports_committed() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"8s\"\nsoak = \"1s\"", "");
+    s.d.node.incr().unwrap();
+    s.d.node.incr().unwrap();
+    let pid = s.d.node.os_pid();
+    let bundle = s.bundle("1.1.0", &[]);
+    s.serve(&[]);
+    s.start_agent();
+    s.offer(&bundle);
+
+    let st = s.wait_phase("committed", "1.1.0");
+    assert_eq!(st["running"], "1.1.0", "{st:#}");
+    assert_eq!(st["permanent"], "1.1.0", "{st:#}");
+    assert_eq!(st["last_outcome"]["outcome"], "committed", "{st:#}");
+    assert_eq!(st["agent_version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(s.d.version_and_counter(), ("1.1.0".into(), 2));
+    let (_, body) = s.d.health();
+    assert_eq!(body["os_pid"].as_str().unwrap(), pid.to_string(), "hot");
+    s.d.assert_settled_on("1.1.0", &[]);
+
+    // The events tell the story in order, and committed comes last.
+    let events = s.events();
+    let phases: Vec<&str> = events.iter().filter_map(|e| e["phase"].as_str()).collect();
+    let pos = |p: &str| {
+        phases
+            .iter()
+            .position(|x| *x == p)
+            .unwrap_or_else(|| panic!("no {p} event: {phases:?}"))
+    };
+    assert!(pos("downloading") < pos("unpacking"), "{phases:?}");
+    assert!(pos("unpacking") < pos("soaking"), "{phases:?}");
+    assert!(pos("soaking") < pos("committed"), "{phases:?}");
+    let o = s.outcomes();
+    assert_eq!(o.len(), 1, "{o:#?}");
+    assert_eq!(o[0]["version"], "1.1.0");
+    // The transfer's data never touched the broker as a retained message.
+    assert!(
+        s.watch
+            .messages()
+            .iter()
+            .all(|m| !m.topic.ends_with("/data"))
+    );
+
+    // The operator's view.
+    let run = s.beamup(&["fleet", "status", "--json"]);
+    run.ok();
+    let rows: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(rows[0]["device"], "gw-1", "{rows:#}");
+    assert_eq!(rows[0]["online"], true, "{rows:#}");
+    assert_eq!(rows[0]["state"]["running"], "1.1.0", "{rows:#}");
+    let run = s.beamup(&["fleet", "status"]);
+    run.ok();
+    assert!(run.stdout.contains("gw-1"), "{}", run.stdout);
+    assert!(run.stdout.contains("committed 1.1.0"), "{}", run.stdout);
+    // beamup status works beside the running agent (no lock needed).
+    assert_eq!(s.d.status()["last_outcome"]["outcome"], "committed");
+
+    // A graceful stop says the device went offline.
+    let code = s.agent.as_mut().unwrap().term(Duration::from_secs(20));
+    assert_eq!(code, Some(0), "{}", s.agent().log());
+    s.watch.wait_for("offline", Duration::from_secs(10), |m| {
+        m.topic == "beamup/acme/device/gw-1/online" && m.json()["online"] == false
+    });
+}
+
+#[test]
+fn unhealthy_release_is_rolled_back_reported_and_not_retried_until_asked() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"6s\"\nsoak = \"1s\"", "");
+    s.d.node.incr().unwrap();
+    let bundle = s.bundle("1.2.0", &[]);
+    s.serve(&[]);
+    s.start_agent();
+    s.offer_group(&bundle, "canary");
+
+    let st = s.wait_phase("rolled_back", "1.2.0");
+    let reason = st["last_outcome"]["reason"].as_str().unwrap();
+    assert!(reason.contains("status 503"), "{reason}");
+    assert_eq!(st["running"], "1.0.0", "{st:#}");
+    s.d.assert_settled_on("1.0.0", &["1.2.0"]);
+    assert_eq!(s.d.version_and_counter(), ("1.0.0".into(), 1));
+
+    // Restarted, the agent gets the retained offer again and leaves it be.
+    s.agent.as_mut().unwrap().kill9();
+    s.start_agent();
+    s.agent()
+        .wait_log("was decided before; ignored", Duration::from_secs(30));
+    let downloads = |s: &Setup| {
+        s.events()
+            .iter()
+            .filter(|e| e["phase"] == "downloading" && e["percent"] == 0)
+            .count()
+    };
+    assert_eq!(downloads(&s), 1);
+
+    // An explicit retry installs it once more (and it fails again).
+    s.beamup(&["fleet", "retry", "--device", "gw-1"]).ok();
+    s.watch.wait_for("a second rollback", OUTCOME, |_| {
+        s.outcomes()
+            .iter()
+            .filter(|o| o["phase"] == "rolled_back")
+            .count()
+            == 2
+    });
+    assert_eq!(downloads(&s), 2);
+    s.d.assert_settled_on("1.0.0", &["1.2.0"]);
+}
+
+#[test]
+fn bad_offers_are_rejected_before_any_data_is_requested() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"8s\"\nsoak = \"1s\"", "");
+    let requests = Sub::new(&s.broker, &["beamup/acme/req/#"]);
+    let before = s.d.snapshot();
+    s.start_agent();
+
+    beamup(s.d.path(), &["keygen", "--out", "other", "--name", "x"]).ok();
+    let forged = s.bundle("1.1.0", &["--key", "other/x.key"]);
+    let expired = s.bundle("1.1.0", &["--expires", "1s"]);
+    let wrong_target = s.bundle("1.1.0", &["--target", "device:gw-2"]);
+    let downgrade = s.bundle("1.0.0", &[]);
+    std::thread::sleep(Duration::from_millis(1100)); // let `expired` expire
+    let cases = [
+        (forged, "does not trust"),
+        (expired, "expired at"),
+        (wrong_target, "does not include this device (device:gw-1"),
+        (downgrade, "not newer than the installed release 1.0.0"),
+    ];
+    for (i, (bundle, needle)) in cases.iter().enumerate() {
+        if i % 2 == 0 {
+            s.offer(bundle);
+        } else {
+            s.offer_group(bundle, "canary");
+        }
+        s.watch
+            .wait_for(needle, Duration::from_secs(30), |_| s.outcomes().len() > i);
+        let o = &s.outcomes()[i];
+        assert_eq!(o["phase"], "rejected", "{o:#}");
+        assert!(o["reason"].as_str().unwrap().contains(needle), "{o:#}");
+    }
+    let st = s.wait_phase("rejected", "1.0.0");
+    assert!(
+        st["last_outcome"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not newer"),
+        "{st:#}"
+    );
+    // Not a single data request left the device, nothing was downloaded.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(requested_pieces(&requests).is_empty());
+    assert!(!s.d.path().join("state/agent/download").exists());
+    assert_eq!(s.d.snapshot(), before, "the release root changed");
+    assert_eq!(s.d.status()["last_outcome"]["outcome"], "rejected");
+    assert_eq!(s.d.version_and_counter().0, "1.0.0");
+}
+
+#[test]
+fn corrupt_duplicated_and_stray_chunks_are_handled_over_mqtt_3_1_1() {
+    let mut s = Setup::new(
+        Broker::start(),
+        "timeout = \"8s\"\nsoak = \"1s\"",
+        "version = \"3.1.1\"",
+    );
+    let requests = Sub::new(&s.broker, &["beamup/acme/req/#"]);
+    let bundle = s.bundle("1.1.0", &["--chunk-size", "65536"]);
+    s.serve(&[("BEAMUP_SERVE_FAULTS", "corrupt:2,dup:3,stray:5")]);
+    s.start_agent();
+    s.offer(&bundle);
+    let st = s.wait_phase("committed", "1.1.0");
+    assert_eq!(st["running"], "1.1.0");
+    let log = s.agent().log();
+    assert!(
+        log.contains("chunk 2 failed its SHA-256; fetching it again"),
+        "{log}"
+    );
+    let chunks = requested_chunks(&requests, 65536);
+    assert_eq!(chunks.iter().filter(|&&c| c == 2).count(), 2, "{chunks:?}");
+    assert!(log.contains("ignored: not requested"), "{log}");
+    s.d.assert_settled_on("1.1.0", &[]);
+}
+
+#[test]
+fn broker_killed_mid_transfer_then_the_transfer_resumes() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"8s\"\nsoak = \"1s\"", "");
+    let bundle = s.bundle("1.1.0", &["--chunk-size", "16384"]);
+    s.serve(&[("BEAMUP_SERVE_FAULTS", "delay:8")]);
+    s.start_agent();
+    s.offer(&bundle);
+    s.wait_bitmap(15);
+    s.broker.kill();
+    std::thread::sleep(Duration::from_millis(1500));
+    s.broker.restart();
+    let watch = Sub::new(&s.broker, &["beamup/acme/device/+/state"]);
+    watch.wait_for("committed after the broker restart", OUTCOME, |m| {
+        m.json()["phase"]["name"] == "committed"
+    });
+    let log = s.agent().log();
+    assert!(log.contains("lost the broker connection"), "{log}");
+    assert!(log.matches("connected to").count() >= 2, "{log}");
+    s.d.assert_settled_on("1.1.0", &[]);
+}
+
+#[test]
+fn agent_killed_mid_transfer_resumes_without_fetching_chunks_again() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"8s\"\nsoak = \"1s\"", "");
+    let bundle = s.bundle("1.1.0", &["--chunk-size", "16384"]);
+    s.serve(&[("BEAMUP_SERVE_FAULTS", "delay:8")]);
+    s.start_agent();
+    s.offer(&bundle);
+    s.wait_bitmap(20);
+    s.agent.as_mut().unwrap().kill9();
+    let (have, total) = s.bitmap();
+    assert!(!have.is_empty() && have.len() < total);
+
+    let requests = Sub::new(&s.broker, &["beamup/acme/req/#"]);
+    s.start_agent();
+    s.wait_phase("committed", "1.1.0");
+    s.agent().wait_log("resuming at", Duration::from_secs(1));
+    let again: Vec<u64> = requested_chunks(&requests, 16384);
+    assert!(!again.is_empty());
+    let refetched: Vec<&u64> = again
+        .iter()
+        .filter(|c| have.contains(&(**c as usize)))
+        .collect();
+    assert!(
+        refetched.is_empty(),
+        "chunks verified before the kill were requested again: {refetched:?}"
+    );
+    s.d.assert_settled_on("1.1.0", &[]);
+}
+
+#[test]
+fn outcome_is_reported_after_the_broker_was_down_at_commit() {
+    let mut s = Setup::new(Broker::persistent(), "timeout = \"20s\"\nsoak = \"3s\"", "");
+    let events = Sub::with_session(
+        &s.broker,
+        &["beamup/acme/device/gw-1/events"],
+        Some("test-events-listener"),
+    );
+    let bundle = s.bundle("1.1.0", &[]);
+    s.serve(&[]);
+    s.start_agent();
+    s.offer(&bundle);
+    // Soaking: the broker goes away, the install goes on.
+    let deadline = Instant::now() + OUTCOME;
+    while s.state_file()["current"]["phase"] != "soaking" {
+        assert!(Instant::now() < deadline, "{}", s.agent().log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.broker.stop();
+    while s.state_file()["history"][0]["outcome"] != "committed" {
+        assert!(Instant::now() < deadline, "{}", s.agent().log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Committed while the broker was away: the outcome waits in the outbox.
+    let outbox = s.d.path().join("state/agent/outbox");
+    let queued: Vec<String> = fs::read_dir(&outbox)
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect();
+    assert!(queued.iter().any(|e| e.contains("committed")), "{queued:?}");
+    s.broker.restart();
+    let o = events.wait_for("the committed outcome", OUTCOME, |m| {
+        m.json()["kind"] == "outcome"
+    });
+    assert_eq!(o.json()["phase"], "committed", "{:#}", o.json());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fs::read_dir(&outbox).unwrap().count() > 0 {
+        assert!(Instant::now() < deadline, "the outbox was not emptied");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    s.d.assert_settled_on("1.1.0", &[]);
+}
+
+#[test]
+fn two_servers_share_the_load_within_the_brokers_packet_size() {
+    // MQTT 5: the broker announces a Maximum Packet Size smaller than a
+    // 64 KiB chunk, so the device asks for each chunk in pieces.
+    let mut s = Setup::new(
+        Broker::start_with("max_packet_size 30000\n"),
+        "timeout = \"8s\"\nsoak = \"1s\"",
+        "",
+    );
+    let requests = Sub::new(&s.broker, &["beamup/acme/req/#"]);
+    let bundle = s.bundle("1.1.0", &["--chunk-size", "65536"]);
+    s.serve(&[("BEAMUP_SERVE_FAULTS", "delay:1")]);
+    s.serve(&[("BEAMUP_SERVE_FAULTS", "delay:1")]);
+    s.start_agent();
+    s.offer(&bundle);
+    s.wait_phase("committed", "1.1.0");
+    let counts: Vec<usize> = s
+        .serves
+        .iter()
+        .map(|d| d.log().matches("served device=gw-1").count())
+        .collect();
+    assert!(counts.iter().all(|&c| c > 20), "{counts:?}");
+    // 97 full chunks in 3 pieces each, and a short last one.
+    assert!(counts.iter().sum::<usize>() > 97 * 3, "{counts:?}");
+    let lens: Vec<u64> = requested_pieces(&requests).iter().map(|p| p.1).collect();
+    assert!(lens.iter().all(|&l| l < 30000), "{lens:?}");
+    s.d.assert_settled_on("1.1.0", &[]);
+}
+
+#[test]
+fn tls_with_client_certificates() {
+    let certs = tempfile::tempdir().unwrap();
+    let (tls, cert, key) = make_certs(certs.path(), "gw-1");
+    let broker = Broker::tls(&tls);
+    let url = broker.tls_url();
+    let mqtt_extra = format!(
+        "ca_file = \"{}\"\ncert_file = \"{}\"\nkey_file = \"{}\"",
+        tls.ca.display(),
+        cert.display(),
+        key.display()
+    );
+    let args: Vec<String> = [
+        "--broker",
+        &url,
+        "--ca-file",
+        tls.ca.to_str().unwrap(),
+        "--cert-file",
+        cert.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+    ]
+    .map(String::from)
+    .to_vec();
+    let mut s = Setup::with(
+        broker,
+        &url,
+        "timeout = \"8s\"\nsoak = \"1s\"",
+        &mqtt_extra,
+        args,
+    );
+    let bundle = s.bundle("1.1.0", &[]);
+    s.serve(&[]);
+    s.start_agent();
+    s.offer(&bundle);
+    let deadline = Instant::now() + OUTCOME;
+    loop {
+        let run = s.beamup(&["fleet", "status", "--json"]);
+        run.ok();
+        let rows: Value = serde_json::from_str(&run.stdout).unwrap();
+        if rows[0]["state"]["phase"]["name"] == "committed" {
+            assert_eq!(rows[0]["state"]["running"], "1.1.0");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows:#}\n{}", s.agent().log());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    s.d.assert_settled_on("1.1.0", &[]);
+    // Without a client certificate the broker lets nobody in.
+    let run = beamup(
+        s.d.path(),
+        &[
+            "fleet",
+            "status",
+            "--broker",
+            &url,
+            "--ca-file",
+            tls.ca.to_str().unwrap(),
+            "--fleet",
+            "acme",
+        ],
+    );
+    assert_ne!(run.code, 0, "{}", run.stdout);
+}

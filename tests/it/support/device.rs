@@ -1,0 +1,246 @@
+//! A device for integration tests: a running node of the thermo base
+//! release, a trust root with one key, a state dir and the agent.toml that
+//! ties them together. Used by the `install` and `mqtt` tests.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use crate::cli::{Run, beamup};
+use crate::support::otp::{TestNode, releases};
+
+/// A device: a running base node, a trust root with one key, a state dir
+/// and the agent.toml that ties them together.
+pub struct Device {
+    pub node: TestNode,
+    pub dir: tempfile::TempDir,
+}
+
+impl Device {
+    pub fn new() -> Device {
+        Self::with_health("timeout = \"8s\"\nsoak = \"1s\"")
+    }
+
+    pub fn with_health(timing: &str) -> Device {
+        let node = TestNode::start();
+        let dir = tempfile::Builder::new()
+            .prefix("beamup-device-")
+            .tempdir()
+            .unwrap();
+        let d = dir.path();
+        beamup(d, &["keygen", "--out", "keys", "--name", "k"]).ok();
+        beamup(
+            d,
+            &[
+                "root",
+                "init",
+                "--key",
+                "keys/k.pub",
+                "--threshold",
+                "1",
+                "--sign",
+                "keys/k.key",
+                "--out",
+                "root.json",
+            ],
+        )
+        .ok();
+        let env: Vec<String> = node.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let env = env.join(" ");
+        let root = node.root().display().to_string();
+        let config = format!(
+            r#"[release]
+root = "{root}"
+name = "thermo"
+[node]
+name = "{name}"
+cookie = "{cookie}"
+epmd_port = {epmd}
+start = "env {env} {root}/bin/thermo daemon"
+stop = "env {env} {root}/bin/thermo stop"
+call_timeout = "10s"
+start_timeout = "30s"
+[health]
+http = "http://127.0.0.1:{http}/health"
+expect_version = true
+interval = "100ms"
+{timing}
+[trust]
+root = "{dir}/root.json"
+[state]
+dir = "{dir}/state"
+"#,
+            name = node.node_name(),
+            cookie = node.cookie(),
+            epmd = node.epmd_port(),
+            http = node.http_port(),
+            dir = d.display(),
+        );
+        fs::write(d.join("agent.toml"), config).unwrap();
+        Device { node, dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A signed bundle of one of the built thermo versions.
+    pub fn bundle(&self, vsn: &str) -> PathBuf {
+        let out = self.path().join(format!("thermo-{vsn}.bundle"));
+        if !out.exists() {
+            let tarball = releases().tarball(vsn).display().to_string();
+            beamup(
+                self.path(),
+                &[
+                    "bundle",
+                    "--release",
+                    &tarball,
+                    "--key",
+                    "keys/k.key",
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+            )
+            .ok();
+        }
+        out
+    }
+
+    /// A signed bundle with extra `beamup bundle` arguments (chunk size,
+    /// expiry, targets, key), written to `name` in the device dir.
+    pub fn bundle_with(&self, vsn: &str, name: &str, extra: &[&str]) -> PathBuf {
+        let out = self.path().join(name);
+        let tarball = releases().tarball(vsn).display().to_string();
+        let mut args = vec![
+            "bundle",
+            "--release",
+            &tarball,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        if !extra.contains(&"--key") {
+            args.extend(["--key", "keys/k.key"]);
+        }
+        args.extend(extra);
+        beamup(self.path(), &args).ok();
+        out
+    }
+
+    /// Appends an `[mqtt]` table to agent.toml (`extra`: more lines of it).
+    pub fn add_mqtt(&self, url: &str, device_id: &str, groups: &[&str], extra: &str) {
+        let cfg = self.path().join("agent.toml");
+        let groups: Vec<String> = groups.iter().map(|g| format!("{g:?}")).collect();
+        let text = fs::read_to_string(&cfg).unwrap()
+            + &format!(
+                "[mqtt]\nurl = \"{url}\"\ndevice_id = \"{device_id}\"\nfleet = \"acme\"\ngroups = [{}]\n{extra}\n",
+                groups.join(", ")
+            );
+        fs::write(&cfg, text).unwrap();
+    }
+
+    pub fn install(&self, bundle: &Path, extra: &[&str]) -> Run {
+        self.install_env(bundle, extra, &[])
+    }
+
+    pub fn install_env(&self, bundle: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
+        let mut cmd = Command::new(crate::cli::bin());
+        cmd.args([
+            "install",
+            bundle.to_str().unwrap(),
+            "--config",
+            "agent.toml",
+        ])
+        .args(extra)
+        .current_dir(self.path())
+        .env_remove("RUST_LOG");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    pub fn status(&self) -> Value {
+        let run = beamup(self.path(), &["status", "--config", "agent.toml", "--json"]);
+        run.ok();
+        serde_json::from_str(&run.stdout).unwrap()
+    }
+
+    pub fn health(&self) -> (u16, Value) {
+        self.node.wait_for_health(Duration::from_secs(20)).unwrap()
+    }
+
+    pub fn version_and_counter(&self) -> (String, u64) {
+        let (status, body) = self.health();
+        assert_eq!(status, 200, "{body}");
+        (
+            body["version"].as_str().unwrap().to_string(),
+            body["counter"].as_u64().unwrap(),
+        )
+    }
+
+    /// The device is consistent on `vsn`: it runs it, it is permanent, an
+    /// OS restart would boot it (bin/thermo and start_erl.data), no install
+    /// is in progress, and no other version's files are left over.
+    pub fn assert_settled_on(&self, vsn: &str, gone: &[&str]) {
+        let st = self.status();
+        assert_eq!(st["node"]["running"], vsn, "{st:#}");
+        assert_eq!(st["node"]["permanent"], vsn, "{st:#}");
+        assert!(st["install_in_progress"].is_null(), "{st:#}");
+        let root = self.node.root();
+        assert_eq!(
+            fs::read(root.join("bin/thermo")).unwrap(),
+            fs::read(root.join(format!("bin/thermo-{vsn}"))).unwrap(),
+            "bin/thermo does not boot {vsn}"
+        );
+        let start_erl = fs::read_to_string(root.join("releases/start_erl.data")).unwrap();
+        assert!(
+            start_erl.trim().ends_with(vsn),
+            "start_erl.data: {start_erl}"
+        );
+        for v in gone {
+            for p in [
+                format!("releases/{v}"),
+                format!("lib/thermo-{v}"),
+                format!("bin/thermo-{v}"),
+            ] {
+                assert!(!root.join(&p).exists(), "{p} left behind");
+            }
+        }
+    }
+
+    /// Hashes of every file under the release root that beamup could touch
+    /// (logs and the start script's rendered vm.args excluded).
+    pub fn snapshot(&self) -> BTreeMap<PathBuf, [u8; 32]> {
+        let mut out = BTreeMap::new();
+        walk(self.node.root(), self.node.root(), &mut out);
+        out
+    }
+}
+
+pub fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, [u8; 32]>) {
+    for e in fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        let rel = p.strip_prefix(root).unwrap().to_path_buf();
+        if rel.starts_with("log") || rel.file_name().is_some_and(|n| n == "vm.args") {
+            continue;
+        }
+        let meta = fs::symlink_metadata(&p).unwrap();
+        if meta.is_dir() {
+            out.insert(rel, [0; 32]);
+            walk(root, &p, out);
+        } else {
+            out.insert(rel, Sha256::digest(fs::read(&p).unwrap_or_default()).into());
+        }
+    }
+}
