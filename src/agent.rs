@@ -120,7 +120,8 @@ struct Active {
     started: Instant,
 }
 
-type InstallFuture = Pin<Box<dyn Future<Output = (Engine<'static>, Result<Outcome>, String)>>>;
+type InstallFuture =
+    Pin<Box<dyn Future<Output = (Engine<'static>, Result<Outcome>, String, Manifest)>>>;
 
 struct Agent {
     cfg: &'static Config,
@@ -140,8 +141,9 @@ struct Agent {
     status_sent_at: Option<Instant>,
     file: AgentFile,
     active: Option<Active>,
-    /// A download that finished and waits for the engine.
-    ready: Option<(PathBuf, String, bool)>,
+    /// A download that finished and waits for the engine: the bundle, the
+    /// offer's digest, its manifest, retry.
+    ready: Option<(PathBuf, String, Manifest, bool)>,
     pending_offer: Option<Vec<u8>>,
     last_event_id: u64,
     shutting_down: bool,
@@ -317,11 +319,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             if agent.shutting_down {
                 break;
             }
-            if let Some((path, digest, retry)) = agent.ready.take() {
+            if let Some((path, digest, m, retry)) = agent.ready.take() {
                 let mut e = engine.take().expect("engine idle");
                 installing = Some(Box::pin(async move {
                     let r = e.install(&path, &InstallOptions { retry }).await;
-                    (e, r, digest)
+                    (e, r, digest, m)
                 }));
             } else if let Some(bytes) = agent.pending_offer.take() {
                 agent.handle_offer(&bytes, e, false).await?;
@@ -339,10 +341,10 @@ pub async fn run(cfg: Config) -> Result<()> {
             }
             Some((step, detail)) = prx.recv() => agent.on_progress(&step, &detail)?,
             Some(c) = checked_rx.recv() => agent.on_checked(c)?,
-            (e, result, digest) = async { installing.as_mut().expect("guarded").await }, if installing.is_some() => {
+            (e, result, digest, m) = async { installing.as_mut().expect("guarded").await }, if installing.is_some() => {
                 installing = None;
                 let mut e = e;
-                agent.on_install_done(result, &digest, &mut e).await?;
+                agent.on_install_done(result, &digest, &m, &mut e).await?;
                 engine = Some(e);
             }
             _ = tick.tick() => {
@@ -716,7 +718,7 @@ impl Agent {
                 return Ok(());
             }
             self.set_phase(PhaseName::Verifying, Some(&a.manifest), "download complete");
-            self.ready = Some((a.download.path(), a.digest, a.retry));
+            self.ready = Some((a.download.path(), a.digest, a.manifest, a.retry));
             return Ok(());
         }
         if !self.connected || self.shutting_down {
@@ -999,6 +1001,7 @@ impl Agent {
         &mut self,
         result: Result<Outcome>,
         digest: &str,
+        m: &Manifest,
         engine: &mut Engine<'static>,
     ) -> Result<()> {
         match result {
@@ -1013,7 +1016,7 @@ impl Agent {
                         .map(|r| format!(": {r}"))
                         .unwrap_or_default()
                 );
-                self.outcome_event(&o, None)?;
+                self.outcome_event(&o, Some(m))?;
                 // An install undone because beamup was cut off may run again.
                 if !o.interrupted {
                     self.decide(digest)?;
@@ -1021,14 +1024,7 @@ impl Agent {
             }
             Err(e) => {
                 // The engine recorded the rejection in its state already.
-                self.rejected(None, None, &e)?;
-                if let Some(o) = engine.state().last_outcome().cloned()
-                    && o.outcome == OutcomeKind::Rejected
-                {
-                    self.status.last_outcome = Some(report(&o));
-                    self.status.phase.release = Some(o.release);
-                    self.status.phase.version = Some(o.version);
-                }
+                self.rejected(None, Some(m), &e)?;
                 if !is_passing(&e) {
                     self.decide(digest)?;
                 }
