@@ -151,8 +151,6 @@ struct Agent {
     /// `BEAMUP_AGENT_FETCH_ONLY=1` (benches, tests): skip the node's checks,
     /// fetch the first offer, exit. Never installs.
     fetch_only: bool,
-    /// Where the chunk checker threads send their verdicts.
-    checked: mpsc::UnboundedSender<crate::transfer::Checked>,
 }
 
 fn digest_hex(bytes: &[u8]) -> String {
@@ -209,7 +207,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     })?;
     let broker = Broker::from_config(mq)?;
     let (ptx, mut prx) = mpsc::unbounded_channel();
-    let (checked, mut checked_rx) = mpsc::unbounded_channel();
     let progress: &'static ProgressTx = Box::leak(Box::new(ProgressTx(ptx)));
     let mut engine = Engine::open(cfg, progress)?;
     let dir = engine.state_dir().join("agent");
@@ -266,7 +263,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         shutting_down: false,
         node_polled_at: Instant::now(),
         fetch_only: std::env::var("BEAMUP_AGENT_FETCH_ONLY").is_ok_and(|v| v == "1"),
-        checked,
         topics,
     };
     if agent.fetch_only {
@@ -340,7 +336,6 @@ pub async fn run(cfg: Config) -> Result<()> {
                 agent.reconnect_at = None;
             }
             Some((step, detail)) = prx.recv() => agent.on_progress(&step, &detail)?,
-            Some(c) = checked_rx.recv() => agent.on_checked(c)?,
             (e, result, digest, m) = async { installing.as_mut().expect("guarded").await }, if installing.is_some() => {
                 installing = None;
                 let mut e = e;
@@ -648,7 +643,6 @@ impl Agent {
             self.piece_size(&m),
             WINDOW,
             PIECE_TIMEOUT,
-            self.checked.clone(),
         ) {
             Ok(d) => d,
             Err(e) => {
@@ -758,9 +752,8 @@ impl Agent {
         };
         let r = match reply {
             DataReply::Data { bundle, offset, .. } if &bundle == a.download.tarball_id() => {
-                // The payload's tail, without a copy.
-                let data = payload.slice(protocol::DATA_HEADER..);
-                (offset, a.download.on_data(offset, &data))
+                let data = &payload[protocol::DATA_HEADER..];
+                (offset, a.download.on_data(offset, data))
             }
             DataReply::Error {
                 bundle, message, ..
@@ -774,15 +767,6 @@ impl Agent {
             }
         };
         self.on_received(r.0, r.1)
-    }
-
-    /// A verdict of the chunk checker thread.
-    fn on_checked(&mut self, c: crate::transfer::Checked) -> Result<()> {
-        let Some(a) = self.active.as_mut() else {
-            return Ok(());
-        };
-        let r = a.download.on_checked(c);
-        self.on_received(0, r)
     }
 
     fn on_received(&mut self, offset: u64, r: Result<Received>) -> Result<()> {
@@ -808,7 +792,7 @@ impl Agent {
                     self.progress_event(PhaseName::Downloading, &m, Some(pct))?;
                 }
             }
-            Ok(Received::Stored | Received::Checking(_)) => {}
+            Ok(Received::Stored) => {}
             Err(e) => {
                 let a = self.active.take().expect("active");
                 let _ = Download::discard(&self.download_dir());
