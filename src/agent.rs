@@ -120,7 +120,8 @@ struct Active {
     started: Instant,
 }
 
-type InstallFuture = Pin<Box<dyn Future<Output = (Engine<'static>, Result<Outcome>, String)>>>;
+type InstallFuture =
+    Pin<Box<dyn Future<Output = (Engine<'static>, Result<Outcome>, String, Manifest)>>>;
 
 struct Agent {
     cfg: &'static Config,
@@ -140,8 +141,9 @@ struct Agent {
     status_sent_at: Option<Instant>,
     file: AgentFile,
     active: Option<Active>,
-    /// A download that finished and waits for the engine.
-    ready: Option<(PathBuf, String, bool)>,
+    /// A download that finished and waits for the engine: the bundle, the
+    /// offer's digest, its manifest, retry.
+    ready: Option<(PathBuf, String, Manifest, bool)>,
     pending_offer: Option<Vec<u8>>,
     last_event_id: u64,
     shutting_down: bool,
@@ -149,8 +151,6 @@ struct Agent {
     /// `BEAMUP_AGENT_FETCH_ONLY=1` (benches, tests): skip the node's checks,
     /// fetch the first offer, exit. Never installs.
     fetch_only: bool,
-    /// Where the chunk checker threads send their verdicts.
-    checked: mpsc::UnboundedSender<crate::transfer::Checked>,
 }
 
 fn digest_hex(bytes: &[u8]) -> String {
@@ -207,7 +207,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     })?;
     let broker = Broker::from_config(mq)?;
     let (ptx, mut prx) = mpsc::unbounded_channel();
-    let (checked, mut checked_rx) = mpsc::unbounded_channel();
     let progress: &'static ProgressTx = Box::leak(Box::new(ProgressTx(ptx)));
     let mut engine = Engine::open(cfg, progress)?;
     let dir = engine.state_dir().join("agent");
@@ -264,7 +263,6 @@ pub async fn run(cfg: Config) -> Result<()> {
         shutting_down: false,
         node_polled_at: Instant::now(),
         fetch_only: std::env::var("BEAMUP_AGENT_FETCH_ONLY").is_ok_and(|v| v == "1"),
-        checked,
         topics,
     };
     if agent.fetch_only {
@@ -317,11 +315,11 @@ pub async fn run(cfg: Config) -> Result<()> {
             if agent.shutting_down {
                 break;
             }
-            if let Some((path, digest, retry)) = agent.ready.take() {
+            if let Some((path, digest, m, retry)) = agent.ready.take() {
                 let mut e = engine.take().expect("engine idle");
                 installing = Some(Box::pin(async move {
                     let r = e.install(&path, &InstallOptions { retry }).await;
-                    (e, r, digest)
+                    (e, r, digest, m)
                 }));
             } else if let Some(bytes) = agent.pending_offer.take() {
                 agent.handle_offer(&bytes, e, false).await?;
@@ -338,11 +336,10 @@ pub async fn run(cfg: Config) -> Result<()> {
                 agent.reconnect_at = None;
             }
             Some((step, detail)) = prx.recv() => agent.on_progress(&step, &detail)?,
-            Some(c) = checked_rx.recv() => agent.on_checked(c)?,
-            (e, result, digest) = async { installing.as_mut().expect("guarded").await }, if installing.is_some() => {
+            (e, result, digest, m) = async { installing.as_mut().expect("guarded").await }, if installing.is_some() => {
                 installing = None;
                 let mut e = e;
-                agent.on_install_done(result, &digest, &mut e).await?;
+                agent.on_install_done(result, &digest, &m, &mut e).await?;
                 engine = Some(e);
             }
             _ = tick.tick() => {
@@ -646,7 +643,6 @@ impl Agent {
             self.piece_size(&m),
             WINDOW,
             PIECE_TIMEOUT,
-            self.checked.clone(),
         ) {
             Ok(d) => d,
             Err(e) => {
@@ -716,7 +712,7 @@ impl Agent {
                 return Ok(());
             }
             self.set_phase(PhaseName::Verifying, Some(&a.manifest), "download complete");
-            self.ready = Some((a.download.path(), a.digest, a.retry));
+            self.ready = Some((a.download.path(), a.digest, a.manifest, a.retry));
             return Ok(());
         }
         if !self.connected || self.shutting_down {
@@ -756,9 +752,8 @@ impl Agent {
         };
         let r = match reply {
             DataReply::Data { bundle, offset, .. } if &bundle == a.download.tarball_id() => {
-                // The payload's tail, without a copy.
-                let data = payload.slice(protocol::DATA_HEADER..);
-                (offset, a.download.on_data(offset, &data))
+                let data = &payload[protocol::DATA_HEADER..];
+                (offset, a.download.on_data(offset, data))
             }
             DataReply::Error {
                 bundle, message, ..
@@ -772,15 +767,6 @@ impl Agent {
             }
         };
         self.on_received(r.0, r.1)
-    }
-
-    /// A verdict of the chunk checker thread.
-    fn on_checked(&mut self, c: crate::transfer::Checked) -> Result<()> {
-        let Some(a) = self.active.as_mut() else {
-            return Ok(());
-        };
-        let r = a.download.on_checked(c);
-        self.on_received(0, r)
     }
 
     fn on_received(&mut self, offset: u64, r: Result<Received>) -> Result<()> {
@@ -806,7 +792,7 @@ impl Agent {
                     self.progress_event(PhaseName::Downloading, &m, Some(pct))?;
                 }
             }
-            Ok(Received::Stored | Received::Checking(_)) => {}
+            Ok(Received::Stored) => {}
             Err(e) => {
                 let a = self.active.take().expect("active");
                 let _ = Download::discard(&self.download_dir());
@@ -999,6 +985,7 @@ impl Agent {
         &mut self,
         result: Result<Outcome>,
         digest: &str,
+        m: &Manifest,
         engine: &mut Engine<'static>,
     ) -> Result<()> {
         match result {
@@ -1013,7 +1000,7 @@ impl Agent {
                         .map(|r| format!(": {r}"))
                         .unwrap_or_default()
                 );
-                self.outcome_event(&o, None)?;
+                self.outcome_event(&o, Some(m))?;
                 // An install undone because beamup was cut off may run again.
                 if !o.interrupted {
                     self.decide(digest)?;
@@ -1021,14 +1008,7 @@ impl Agent {
             }
             Err(e) => {
                 // The engine recorded the rejection in its state already.
-                self.rejected(None, None, &e)?;
-                if let Some(o) = engine.state().last_outcome().cloned()
-                    && o.outcome == OutcomeKind::Rejected
-                {
-                    self.status.last_outcome = Some(report(&o));
-                    self.status.phase.release = Some(o.release);
-                    self.status.phase.version = Some(o.version);
-                }
+                self.rejected(None, Some(m), &e)?;
                 if !is_passing(&e) {
                     self.decide(digest)?;
                 }

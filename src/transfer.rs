@@ -117,9 +117,12 @@ impl Window {
         self.inflight.len()
     }
 
-    /// Requests the window has room for.
+    /// Pieces the window has room for: requested and not answered, or
+    /// answered and still being checked, count against it (so memory for
+    /// chunks waiting to be hashed is bounded too).
     pub fn room(&self) -> usize {
-        self.window.saturating_sub(self.inflight.len())
+        self.window
+            .saturating_sub(self.inflight.len() + self.verifying.len())
     }
 
     /// Percent of chunks verified, 0..=100.
@@ -167,13 +170,13 @@ impl Window {
             self.cursor += 1;
         }
         let mut chunk = self.cursor;
-        while self.inflight.len() < self.window && chunk < self.have.len() {
+        while self.room() > 0 && chunk < self.have.len() {
             if !self.have[chunk] && !self.verifying.contains(&(chunk as u32)) {
                 let c = chunk as u32;
                 let base = u64::from(c) * u64::from(self.chunk_size);
                 let clen = self.chunk_len(c);
                 for p in 0..self.pieces_of(c) {
-                    if self.inflight.len() >= self.window {
+                    if self.room() == 0 {
                         break;
                     }
                     let received = self
@@ -263,49 +266,14 @@ const BITMAP_MAGIC: &[u8; 4] = b"BUBM";
 /// server's copy is bad, re-asking will not help.
 pub const MAX_CHUNK_FAILURES: u32 = 10;
 
-/// What [`Download::on_data`] (or [`Download::on_checked`]) did with a
-/// piece.
+/// What [`Download::on_data`] did with a piece.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Received {
     Ignored(&'static str),
     Stored,
-    /// A whole chunk went to the checker thread; its verdict comes back
-    /// through the channel given to [`Download::open`].
-    Checking(u32),
     Verified(u32),
     /// The chunk failed its digest and will be fetched again.
     Corrupt(u32),
-}
-
-/// The checker thread's verdict on one chunk: (tarball id, chunk, digest
-/// matched and the data is written).
-pub type Checked = ([u8; 32], u32, std::io::Result<bool>);
-
-struct Job {
-    chunk: u32,
-    at: u64,
-    data: bytes::Bytes,
-}
-
-/// Hashes whole chunks and writes the good ones, beside the event loop.
-fn checker(
-    file: File,
-    tarball: [u8; 32],
-    digests: Vec<[u8; 32]>,
-    jobs: std::sync::mpsc::Receiver<Job>,
-    done: tokio::sync::mpsc::UnboundedSender<Checked>,
-) {
-    for j in jobs {
-        let ok = <[u8; 32]>::from(Sha256::digest(&j.data)) == digests[j.chunk as usize];
-        let r = if ok {
-            file.write_all_at(&j.data, j.at).map(|()| true)
-        } else {
-            Ok(false)
-        };
-        if done.send((tarball, j.chunk, r)).is_err() {
-            return;
-        }
-    }
 }
 
 /// A transfer in progress, in `STATE_DIR/download/`.
@@ -322,7 +290,6 @@ pub struct Download {
     /// A checkpoint running in the background: fdatasync, then the bitmap
     /// as it was when the sync started.
     syncing: Option<std::thread::JoinHandle<Result<()>>>,
-    jobs: std::sync::mpsc::Sender<Job>,
 }
 
 impl Download {
@@ -351,7 +318,6 @@ impl Download {
         piece: u32,
         window: usize,
         timeout: Duration,
-        checked: tokio::sync::mpsc::UnboundedSender<Checked>,
     ) -> Result<Download> {
         let mtime = humantime::parse_rfc3339(&m.created_at)
             .ok()
@@ -416,15 +382,7 @@ impl Download {
             window,
             timeout,
         );
-        let (jobs, rx) = std::sync::mpsc::channel();
-        let worker_file = file.try_clone().ctx(&path, "dup")?;
-        let worker_digests = digests.clone();
-        std::thread::Builder::new()
-            .name("chunk-check".into())
-            .spawn(move || checker(worker_file, tarball, worker_digests, rx, checked))
-            .map_err(|e| Error::io(&path, "start the chunk checker", e))?;
         let d = Download {
-            jobs,
             dir: dir.to_path_buf(),
             file,
             frame,
@@ -449,10 +407,10 @@ impl Download {
         &self.tarball
     }
 
-    /// Takes a piece that arrived. A whole chunk goes to the checker
-    /// thread (hashed before it touches the disk); pieces of a larger chunk
-    /// are written, and the chunk is checked here once all are in.
-    pub fn on_data(&mut self, offset: u64, data: &bytes::Bytes) -> Result<Received> {
+    /// Takes a piece that arrived. A whole chunk is hashed before it
+    /// touches the disk; pieces of a larger chunk are written, and the chunk
+    /// is checked once all are in.
+    pub fn on_data(&mut self, offset: u64, data: &[u8]) -> Result<Received> {
         let (chunk, complete) = match self.window.on_piece(offset, data.len()) {
             Accept::Ignore(why) => return Ok(Received::Ignored(why)),
             Accept::Store { chunk, complete } => (chunk, complete),
@@ -463,19 +421,11 @@ impl Download {
             == (self.frame.tarball_size - u64::from(chunk) * u64::from(self.chunk_size))
                 .min(u64::from(self.chunk_size));
         let digest_ok = if whole {
-            let job = Job {
-                chunk,
-                at,
-                data: data.clone(),
-            };
-            if self.jobs.send(job).is_err() {
-                return Err(Error::io(
-                    &path,
-                    "check a chunk",
-                    std::io::Error::other("the chunk checker stopped"),
-                ));
+            let ok = <[u8; 32]>::from(Sha256::digest(data)) == self.digests[chunk as usize];
+            if ok {
+                self.file.write_all_at(data, at).ctx(&path, "write")?;
             }
-            return Ok(Received::Checking(chunk));
+            ok
         } else {
             self.file.write_all_at(data, at).ctx(&path, "write")?;
             if !complete {
@@ -489,22 +439,6 @@ impl Download {
                 .ctx(&path, "read")?;
             <[u8; 32]>::from(Sha256::digest(&buf)) == self.digests[chunk as usize]
         };
-        self.verdict(chunk, digest_ok)
-    }
-
-    /// The checker thread's verdict; verdicts for another download are
-    /// ignored.
-    pub fn on_checked(&mut self, c: Checked) -> Result<Received> {
-        let (tarball, chunk, r) = c;
-        if tarball != self.tarball {
-            return Ok(Received::Ignored("verdict for another download"));
-        }
-        let ok = r.ctx(self.path(), "write")?;
-        self.verdict(chunk, ok)
-    }
-
-    fn verdict(&mut self, chunk: u32, digest_ok: bool) -> Result<Received> {
-        let path = self.path();
         if digest_ok {
             self.window.chunk_verified(chunk);
             self.unsynced += 1;
@@ -651,6 +585,29 @@ mod tests {
         w.chunk_verified(1);
         let r = w.next_requests(now);
         assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [3]);
+    }
+
+    #[test]
+    fn chunks_being_checked_hold_their_place_in_the_window() {
+        let mut w = Window::new(
+            4 * 4096,
+            4096,
+            4096,
+            vec![false; 4],
+            2,
+            Duration::from_secs(5),
+        );
+        let now = t0();
+        assert_eq!(w.next_requests(now).len(), 2);
+        assert!(matches!(
+            w.on_piece(0, 4096),
+            Accept::Store { complete: true, .. }
+        ));
+        assert_eq!(w.room(), 0, "chunk 0 is being checked");
+        assert!(w.next_requests(now).is_empty());
+        w.chunk_verified(0);
+        let r = w.next_requests(now);
+        assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [2]);
     }
 
     #[test]

@@ -290,6 +290,37 @@ fn offer_downloads_hot_upgrades_and_reports_committed() {
 }
 
 #[test]
+fn sigterm_during_an_install_lets_it_reach_its_outcome() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"20s\"\nsoak = \"3s\"", "");
+    let bundle = s.bundle("1.1.0", &[]);
+    s.serve(&[]);
+    s.start_agent();
+    s.offer(&bundle);
+    let deadline = Instant::now() + OUTCOME;
+    while s.state_file()["current"]["phase"] != "soaking" {
+        assert!(Instant::now() < deadline, "{}", s.agent().log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let code = s.agent.as_mut().unwrap().term(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", s.agent().log());
+    assert!(
+        s.agent()
+            .log()
+            .contains("letting the install in progress reach its outcome"),
+        "{}",
+        s.agent().log()
+    );
+    assert_eq!(s.state_file()["history"][0]["outcome"], "committed");
+    assert!(s.state_file()["current"].is_null());
+    // The outcome went out before the agent left.
+    s.watch
+        .wait_for("committed event", Duration::from_secs(5), |m| {
+            m.topic.ends_with("/events") && m.json()["phase"] == "committed"
+        });
+    s.d.assert_settled_on("1.1.0", &[]);
+}
+
+#[test]
 fn unhealthy_release_is_rolled_back_reported_and_not_retried_until_asked() {
     let mut s = Setup::new(Broker::start(), "timeout = \"6s\"\nsoak = \"1s\"", "");
     s.d.node.incr().unwrap();
