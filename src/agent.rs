@@ -694,16 +694,19 @@ impl Agent {
             return Ok(());
         };
         if a.download.window.done() {
+            let received = a.started.elapsed();
             a.download.checkpoint()?;
             let a = self.active.take().expect("active");
             let took = a.started.elapsed();
             tracing::info!(
-                "fetched {} {}: {} bytes in {} ms ({:.1} MiB/s), {} requests, {} replies ignored",
+                "fetched {} {}: {} bytes in {} ms ({:.1} MiB/s; all verified in {} ms, durable at {} ms), {} requests, {} replies ignored",
                 a.manifest.release.name,
                 a.manifest.release.version,
                 a.manifest.tarball.size,
                 took.as_millis(),
                 a.manifest.tarball.size as f64 / 1048576.0 / took.as_secs_f64().max(1e-6),
+                received.as_millis(),
+                took.as_millis(),
                 a.download.window.requested,
                 a.download.window.ignored
             );
