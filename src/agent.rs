@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -1148,14 +1148,4 @@ fn group_requests(bundle: &str, pieces: &[crate::transfer::Piece]) -> Vec<ChunkR
         });
     }
     out
-}
-
-/// The agent's state directory for a config (for tests and tooling).
-pub fn agent_dir(cfg: &Config) -> PathBuf {
-    cfg.state.dir.join("agent")
-}
-
-/// Where the download of `cfg`'s agent lives.
-pub fn download_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("agent").join("download")
 }
