@@ -40,37 +40,6 @@ use crate::root::Root;
 use crate::state::{Outcome, OutcomeKind};
 use crate::transfer::{Download, Received};
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::transfer::Piece;
-
-    #[test]
-    fn adjacent_pieces_share_a_request() {
-        let p = |chunk, offset, len| Piece { chunk, offset, len };
-        let reqs = group_requests(
-            "b",
-            &[
-                p(0, 0, 100),
-                p(1, 100, 100),
-                p(2, 200, 40),
-                p(3, 240, 100),
-                p(7, 700, 100),
-            ],
-        );
-        let got: Vec<(u64, u32, Option<u32>)> =
-            reqs.iter().map(|r| (r.offset, r.len, r.piece)).collect();
-        assert_eq!(
-            got,
-            [(0, 240, Some(100)), (240, 100, None), (700, 100, None)]
-        );
-        let many: Vec<Piece> = (0..20).map(|i| p(i, u64::from(i) * 10, 10)).collect();
-        let reqs = group_requests("b", &many);
-        assert_eq!(reqs.len(), 3);
-        assert!(reqs.iter().all(|r| r.replies().count() <= 8));
-    }
-}
-
 /// Requests of tarball pieces in flight at once.
 pub const WINDOW: usize = 64;
 /// A piece not answered within this is asked again.
@@ -1148,4 +1117,35 @@ fn group_requests(bundle: &str, pieces: &[crate::transfer::Piece]) -> Vec<ChunkR
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::Piece;
+
+    #[test]
+    fn adjacent_pieces_share_a_request() {
+        let p = |chunk, offset, len| Piece { chunk, offset, len };
+        let reqs = group_requests(
+            "b",
+            &[
+                p(0, 0, 100),
+                p(1, 100, 100),
+                p(2, 200, 40),
+                p(3, 240, 100),
+                p(7, 700, 100),
+            ],
+        );
+        let got: Vec<(u64, u32, Option<u32>)> =
+            reqs.iter().map(|r| (r.offset, r.len, r.piece)).collect();
+        assert_eq!(
+            got,
+            [(0, 240, Some(100)), (240, 100, None), (700, 100, None)]
+        );
+        let many: Vec<Piece> = (0..20).map(|i| p(i, u64::from(i) * 10, 10)).collect();
+        let reqs = group_requests("b", &many);
+        assert_eq!(reqs.len(), 3);
+        assert!(reqs.iter().all(|r| r.replies().count() <= 8));
+    }
 }
