@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -39,37 +39,6 @@ use crate::protocol::{
 use crate::root::Root;
 use crate::state::{Outcome, OutcomeKind};
 use crate::transfer::{Download, Received};
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::transfer::Piece;
-
-    #[test]
-    fn adjacent_pieces_share_a_request() {
-        let p = |chunk, offset, len| Piece { chunk, offset, len };
-        let reqs = group_requests(
-            "b",
-            &[
-                p(0, 0, 100),
-                p(1, 100, 100),
-                p(2, 200, 40),
-                p(3, 240, 100),
-                p(7, 700, 100),
-            ],
-        );
-        let got: Vec<(u64, u32, Option<u32>)> =
-            reqs.iter().map(|r| (r.offset, r.len, r.piece)).collect();
-        assert_eq!(
-            got,
-            [(0, 240, Some(100)), (240, 100, None), (700, 100, None)]
-        );
-        let many: Vec<Piece> = (0..20).map(|i| p(i, u64::from(i) * 10, 10)).collect();
-        let reqs = group_requests("b", &many);
-        assert_eq!(reqs.len(), 3);
-        assert!(reqs.iter().all(|r| r.replies().count() <= 8));
-    }
-}
 
 /// Requests of tarball pieces in flight at once.
 pub const WINDOW: usize = 64;
@@ -694,16 +663,19 @@ impl Agent {
             return Ok(());
         };
         if a.download.window.done() {
+            let received = a.started.elapsed();
             a.download.checkpoint()?;
             let a = self.active.take().expect("active");
             let took = a.started.elapsed();
             tracing::info!(
-                "fetched {} {}: {} bytes in {} ms ({:.1} MiB/s), {} requests, {} replies ignored",
+                "fetched {} {}: {} bytes in {} ms ({:.1} MiB/s; all verified in {} ms, durable at {} ms), {} requests, {} replies ignored",
                 a.manifest.release.name,
                 a.manifest.release.version,
                 a.manifest.tarball.size,
                 took.as_millis(),
                 a.manifest.tarball.size as f64 / 1048576.0 / took.as_secs_f64().max(1e-6),
+                received.as_millis(),
+                took.as_millis(),
                 a.download.window.requested,
                 a.download.window.ignored
             );
@@ -1147,12 +1119,33 @@ fn group_requests(bundle: &str, pieces: &[crate::transfer::Piece]) -> Vec<ChunkR
     out
 }
 
-/// The agent's state directory for a config (for tests and tooling).
-pub fn agent_dir(cfg: &Config) -> PathBuf {
-    cfg.state.dir.join("agent")
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transfer::Piece;
 
-/// Where the download of `cfg`'s agent lives.
-pub fn download_dir(state_dir: &Path) -> PathBuf {
-    state_dir.join("agent").join("download")
+    #[test]
+    fn adjacent_pieces_share_a_request() {
+        let p = |chunk, offset, len| Piece { chunk, offset, len };
+        let reqs = group_requests(
+            "b",
+            &[
+                p(0, 0, 100),
+                p(1, 100, 100),
+                p(2, 200, 40),
+                p(3, 240, 100),
+                p(7, 700, 100),
+            ],
+        );
+        let got: Vec<(u64, u32, Option<u32>)> =
+            reqs.iter().map(|r| (r.offset, r.len, r.piece)).collect();
+        assert_eq!(
+            got,
+            [(0, 240, Some(100)), (240, 100, None), (700, 100, None)]
+        );
+        let many: Vec<Piece> = (0..20).map(|i| p(i, u64::from(i) * 10, 10)).collect();
+        let reqs = group_requests("b", &many);
+        assert_eq!(reqs.len(), 3);
+        assert!(reqs.iter().all(|r| r.replies().count() <= 8));
+    }
 }

@@ -357,6 +357,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Status { config, json } => return status_command(&config, json),
         Command::Agent { config } => {
             let cfg = Config::load(&config)?;
+            if cfg.mqtt.is_none() {
+                return Err(Error::Config {
+                    path: config,
+                    detail: "the agent needs an [mqtt] table (url, device_id, fleet)".into(),
+                });
+            }
             runtime()?.block_on(crate::agent::run(cfg))?;
         }
         Command::Serve {
