@@ -57,7 +57,7 @@ target_facts() {
         # Fully static. ring's C and assembly need no libc headers, so the
         # Debian cross gcc compiles them; it also links, against the musl
         # crt objects and libc.a that rustup ships with the target
-        # (self-contained linking). See cross/README.md.
+        # (self-contained linking). See "Building for devices" in README.md.
         TRIPLE=aarch64-unknown-linux-musl
         GCC=aarch64-linux-gnu-gcc
         GCC_PKGS=(gcc-aarch64-linux-gnu libc6-dev-arm64-cross)
