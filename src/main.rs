@@ -17,13 +17,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// `RUST_LOG` takes `LEVEL` or `target=LEVEL,...` directives (no regex
+/// filters: the regex engine would cost a device build about a quarter of
+/// its size). A malformed value falls back to the default level.
 fn init_logging(default: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
+    use tracing_subscriber::filter::Targets;
+    use tracing_subscriber::prelude::*;
+    let fallback = || default.parse::<Targets>().unwrap_or_default();
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Targets>().ok())
+        .unwrap_or_else(fallback);
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_target(false),
+        )
+        .with(filter)
         .init();
 }
