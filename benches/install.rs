@@ -184,32 +184,6 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-fn keys_and_root(dir: &Path) {
-    for args in [
-        &["keygen", "--out", "keys", "--name", "k"][..],
-        &[
-            "root",
-            "init",
-            "--key",
-            "keys/k.pub",
-            "--threshold",
-            "1",
-            "--sign",
-            "keys/k.key",
-            "--out",
-            "root.json",
-        ],
-    ] {
-        let st = Command::new(beamup())
-            .args(args)
-            .current_dir(dir)
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(st.success());
-    }
-}
-
 fn bundle_of(dir: &Path, tarball: &Path, name: &str) -> PathBuf {
     let st = Command::new(beamup())
         .args([

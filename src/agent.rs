@@ -498,17 +498,7 @@ impl Agent {
         {
             tracing::warn!("recording the rejection: {err}");
         }
-        let o = Outcome {
-            outcome: OutcomeKind::Rejected,
-            release: m.map_or(self.cfg.release.name.clone(), |m| m.release.name.clone()),
-            version: m.map_or("unknown".into(), |m| m.release.version.clone()),
-            from_version: None,
-            sequence: m.map(|m| m.sequence),
-            strategy: None,
-            reason: Some(e.to_string()),
-            at: now_text(),
-            interrupted: false,
-        };
+        let o = Outcome::rejected(m, &self.cfg.release.name, e.to_string());
         self.outcome_event(&o, m)
     }
 

@@ -133,17 +133,8 @@ impl<'a> Engine<'a> {
     }
 
     fn reject(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
-        self.state.finish(Outcome {
-            outcome: OutcomeKind::Rejected,
-            release: m.map_or(self.cfg.release.name.clone(), |m| m.release.name.clone()),
-            version: m.map_or("unknown".into(), |m| m.release.version.clone()),
-            from_version: None,
-            sequence: m.map(|m| m.sequence),
-            strategy: None,
-            reason: Some(e.to_string()),
-            at: manifest::format_time(SystemTime::now()),
-            interrupted: false,
-        });
+        self.state
+            .finish(Outcome::rejected(m, &self.cfg.release.name, e.to_string()));
         self.save()?;
         self.progress.phase("rejected", &e.to_string());
         Ok(())

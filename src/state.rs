@@ -137,6 +137,28 @@ pub struct Outcome {
     pub interrupted: bool,
 }
 
+impl Outcome {
+    /// A bundle or offer refused before anything changed; `m` when its
+    /// manifest was read far enough to name the release.
+    pub fn rejected(
+        m: Option<&crate::manifest::Manifest>,
+        release: &str,
+        reason: String,
+    ) -> Outcome {
+        Outcome {
+            outcome: OutcomeKind::Rejected,
+            release: m.map_or(release.to_string(), |m| m.release.name.clone()),
+            version: m.map_or("unknown".into(), |m| m.release.version.clone()),
+            from_version: None,
+            sequence: m.map(|m| m.sequence),
+            strategy: None,
+            reason: Some(reason),
+            at: crate::manifest::format_time(std::time::SystemTime::now()),
+            interrupted: false,
+        }
+    }
+}
+
 /// The state directory, locked for this process.
 pub struct Store {
     dir: PathBuf,
@@ -180,15 +202,7 @@ impl Store {
     }
 
     fn load(&self) -> Result<DeviceState> {
-        let path = self.path();
-        if !path.exists() {
-            return Ok(DeviceState::default());
-        }
-        let bytes = fsutil::read_limited(&path, STATE_LIMIT, "state file")?;
-        serde_json::from_slice(&bytes).map_err(|e| Error::State {
-            path: path.clone(),
-            detail: e.to_string(),
-        })
+        Self::peek(&self.dir)
     }
 
     /// Reads the state without taking the lock (for `beamup status`).

@@ -136,9 +136,44 @@ impl std::io::Read for NoiseReader {
     }
 }
 
+/// A signing key `keys/k.key` and a 1-of-1 trust root `root.json` in
+/// `dir`, made once.
+pub fn keys_and_root(dir: &Path) {
+    if dir.join("keys/k.key").exists() {
+        return;
+    }
+    for args in [
+        &["keygen", "--out", "keys", "--name", "k"][..],
+        &[
+            "root",
+            "init",
+            "--key",
+            "keys/k.pub",
+            "--threshold",
+            "1",
+            "--sign",
+            "keys/k.key",
+            "--out",
+            "root.json",
+        ],
+    ] {
+        let out = Command::new(beamup())
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
 /// Keys, a 1-of-1 root and a bundle of `tarball` in `dir`; returns the
 /// bundle's path.
 pub fn signed_bundle(dir: &Path, tarball: &Path) -> PathBuf {
+    keys_and_root(dir);
     let run = |args: &[&str]| {
         let out = Command::new(beamup())
             .args(args)
@@ -151,21 +186,6 @@ pub fn signed_bundle(dir: &Path, tarball: &Path) -> PathBuf {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    if !dir.join("keys/k.key").exists() {
-        run(&["keygen", "--out", "keys", "--name", "k"]);
-        run(&[
-            "root",
-            "init",
-            "--key",
-            "keys/k.pub",
-            "--threshold",
-            "1",
-            "--sign",
-            "keys/k.key",
-            "--out",
-            "root.json",
-        ]);
-    }
     let out = dir.join(format!(
         "{}.bundle",
         tarball.file_name().unwrap().to_string_lossy()
