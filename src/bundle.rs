@@ -51,6 +51,9 @@ pub struct BundleOptions {
     pub sequence: Option<u64>,
     pub allow_downgrade: bool,
     pub now: SystemTime,
+    /// Recompress the tarball as one gzip member per unit with an index in
+    /// the manifest (see [`crate::tarindex`]); `false` keeps its bytes.
+    pub indexed: bool,
 }
 
 impl Default for BundleOptions {
@@ -62,6 +65,7 @@ impl Default for BundleOptions {
             sequence: None,
             allow_downgrade: false,
             now: SystemTime::now(),
+            indexed: true,
         }
     }
 }
@@ -80,6 +84,20 @@ pub fn create(
         ));
     }
     let info = release::inspect(release_tar)?;
+    let mut repacked = None;
+    let mut parts = Vec::new();
+    let release_tar = if opts.indexed {
+        let tmp = Scratch(out.with_file_name(format!(
+            ".{}.tarball.tmp",
+            out.file_name().map_or("bundle".into(), |n| n.to_string_lossy())
+        )));
+        let input = File::open(release_tar).ctx(release_tar, "open")?;
+        let output = File::create(&tmp.0).ctx(&tmp.0, "create")?;
+        parts = crate::tarindex::index(input, output, &release_tar.display().to_string())?;
+        &repacked.insert(tmp).0
+    } else {
+        release_tar
+    };
     let mut file = File::open(release_tar).ctx(release_tar, "open")?;
     let size = file.metadata().ctx(release_tar, "stat")?.len();
     let digests = hash_stream(&mut file, size, opts.chunk_size).ctx(release_tar, "read")?;
@@ -102,6 +120,7 @@ pub fn create(
             chunk_size: opts.chunk_size,
             unpacked_size: info.unpacked_size,
             chunks: digests.chunks.iter().map(hex::encode).collect(),
+            parts,
         },
         target: opts.targets.clone(),
         created_at: manifest::format_time(created),
@@ -149,6 +168,15 @@ pub fn create(
     drop(w);
     out_file.commit()?;
     Ok(manifest)
+}
+
+/// A file removed when dropped (the repacked tarball, once copied).
+struct Scratch(PathBuf);
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 struct HashingReader<R> {
@@ -480,6 +508,31 @@ impl Bundle {
         ChunkVerifier::new(self.tarball(), m, self.path.clone())
     }
 
+    /// Like [`Bundle::verified_tarball`], for `len` bytes at `offset` (one
+    /// part of an indexed tarball): the chunks the range touches are read
+    /// and checked in full, nothing outside them is read.
+    pub fn verified_range<'a>(
+        &'a self,
+        m: &Manifest,
+        offset: u64,
+        len: u64,
+    ) -> ChunkVerifier<impl Read + 'a> {
+        let chunk_start =
+            offset / u64::from(m.tarball.chunk_size) * u64::from(m.tarball.chunk_size);
+        let reader = TarballReader {
+            file: &self.file,
+            pos: self.tarball_offset + chunk_start,
+            end: self.tarball_offset + self.tarball_size,
+        };
+        ChunkVerifier::range(
+            reader,
+            m,
+            self.path.clone(),
+            offset,
+            offset.saturating_add(len),
+        )
+    }
+
     /// Streams the tarball once and compares the whole and every chunk digest
     /// with the (verified) manifest.
     pub fn verify_tarball(&self, m: &Manifest) -> Result<()> {
@@ -561,28 +614,43 @@ impl ChunkMismatch {
     }
 }
 
-/// Hands out a tarball's bytes one verified chunk at a time (see
-/// [`Bundle::verified_tarball`]). Memory: one chunk.
+/// Hands out a tarball's bytes (or a range of them) one verified chunk at a
+/// time (see [`Bundle::verified_tarball`]). Memory: one chunk.
 pub struct ChunkVerifier<R> {
     inner: R,
     path: PathBuf,
     digests: Vec<[u8; 32]>,
     chunk_size: u64,
     size: u64,
+    /// The next chunk to read from `inner`.
     next: usize,
+    /// Where the handed-out range starts and ends, in tarball bytes.
+    start: u64,
+    end: u64,
     buf: Vec<u8>,
     pos: usize,
 }
 
 impl<R: Read> ChunkVerifier<R> {
+    /// Verifies the whole tarball read from `inner`.
     pub fn new(inner: R, m: &Manifest, path: PathBuf) -> Self {
+        Self::range(inner, m, path, 0, m.tarball.size)
+    }
+
+    /// Verifies bytes `start..end` of the tarball; `inner` must read from
+    /// the start of the chunk holding `start`. Whole chunks are read and
+    /// checked, only the range is handed out.
+    fn range(inner: R, m: &Manifest, path: PathBuf, start: u64, end: u64) -> Self {
+        let chunk_size = u64::from(m.tarball.chunk_size);
         ChunkVerifier {
             inner,
             path,
             digests: m.chunk_digests(),
-            chunk_size: u64::from(m.tarball.chunk_size),
+            chunk_size,
             size: m.tarball.size,
-            next: 0,
+            next: (start / chunk_size) as usize,
+            start,
+            end: end.min(m.tarball.size),
             buf: Vec::new(),
             pos: 0,
         }
@@ -592,11 +660,11 @@ impl<R: Read> ChunkVerifier<R> {
 impl<R: Read> Read for ChunkVerifier<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.pos == self.buf.len() {
-            if self.next == self.digests.len() {
+            let chunk_start = self.next as u64 * self.chunk_size;
+            if self.next == self.digests.len() || chunk_start >= self.end {
                 return Ok(0);
             }
-            let start = self.next as u64 * self.chunk_size;
-            let len = self.size.saturating_sub(start).min(self.chunk_size) as usize;
+            let len = self.size.saturating_sub(chunk_start).min(self.chunk_size) as usize;
             self.buf.resize(len, 0);
             self.inner.read_exact(&mut self.buf)?;
             if <[u8; 32]>::from(Sha256::digest(&self.buf)) != self.digests[self.next] {
@@ -607,13 +675,16 @@ impl<R: Read> Read for ChunkVerifier<R> {
                     ChunkMismatch {
                         path: self.path.clone(),
                         index: self.next,
-                        start,
-                        end: start + len as u64,
+                        start: chunk_start,
+                        end: chunk_start + len as u64,
                     },
                 ));
             }
             self.next += 1;
-            self.pos = 0;
+            // Only the range leaves: trim the chunk to it.
+            self.buf
+                .truncate((self.end - chunk_start).min(len as u64) as usize);
+            self.pos = self.start.saturating_sub(chunk_start) as usize;
         }
         let n = out.len().min(self.buf.len() - self.pos);
         out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
@@ -723,6 +794,7 @@ mod tests {
                 chunk_size: 4096,
                 unpacked_size: 1,
                 chunks: d.chunks.iter().map(hex::encode).collect(),
+                parts: Vec::new(),
             },
             target: vec!["any".into()],
             created_at: String::new(),

@@ -284,6 +284,12 @@ pub struct BundleArgs {
     /// Allow installing over a newer or equal release, or a higher sequence.
     #[arg(long)]
     allow_downgrade: bool,
+    /// Keep the tarball's bytes as they are. By default it is recompressed
+    /// as one gzip member per application, ERTS and release directory, with
+    /// an index in the manifest, so that a device reads and inflates only
+    /// what it does not have yet (still a valid .tar.gz).
+    #[arg(long)]
+    keep_tarball: bool,
     /// Who may install it: any, fleet:NAME, group:NAME or device:ID (repeat).
     #[arg(long = "target", value_name = "SCOPE", default_value = "any", value_parser = parse_scope)]
     targets: Vec<String>,
@@ -558,6 +564,7 @@ fn bundle_command(a: BundleArgs) -> Result<()> {
         sequence: a.sequence,
         allow_downgrade: a.allow_downgrade,
         now: SystemTime::now(),
+        indexed: !a.keep_tarball,
     };
     let m = bundle::create(&a.release, &keys, &opts, &a.out)?;
     println!("bundle      {}", a.out.display());
@@ -602,6 +609,12 @@ fn print_manifest(m: &Manifest) {
         m.tarball.chunks.len(),
         m.tarball.chunk_size
     );
+    if !m.tarball.parts.is_empty() {
+        println!(
+            "index       {} parts (a device reads only the ones it lacks)",
+            m.tarball.parts.len()
+        );
+    }
 }
 
 fn verify_command(a: VerifyArgs) -> Result<ExitCode> {

@@ -154,6 +154,7 @@ mod tests {
                 chunk_size: 4096,
                 unpacked_size: 1,
                 chunks: vec!["00".repeat(32)],
+                parts: Vec::new(),
             },
             target: vec!["any".into()],
             created_at: "2026-01-01T00:00:00Z".into(),

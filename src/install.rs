@@ -255,8 +255,8 @@ impl<'a> Engine<'a> {
         let running = self.check_offer(&m, opts.retry).await?;
         check_space(self.root(), m.tarball.unpacked_size)?;
         // The tarball's bytes are checked chunk by chunk as they are
-        // unpacked (`Bundle::verified_tarball`): one pass, nothing unverified
-        // is ever used.
+        // unpacked (`staging::unpack`): one pass over what is used, nothing
+        // unverified reaches the decompressor.
         let strategy = decide::strategy(&m, &running, &self.cfg.install.strategy)
             .map_err(|reason| Error::Refused { reason })?;
         self.clean_leftovers(&m).await?;
@@ -345,7 +345,7 @@ impl<'a> Engine<'a> {
             &format!("{} {}", m.release.name, m.release.version),
         );
         let t = Instant::now();
-        match staging::unpack(self.root(), &p.plan, m, p.bundle.verified_tarball(m)) {
+        match staging::unpack(self.root(), &p.plan, m, &p.bundle) {
             Ok(u) => tracing::debug!(
                 "unpacked {} files ({} bytes) in {:?}",
                 u.files,
@@ -363,9 +363,10 @@ impl<'a> Engine<'a> {
         // whatever state they are in. So the flush runs in the background
         // while the node installs and the health gate runs.
         let root = self.root().to_path_buf();
+        let creates = p.plan.creates.clone();
         self.pending_sync = Some(tokio::task::spawn_blocking(move || {
             let t = Instant::now();
-            let r = sync_fs(&root);
+            let r = sync_new(&root, &creates);
             tracing::debug!("synced the file system in {:?}", t.elapsed());
             r
         }));
@@ -808,6 +809,50 @@ fn check_space(root: &Path, need: u64) -> Result<()> {
             need: want,
             have,
         });
+    }
+    Ok(())
+}
+
+/// Makes the paths an unpack created durable. An upgrade adds a few dozen
+/// files: those are fsynced one by one, with their directories, so the
+/// commit does not wait for whatever else the device has in its page cache
+/// (`syncfs` would flush it all). Beyond that, one `syncfs` is cheaper.
+fn sync_new(root: &Path, creates: &[PathBuf]) -> Result<()> {
+    const MAX_ONE_BY_ONE: usize = 256;
+    let mut files = Vec::new();
+    let mut dirs = Vec::new();
+    let mut stack: Vec<PathBuf> = creates.iter().map(|p| root.join(p)).collect();
+    while let Some(p) = stack.pop() {
+        if files.len() + dirs.len() > MAX_ONE_BY_ONE {
+            return sync_fs(root);
+        }
+        let Ok(meta) = p.symlink_metadata() else {
+            continue;
+        };
+        if meta.is_dir() {
+            for entry in fs::read_dir(&p).ctx(&p, "read directory")? {
+                stack.push(entry.ctx(&p, "read directory")?.path());
+            }
+            dirs.push(p);
+        } else if meta.is_file() {
+            files.push(p);
+        }
+    }
+    for f in &files {
+        fs::File::open(f)
+            .and_then(|f| f.sync_all())
+            .ctx(f, "fsync")?;
+    }
+    // Children before parents, then the directories that gained an entry.
+    for d in dirs.iter().rev() {
+        fsutil::sync_dir(d)?;
+    }
+    let parents: std::collections::BTreeSet<PathBuf> = creates
+        .iter()
+        .filter_map(|p| root.join(p).parent().map(Path::to_path_buf))
+        .collect();
+    for d in parents {
+        fsutil::sync_dir(&d)?;
     }
     Ok(())
 }

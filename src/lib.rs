@@ -29,6 +29,7 @@ pub mod serve;
 pub mod signed;
 pub mod staging;
 pub mod state;
+pub mod tarindex;
 pub mod transfer;
 pub mod version;
 

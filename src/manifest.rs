@@ -71,6 +71,78 @@ pub struct TarballRef {
     pub unpacked_size: u64,
     /// SHA-256 of each `chunk_size` piece, in order; the last may be shorter.
     pub chunks: Vec<String>,
+    /// The tarball's index, when it is stored as one gzip member per
+    /// top-level unit (see [`Part`]); empty for a single gzip stream.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<Part>,
+}
+
+/// One gzip member of an indexed tarball: the whole tar entries of one
+/// top-level unit (`lib/APP-VSN`, `releases/VSN`, `bin/NAME`, `erts-VSN`,
+/// ...) and nothing else. A device that already has a unit does not read,
+/// hash or inflate its part, so an upgrade costs what it adds, not the size
+/// of the release. The parts are in order and cover the tarball exactly;
+/// the concatenation is still an ordinary `.tar.gz`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Part {
+    /// The unit, relative to the release root; empty for entries that
+    /// belong to no unit (top-level directories, the tar end blocks).
+    pub unit: String,
+    /// Byte offset of the gzip member in the tarball.
+    pub offset: u64,
+    /// Length of the gzip member in bytes.
+    pub size: u64,
+}
+
+/// Most parts an indexed tarball may have.
+pub const MAX_PARTS: usize = 100_000;
+
+/// Parts must tile the tarball in order, each non-empty, each named by a
+/// plain unit path (what [`crate::staging`] creates), so that a device can
+/// trust the index as much as it trusts the digests.
+fn validate_parts(parts: &[Part], size: u64) -> std::result::Result<(), String> {
+    if parts.is_empty() {
+        return Ok(());
+    }
+    if parts.len() > MAX_PARTS {
+        return Err(format!("{} parts (at most {MAX_PARTS})", parts.len()));
+    }
+    let mut at = 0u64;
+    for (i, p) in parts.iter().enumerate() {
+        if p.offset != at || p.size == 0 {
+            return Err(format!(
+                "part {i} ({:?}) spans {}+{} bytes; parts must follow each other from 0 without gaps",
+                p.unit, p.offset, p.size
+            ));
+        }
+        at = at.saturating_add(p.size);
+        if !p.unit.is_empty() && !is_unit_path(&p.unit) {
+            return Err(format!(
+                "part {i} names {:?}, which is not a top-level unit of a release",
+                p.unit
+            ));
+        }
+    }
+    if at != size {
+        return Err(format!(
+            "the parts cover {at} bytes of a {size}-byte tarball"
+        ));
+    }
+    Ok(())
+}
+
+/// `lib/X`, `releases/X`, `bin/X` or a single component, each component a
+/// safe name.
+pub fn is_unit_path(unit: &str) -> bool {
+    let mut parts = unit.split('/');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(first), None, None) => {
+            is_safe_name(first) && !["lib", "releases", "bin"].contains(&first)
+        }
+        (Some("lib" | "releases" | "bin"), Some(second), None) => is_safe_name(second),
+        _ => false,
+    }
 }
 
 /// A target scope, as written in a manifest or on the command line.
@@ -199,6 +271,7 @@ impl Manifest {
         if let Some(i) = t.chunks.iter().position(|c| parse_digest(c).is_none()) {
             return bad(format!("chunk {i} digest is not 64 hex digits"));
         }
+        validate_parts(&t.parts, t.size).map_err(|detail| Error::InvalidManifest { detail })?;
         if self.target.is_empty() {
             return bad("no target scope".into());
         }
@@ -291,6 +364,7 @@ mod tests {
                 chunk_size: 65536,
                 unpacked_size: 200_000,
                 chunks: vec!["cd".repeat(32), "ef".repeat(32)],
+                parts: Vec::new(),
             },
             target: vec!["any".into()],
             created_at: "2026-01-01T00:00:00Z".into(),
@@ -328,6 +402,43 @@ mod tests {
             let mut m = sample();
             m.release.version = v.into();
             assert!(m.validate().is_err(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn parts_must_tile_the_tarball_with_unit_names() {
+        let part = |unit: &str, offset, size| Part {
+            unit: unit.into(),
+            offset,
+            size,
+        };
+        let with = |parts: Vec<Part>| {
+            let mut m = sample();
+            m.tarball.parts = parts;
+            m.validate().map_err(|e| e.to_string())
+        };
+        with(vec![
+            part("lib/thermo-1.1.0", 0, 60_000),
+            part("releases/1.1.0", 60_000, 39_000),
+            part("", 99_000, 1_000),
+        ])
+        .unwrap();
+        for (parts, needle) in [
+            (vec![part("lib/a-1", 0, 50_000)], "cover 50000 bytes"),
+            (
+                vec![part("lib/a-1", 0, 60_000), part("", 50_000, 50_000)],
+                "without gaps",
+            ),
+            (
+                vec![part("lib/a-1", 0, 0), part("", 0, 100_000)],
+                "without gaps",
+            ),
+            (vec![part("lib/../etc", 0, 100_000)], "not a top-level unit"),
+            (vec![part("lib", 0, 100_000)], "not a top-level unit"),
+            (vec![part("lib/a/b", 0, 100_000)], "not a top-level unit"),
+        ] {
+            let e = with(parts).unwrap_err();
+            assert!(e.contains(needle), "{e}");
         }
     }
 

@@ -122,6 +122,7 @@ mod tests {
                 chunk_size: 4096,
                 unpacked_size: 1,
                 chunks: vec!["00".repeat(32)],
+                parts: Vec::new(),
             },
             target: target.iter().map(|s| s.to_string()).collect(),
             created_at: "2026-01-01T00:00:00Z".into(),

@@ -21,7 +21,9 @@ use std::path::{Path, PathBuf};
 
 use std::sync::mpsc;
 
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
+
+use crate::bundle::Bundle;
 
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
@@ -80,24 +82,35 @@ pub struct Unpacked {
     pub bytes: u64,
 }
 
-/// Unpacks the gzip-compressed release tarball read from `tarball` into
-/// `root`, creating only the paths in `plan`. `tarball` must check the
-/// manifest's chunk digests as it is read (see
-/// [`crate::bundle::Bundle::verified_tarball`]), so that no unverified byte
-/// reaches the decompressor; it is read to its end. On error, whatever was
-/// created is left for the caller to [`remove`] (the journal lists it).
+/// Unpacks the bundle's release tarball into `root`, creating only the
+/// paths in `plan`. Every byte is checked against the manifest's chunk
+/// digests before it reaches the decompressor. A plain tarball is read to
+/// its end; an indexed one (see [`crate::manifest::Part`]) only in the parts
+/// whose unit the plan creates: the rest is neither read nor inflated. On
+/// error, whatever was created is left for the caller to [`remove`] (the
+/// journal lists it).
 ///
 /// Two threads share the work, as `gzip -d | tar -x` does: one reads,
 /// verifies and inflates, the other checks entries and writes files.
-pub fn unpack<R: Read + Send>(
-    root: &Path,
-    plan: &Plan,
-    m: &Manifest,
-    tarball: R,
-) -> Result<Unpacked> {
+pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, bundle: &Bundle) -> Result<Unpacked> {
     let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
     std::thread::scope(|s| {
-        s.spawn(move || inflate_into(tarball, tx));
+        s.spawn(move || {
+            if m.tarball.parts.is_empty() {
+                inflate_into(bundle.verified_tarball(m), &tx);
+            } else {
+                let wanted: HashSet<&Path> = plan.creates.iter().map(PathBuf::as_path).collect();
+                for part in &m.tarball.parts {
+                    if part.unit.is_empty() || !wanted.contains(Path::new(&part.unit)) {
+                        continue;
+                    }
+                    let range = bundle.verified_range(m, part.offset, part.size);
+                    if !inflate_into(range, &tx) {
+                        return;
+                    }
+                }
+            }
+        });
         extract(
             root,
             plan,
@@ -115,11 +128,12 @@ pub fn unpack<R: Read + Send>(
 const PIPE_DEPTH: usize = 4;
 const PIPE_BLOCK: usize = 256 * 1024;
 
-/// Inflates `tarball` into `tx`, then reads the compressed stream to its end
-/// (so its verification covers every chunk). An error goes down the channel
-/// as the last message; a closed channel (the extractor gave up) stops it.
-fn inflate_into<R: Read>(tarball: R, tx: mpsc::SyncSender<io::Result<Vec<u8>>>) {
-    let mut gz = GzDecoder::new(io::BufReader::with_capacity(PIPE_BLOCK, tarball));
+/// Inflates one gzip stream (all its members) from `tarball` into `tx`,
+/// then reads `tarball` to its end (so its verification covers every
+/// chunk). An error goes down the channel as the last message; a closed
+/// channel (the extractor gave up) stops it. `false` when it stopped.
+fn inflate_into<R: Read>(tarball: R, tx: &mpsc::SyncSender<io::Result<Vec<u8>>>) -> bool {
+    let mut gz = MultiGzDecoder::new(io::BufReader::with_capacity(PIPE_BLOCK, tarball));
     loop {
         let mut buf = vec![0u8; PIPE_BLOCK];
         match gz.read(&mut buf) {
@@ -127,18 +141,20 @@ fn inflate_into<R: Read>(tarball: R, tx: mpsc::SyncSender<io::Result<Vec<u8>>>) 
             Ok(n) => {
                 buf.truncate(n);
                 if tx.send(Ok(buf)).is_err() {
-                    return;
+                    return false;
                 }
             }
             Err(e) => {
                 let _ = tx.send(Err(e));
-                return;
+                return false;
             }
         }
     }
     if let Err(e) = io::copy(&mut gz.into_inner(), &mut io::sink()) {
         let _ = tx.send(Err(e));
+        return false;
     }
+    true
 }
 
 /// The receiving end of the inflate pipe as a `Read`; the sender hanging up
@@ -348,7 +364,7 @@ fn describe(t: tar::EntryType) -> &'static str {
 
 /// The top-level unit an entry belongs to: `lib/X`, `releases/X`, `bin/X`
 /// or, for anything else, its first component (e.g. `erts-13.1.5`).
-fn top_of(rel: &Path) -> Option<PathBuf> {
+pub(crate) fn top_of(rel: &Path) -> Option<PathBuf> {
     let mut c = rel.components();
     let first = c.next()?.as_os_str();
     if first == "lib" || first == "releases" || first == "bin" {
@@ -361,7 +377,7 @@ fn top_of(rel: &Path) -> Option<PathBuf> {
 
 /// A tar path as a plain relative path: no leading `/`, no `..`, no `.`
 /// components other than leading `./`. `Ok(None)` for the archive root.
-fn safe_relative_path(raw: &[u8]) -> std::result::Result<Option<PathBuf>, String> {
+pub(crate) fn safe_relative_path(raw: &[u8]) -> std::result::Result<Option<PathBuf>, String> {
     let s = std::str::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_string())?;
     let shown = || s.chars().take(200).collect::<String>();
     if s.len() > MAX_PATH {

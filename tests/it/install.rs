@@ -84,8 +84,10 @@ fn unhealthy_release_is_rolled_back_hot_and_the_next_install_succeeds() {
     // The same bundle is not retried by accident ...
     let again = d.install(&d.bundle("1.2.0"), &[]);
     again.fails_after_progress(exit::REFUSED as i32, "was rolled back at");
-    // ... and the failure did not block the next release.
-    d.install(&d.bundle("1.1.0"), &[]).ok();
+    // ... and the failure did not block the next release (bundled with the
+    // tarball as rebar3 made it: one gzip stream, inflated whole).
+    let plain = d.bundle_with("1.1.0", "thermo-1.1.0-plain.bundle", &["--keep-tarball"]);
+    d.install(&plain, &[]).ok();
     assert_eq!(d.version_and_counter(), ("1.1.0".into(), 2));
     d.assert_settled_on("1.1.0", &["1.2.0"]);
 }
@@ -279,7 +281,44 @@ enum Entry {
 
 /// Writes a gzip tar with raw headers (no path checks: that is the point).
 fn hostile_tarball(entries: &[Entry]) -> Vec<u8> {
-    let mut tar = Vec::new();
+    let mut tar: Vec<u8> = hostile_entries(entries).into_iter().flatten().collect();
+    tar.extend_from_slice(&[0; 1024]);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&tar).unwrap();
+    gz.finish().unwrap()
+}
+
+/// The same entries as an indexed tarball whose index claims every hostile
+/// entry for `lib/thermo-1.1.0`, a part the device unpacks: what a
+/// compromised signer could produce.
+fn hostile_indexed_tarball(entries: &[Entry]) -> (Vec<u8>, Vec<beamup::manifest::Part>) {
+    let mut groups: Vec<(&str, Vec<u8>)> =
+        vec![("releases/1.1.0", vec![]), ("lib/thermo-1.1.0", vec![])];
+    for e in hostile_entries(entries) {
+        let name = String::from_utf8_lossy(&e[..100]).into_owned();
+        let g = usize::from(!name.starts_with("releases/1.1.0"));
+        groups[g].1.extend_from_slice(&e);
+    }
+    groups.push(("", vec![0; 1024]));
+    let mut out = Vec::new();
+    let mut parts = Vec::new();
+    for (unit, tar) in groups {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&tar).unwrap();
+        let member = gz.finish().unwrap();
+        parts.push(beamup::manifest::Part {
+            unit: unit.into(),
+            offset: out.len() as u64,
+            size: member.len() as u64,
+        });
+        out.extend_from_slice(&member);
+    }
+    (out, parts)
+}
+
+/// Each entry as its header and padded data.
+fn hostile_entries(entries: &[Entry]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
     let rel = br#"{release,{"thermo","1.1.0"},{erts,"13.1.5"},[{kernel,"8.5.3"},{stdlib,"4.2"},{sasl,"4.2"},{thermo,"1.1.0"}]}."#;
     let mut all = vec![
         Entry::File("releases/1.1.0/thermo.rel", rel.to_vec()),
@@ -307,20 +346,28 @@ fn hostile_tarball(entries: &[Entry]) -> Vec<u8> {
         h.set_mode(0o644);
         h.set_entry_type(kind);
         h.set_cksum();
-        tar.extend_from_slice(h.as_bytes());
+        let mut tar = h.as_bytes().to_vec();
         tar.extend_from_slice(data);
         tar.resize(tar.len().div_ceil(512) * 512, 0);
+        out.push(tar);
     }
-    tar.extend_from_slice(&[0; 1024]);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    gz.write_all(&tar).unwrap();
-    gz.finish().unwrap()
+    out
 }
 
 /// A correctly signed bundle around arbitrary tarball bytes: what a
 /// compromised build server could produce. `unpacked` is the size the
 /// manifest declares.
 fn signed_bundle_of(d: &Device, name: &str, tarball: &[u8], unpacked: u64) -> PathBuf {
+    signed_indexed_bundle_of(d, name, tarball, Vec::new(), unpacked)
+}
+
+fn signed_indexed_bundle_of(
+    d: &Device,
+    name: &str,
+    tarball: &[u8],
+    parts: Vec<beamup::manifest::Part>,
+    unpacked: u64,
+) -> PathBuf {
     use beamup::manifest::*;
     let digests =
         beamup::bundle::hash_stream(&mut &tarball[..], tarball.len() as u64, DEFAULT_CHUNK_SIZE)
@@ -343,6 +390,7 @@ fn signed_bundle_of(d: &Device, name: &str, tarball: &[u8], unpacked: u64) -> Pa
             chunk_size: DEFAULT_CHUNK_SIZE,
             unpacked_size: unpacked,
             chunks: digests.chunks.iter().map(hex::encode).collect(),
+            parts,
         },
         target: vec!["any".into()],
         created_at: format_time(std::time::SystemTime::now()),
@@ -425,16 +473,27 @@ fn hostile_tarballs_are_refused_with_the_release_untouched() {
     ];
     for (name, entries, needle) in cases {
         let tarball = hostile_tarball(&entries);
-        let bundle = signed_bundle_of(&d, &format!("{name}.bundle"), &tarball, 1 << 20);
-        let run = d.install(&bundle, &[]);
-        assert_eq!(
-            run.code,
-            exit::UNSAFE_TARBALL as i32,
-            "{name}: {}",
-            run.stderr
+        let plain = signed_bundle_of(&d, &format!("{name}.bundle"), &tarball, 1 << 20);
+        let (tarball, parts) = hostile_indexed_tarball(&entries);
+        let indexed = signed_indexed_bundle_of(
+            &d,
+            &format!("{name}-indexed.bundle"),
+            &tarball,
+            parts,
+            1 << 20,
         );
-        assert!(run.stderr.contains(needle), "{name}: {}", run.stderr);
-        assert_eq!(d.snapshot(), before, "{name}: the release root changed");
+        for bundle in [plain, indexed] {
+            let run = d.install(&bundle, &[]);
+            let shown = bundle.file_name().unwrap().to_string_lossy();
+            assert_eq!(
+                run.code,
+                exit::UNSAFE_TARBALL as i32,
+                "{shown}: {}",
+                run.stderr
+            );
+            assert!(run.stderr.contains(needle), "{shown}: {}", run.stderr);
+            assert_eq!(d.snapshot(), before, "{shown}: the release root changed");
+        }
     }
     // More data than the manifest declares (a gzip bomb).
     let big = hostile_tarball(&[Entry::File("lib/thermo-1.1.0/priv/zeros", vec![0; 4 << 20])]);

@@ -4,6 +4,7 @@
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use crate::cli::{Run, beamup, beamup_with_memory_cap, fake_release, tar_header};
 use beamup::error::exit;
@@ -146,21 +147,45 @@ fn round_trip_with_two_of_three_threshold() {
     assert_eq!(v["manifest"]["erts"], "13.1.5");
     assert_eq!(v["manifest"]["upgrade_from"][0], "1.0.0");
     assert_eq!(v["signed_by"].as_array().unwrap().len(), 2);
-    let size = fs::metadata(&f.release).unwrap().len();
+    // The tarball is stored indexed: recompressed per unit, still an
+    // ordinary .tar.gz holding the same entries as the one rebar3 made.
+    let size = beamup::bundle::Bundle::open(&f.dir.join("good.bundle"))
+        .unwrap()
+        .tarball_size();
     assert_eq!(v["manifest"]["tarball"]["size"], size);
+    let inner = f.dir.join("inner.tar.gz");
+    let listing = |tgz: &Path| {
+        let out = Command::new("tar").arg("-tzvf").arg(tgz).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let out = Command::new("tar")
+        .args(["-xOf", "good.bundle", "release.tar.gz"])
+        .current_dir(&f.dir)
+        .output()
+        .unwrap();
+    fs::write(&inner, out.stdout).unwrap();
+    assert_eq!(listing(&inner), listing(&f.release));
     assert_eq!(
         v["manifest"]["tarball"]["chunk_count"],
         size.div_ceil(65536)
     );
 
-    // The bundle is a plain tar: the release comes back out byte for byte.
-    let x = std::process::Command::new("tar")
-        .args(["-xOf", "good.bundle", "release.tar.gz"])
+    // With --keep-tarball the release comes back out byte for byte.
+    f.bundle("kept.bundle", &["a", "b"], &["--keep-tarball"])
+        .ok();
+    let x = Command::new("tar")
+        .args(["-xOf", "kept.bundle", "release.tar.gz"])
         .current_dir(&f.dir)
         .output()
         .unwrap();
     assert!(x.status.success());
     assert_eq!(x.stdout, fs::read(&f.release).unwrap());
+    f.verify("kept.bundle", &[]).ok();
 
     // Any two of the three keys meet the threshold.
     f.bundle("bc.bundle", &["b", "c"], &[]).ok();
@@ -433,7 +458,10 @@ fn truncated_bundles() {
         ("in-tarball", off + 1000),
         (
             "last-byte",
-            off + fs::metadata(&f.release).unwrap().len() as usize - 1,
+            off + beamup::bundle::Bundle::open(&f.bundle)
+                .unwrap()
+                .tarball_size() as usize
+                - 1,
         ),
     ] {
         let file = format!("cut-{name}.bundle");
