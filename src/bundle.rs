@@ -824,6 +824,22 @@ mod tests {
             (mismatch.index, mismatch.start, mismatch.end),
             (3, 12288, 16384)
         );
+
+        // A range hands out exactly its bytes, checks the chunks it touches
+        // whole, and never reads the others (a bad chunk there is not seen).
+        let range = |bytes: &[u8], start: u64, end: u64| {
+            let first = (start / 4096 * 4096) as usize;
+            let mut out = Vec::new();
+            ChunkVerifier::range(&bytes[first..], &m, "b".into(), start, end)
+                .read_to_end(&mut out)
+                .map(|_| out)
+        };
+        assert_eq!(range(&data, 5000, 13_000).unwrap(), data[5000..13_000]);
+        assert_eq!(range(&data, 19_000, 20_000).unwrap(), data[19_000..]);
+        assert_eq!(range(&bad, 0, 12_288).unwrap(), data[..12_288]);
+        assert_eq!(range(&bad, 16_384, 20_000).unwrap(), data[16_384..]);
+        let e = range(&bad, 16_000, 16_500).unwrap_err();
+        assert!(e.to_string().contains("chunk 3"), "{e}");
     }
 
     #[test]
