@@ -68,6 +68,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Unpack a bundle's release into a directory, with no node running:
+    /// provision a device, or stage a new version beside an installed one.
+    ///
+    /// An empty or missing DIR gets the whole release (start scripts and
+    /// ERTS included): `DIR/bin/REL` boots it. A DIR holding a release of
+    /// the same name gets only what the new version adds, beside it, as
+    /// `install` unpacks it; nothing there is overwritten or made to run.
+    /// Verified as `install` verifies (signatures, expiry, target scopes
+    /// when --device/--fleet/--group are given) except anti-rollback,
+    /// which `install` checks against the node.
+    ///
+    /// Exit codes: 0 unpacked, 5 that version is in DIR already, 24 DIR
+    /// holds something else, 10-29 rejected (nothing written; the code
+    /// says why).
+    Unpack(UnpackArgs),
     /// Finish or undo an install that was interrupted (power loss, kill).
     Recover {
         #[arg(long, value_name = "agent.toml")]
@@ -319,6 +334,18 @@ pub struct VerifyArgs {
     /// The last sequence number the device accepted.
     #[arg(long, value_name = "N")]
     last_sequence: Option<u64>,
+    #[command(flatten)]
+    identity: IdentityArgs,
+    /// Verify as of this time instead of now (RFC 3339), e.g. to see whether
+    /// a bundle will still be valid on the day of a site visit.
+    #[arg(long, value_name = "TIME")]
+    at: Option<String>,
+}
+
+/// Who the device is, for the bundle's target scopes (checked only when
+/// one of these is given).
+#[derive(Args, Debug)]
+pub struct IdentityArgs {
     /// Check the target scopes for this device id ...
     #[arg(long, value_name = "ID")]
     device: Option<String>,
@@ -328,10 +355,36 @@ pub struct VerifyArgs {
     /// ... and these groups (repeat).
     #[arg(long = "group", value_name = "NAME")]
     groups: Vec<String>,
-    /// Verify as of this time instead of now (RFC 3339), e.g. to see whether
-    /// a bundle will still be valid on the day of a site visit.
-    #[arg(long, value_name = "TIME")]
-    at: Option<String>,
+}
+
+impl IdentityArgs {
+    fn identity(&self) -> Option<Identity> {
+        (self.device.is_some() || self.fleet.is_some() || !self.groups.is_empty()).then(|| {
+            Identity {
+                fleet: self.fleet.clone(),
+                device: self.device.clone(),
+                groups: self.groups.clone(),
+            }
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct UnpackArgs {
+    /// The bundle file (from `beamup bundle`).
+    bundle: PathBuf,
+    /// Trust root to verify against.
+    #[arg(long, value_name = "ROOT")]
+    root: PathBuf,
+    /// Release root to unpack into: empty or missing (provision), or
+    /// holding an installed release of the same name (stage beside it).
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+    #[command(flatten)]
+    identity: IdentityArgs,
+    /// Print the result as JSON on stdout (also on failure).
+    #[arg(long)]
+    json: bool,
 }
 
 fn parse_scope(s: &str) -> std::result::Result<String, String> {
@@ -353,6 +406,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Root(cmd) => root_command(cmd)?,
         Command::Bundle(args) => bundle_command(args)?,
         Command::Verify(args) => return verify_command(args),
+        Command::Unpack(args) => return unpack_command(args),
         Command::Install {
             bundle,
             config,
@@ -649,6 +703,93 @@ fn verify_command(a: VerifyArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn unpack_command(a: UnpackArgs) -> Result<ExitCode> {
+    let result = crate::unpack::unpack(&crate::unpack::Request {
+        bundle: &a.bundle,
+        trust_root: &a.root,
+        dir: &a.out,
+        identity: a.identity.identity(),
+        now: SystemTime::now(),
+    });
+    if a.json {
+        let doc = match &result {
+            Ok(r) => json!({
+                "ok": true,
+                "file": a.bundle,
+                "dir": a.out,
+                "mode": r.mode.name(),
+                "created": r.created,
+                "present": r.present,
+                "files": r.files,
+                "bytes": r.bytes,
+                "root_version": r.root_version,
+                "signed_by": r.signed_by,
+                "manifest": manifest_json(&r.manifest),
+            }),
+            Err(e) => json!({
+                "ok": false,
+                "file": a.bundle,
+                "dir": a.out,
+                "error": {"kind": e.kind(), "exit_code": e.exit_code(), "message": e.to_string()},
+            }),
+        };
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
+    }
+    let r = result?;
+    if a.json {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let m = &r.manifest;
+    let dir = a.out.display();
+    println!(
+        "verified    {} {} (sequence {}), signed by {} (root version {})",
+        m.release.name,
+        m.release.version,
+        m.sequence,
+        r.signed_by.join(", "),
+        r.root_version
+    );
+    let how = match r.mode {
+        crate::unpack::Mode::Provision => "the whole release",
+        crate::unpack::Mode::Stage => "beside the installed release",
+    };
+    println!(
+        "unpacked    {} files, {} bytes into {dir} ({how})",
+        r.files, r.bytes
+    );
+    for p in &r.created {
+        let slash = if a.out.join(p).is_dir() { "/" } else { "" };
+        println!("created     {}{slash}", p.display());
+    }
+    for p in &r.present {
+        println!(
+            "present     {}/ (already there, left as it is)",
+            p.display()
+        );
+    }
+    match r.mode {
+        crate::unpack::Mode::Provision => {
+            if !m.includes_erts {
+                println!(
+                    "note        the release has no ERTS: the device needs Erlang/OTP with ERTS {}",
+                    m.erts
+                );
+            }
+            println!(
+                "next        start it: {dir}/bin/{} daemon (or through its service unit)",
+                m.release.name
+            );
+        }
+        crate::unpack::Mode::Stage => println!(
+            "next        the installed release is unchanged; `beamup install {} --config agent.toml` \
+             with the node running switches to {} (hot or cold, health-gated)",
+            a.bundle.display(),
+            m.release.version
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// The manifest without its chunk list, which is long and of no use to a
 /// person or a script (the count and size are kept).
 fn manifest_json(m: &Manifest) -> serde_json::Value {
@@ -670,16 +811,10 @@ fn verify_inner(a: &VerifyArgs) -> Result<bundle::Verified> {
         })?,
         None => SystemTime::now(),
     };
-    let identity =
-        (a.device.is_some() || a.fleet.is_some() || !a.groups.is_empty()).then(|| Identity {
-            fleet: a.fleet.clone(),
-            device: a.device.clone(),
-            groups: a.groups.clone(),
-        });
     let device = DeviceFacts {
         installed_version: a.installed.clone(),
         last_sequence: a.last_sequence,
-        identity,
+        identity: a.identity.identity(),
     };
     bundle::verify(&a.file, &root, now, &device)
 }

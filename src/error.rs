@@ -140,7 +140,7 @@ pub enum Error {
     )]
     UnsafeTarball { detail: String },
 
-    #[error("install refused: {reason}")]
+    #[error("refused: {reason}")]
     Refused { reason: String },
 
     #[error("{}: not enough free space: need {need} bytes, {have} available; free some space and retry", path.display())]

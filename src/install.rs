@@ -798,7 +798,7 @@ fn crash_point(point: &str) {
     }
 }
 
-fn check_space(root: &Path, need: u64) -> Result<()> {
+pub(crate) fn check_space(root: &Path, need: u64) -> Result<()> {
     let st = nix::sys::statvfs::statvfs(root).map_err(|e| Error::io(root, "statvfs", e.into()))?;
     let have = st.blocks_available() as u64 * st.fragment_size() as u64;
     // Room for the files plus a margin for directories and the journal.
@@ -817,7 +817,7 @@ fn check_space(root: &Path, need: u64) -> Result<()> {
 /// files: those are fsynced one by one, with their directories, so the
 /// commit does not wait for whatever else the device has in its page cache
 /// (`syncfs` would flush it all). Beyond that, one `syncfs` is cheaper.
-fn sync_new(root: &Path, creates: &[PathBuf]) -> Result<()> {
+pub(crate) fn sync_new(root: &Path, creates: &[PathBuf]) -> Result<()> {
     const MAX_ONE_BY_ONE: usize = 256;
     let mut files = Vec::new();
     let mut dirs = Vec::new();

@@ -31,6 +31,7 @@ pub mod staging;
 pub mod state;
 pub mod tarindex;
 pub mod transfer;
+pub mod unpack;
 pub mod version;
 
 pub use error::{Error, Result};

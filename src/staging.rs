@@ -59,6 +59,65 @@ pub fn plan(root: &Path, release_name: &str, m: &Manifest) -> Plan {
     Plan { creates }
 }
 
+/// For a root that holds no release yet (provisioning): every top-level
+/// unit the tarball holds (see `top_of`: `bin/X`, `releases/X`, `lib/X`,
+/// `erts-X`, ...) that does not exist in `root`, start scripts and
+/// `releases/RELEASES` included. An indexed tarball's signed index names
+/// them; a plain one is read once through the chunk verifier (refusing
+/// entry names that [`unpack`] refuses, and stopping once the entries
+/// declare more than the manifest's unpacked size).
+pub fn plan_all(root: &Path, m: &Manifest, bundle: &Bundle) -> Result<Plan> {
+    let tops: std::collections::BTreeSet<PathBuf> = if m.tarball.parts.is_empty() {
+        tops_of_stream(m, bundle.verified_tarball(m))?
+    } else {
+        m.tarball
+            .parts
+            .iter()
+            .filter(|p| !p.unit.is_empty())
+            .map(|p| PathBuf::from(&p.unit))
+            .collect()
+    };
+    let creates = tops
+        .into_iter()
+        .filter(|p| root.join(p).symlink_metadata().is_err())
+        .collect();
+    Ok(Plan { creates })
+}
+
+fn tops_of_stream(m: &Manifest, tarball: impl Read) -> Result<std::collections::BTreeSet<PathBuf>> {
+    let unsafe_tar = |detail: String| Error::UnsafeTarball { detail };
+    let mut gz = MultiGzDecoder::new(io::BufReader::with_capacity(PIPE_BLOCK, tarball));
+    let mut tops = std::collections::BTreeSet::new();
+    let (mut declared, mut seen) = (0u64, 0u64);
+    {
+        let mut archive = tar::Archive::new(&mut gz);
+        for entry in archive.entries().map_err(|e| stream_error(&e))? {
+            let entry = entry.map_err(|e| stream_error(&e))?;
+            seen += 1;
+            if seen > MAX_ENTRIES {
+                return Err(unsafe_tar(format!("more than {MAX_ENTRIES} entries")));
+            }
+            let Some(rel) = safe_relative_path(&entry.path_bytes()).map_err(unsafe_tar)? else {
+                continue;
+            };
+            declared = declared.saturating_add(entry.size());
+            if declared > m.tarball.unpacked_size {
+                return Err(unsafe_tar(format!(
+                    "it unpacks to more than the {} bytes its manifest declares (at {})",
+                    m.tarball.unpacked_size,
+                    rel.display()
+                )));
+            }
+            tops.extend(top_of(&rel));
+        }
+    }
+    // The rest: tar end blocks and the gzip trailer, then whatever follows
+    // it, so that every chunk is checked.
+    io::copy(&mut gz, &mut io::sink()).map_err(|e| stream_error(&e))?;
+    io::copy(&mut gz.into_inner(), &mut io::sink()).map_err(|e| stream_error(&e))?;
+    Ok(tops)
+}
+
 /// Removes what a plan created (or may have started to create). Idempotent;
 /// used on failure and by recovery.
 pub fn remove(root: &Path, plan: &Plan) -> Result<()> {

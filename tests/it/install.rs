@@ -272,7 +272,7 @@ fn bad_bundles_are_rejected_and_the_release_is_untouched() {
 }
 
 /// One entry of a hand-made (hostile) release tarball.
-enum Entry {
+pub(crate) enum Entry {
     File(&'static str, Vec<u8>),
     Symlink(&'static str, &'static str),
     Hardlink(&'static str, &'static str),
@@ -280,7 +280,7 @@ enum Entry {
 }
 
 /// Writes a gzip tar with raw headers (no path checks: that is the point).
-fn hostile_tarball(entries: &[Entry]) -> Vec<u8> {
+pub(crate) fn hostile_tarball(entries: &[Entry]) -> Vec<u8> {
     let mut tar: Vec<u8> = hostile_entries(entries).into_iter().flatten().collect();
     tar.extend_from_slice(&[0; 1024]);
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
@@ -291,7 +291,7 @@ fn hostile_tarball(entries: &[Entry]) -> Vec<u8> {
 /// The same entries as an indexed tarball whose index claims every hostile
 /// entry for `lib/thermo-1.1.0`, a part the device unpacks: what a
 /// compromised signer could produce.
-fn hostile_indexed_tarball(entries: &[Entry]) -> (Vec<u8>, Vec<beamup::manifest::Part>) {
+pub(crate) fn hostile_indexed_tarball(entries: &[Entry]) -> (Vec<u8>, Vec<beamup::manifest::Part>) {
     let mut groups: Vec<(&str, Vec<u8>)> =
         vec![("releases/1.1.0", vec![]), ("lib/thermo-1.1.0", vec![])];
     for e in hostile_entries(entries) {
@@ -355,14 +355,14 @@ fn hostile_entries(entries: &[Entry]) -> Vec<Vec<u8>> {
 }
 
 /// A correctly signed bundle around arbitrary tarball bytes: what a
-/// compromised build server could produce. `unpacked` is the size the
-/// manifest declares.
-fn signed_bundle_of(d: &Device, name: &str, tarball: &[u8], unpacked: u64) -> PathBuf {
-    signed_indexed_bundle_of(d, name, tarball, Vec::new(), unpacked)
+/// compromised build server could produce, signed with `dir/keys/k.key` and
+/// written to `dir/name`. `unpacked` is the size the manifest declares.
+pub(crate) fn signed_bundle_of(dir: &Path, name: &str, tarball: &[u8], unpacked: u64) -> PathBuf {
+    signed_indexed_bundle_of(dir, name, tarball, Vec::new(), unpacked)
 }
 
-fn signed_indexed_bundle_of(
-    d: &Device,
+pub(crate) fn signed_indexed_bundle_of(
+    dir: &Path,
     name: &str,
     tarball: &[u8],
     parts: Vec<beamup::manifest::Part>,
@@ -398,7 +398,7 @@ fn signed_indexed_bundle_of(
         sequence: 1,
         allow_downgrade: false,
     };
-    let key = beamup::keys::SecretKey::load(&d.path().join("keys/k.key")).unwrap();
+    let key = beamup::keys::SecretKey::load(&dir.join("keys/k.key")).unwrap();
     let env =
         beamup::signed::Envelope::sign(beamup::signed::DocKind::Manifest, &m, &[key]).to_bytes();
     let mut out = tar_header("manifest.json", env.len() as u64).to_vec();
@@ -408,7 +408,7 @@ fn signed_indexed_bundle_of(
     out.extend_from_slice(tarball);
     out.resize(out.len().div_ceil(512) * 512, 0);
     out.extend_from_slice(&[0; 1024]);
-    let path = d.path().join(name);
+    let path = dir.join(name);
     fs::write(&path, out).unwrap();
     path
 }
@@ -473,10 +473,10 @@ fn hostile_tarballs_are_refused_with_the_release_untouched() {
     ];
     for (name, entries, needle) in cases {
         let tarball = hostile_tarball(&entries);
-        let plain = signed_bundle_of(&d, &format!("{name}.bundle"), &tarball, 1 << 20);
+        let plain = signed_bundle_of(d.path(), &format!("{name}.bundle"), &tarball, 1 << 20);
         let (tarball, parts) = hostile_indexed_tarball(&entries);
         let indexed = signed_indexed_bundle_of(
-            &d,
+            d.path(),
             &format!("{name}-indexed.bundle"),
             &tarball,
             parts,
@@ -497,7 +497,7 @@ fn hostile_tarballs_are_refused_with_the_release_untouched() {
     }
     // More data than the manifest declares (a gzip bomb).
     let big = hostile_tarball(&[Entry::File("lib/thermo-1.1.0/priv/zeros", vec![0; 4 << 20])]);
-    let bundle = signed_bundle_of(&d, "bomb.bundle", &big, 1 << 20);
+    let bundle = signed_bundle_of(d.path(), "bomb.bundle", &big, 1 << 20);
     d.install(&bundle, &[]).fails_after_progress(
         exit::UNSAFE_TARBALL as i32,
         "unpacks to more than the 1048576 bytes its manifest declares",
@@ -505,7 +505,7 @@ fn hostile_tarballs_are_refused_with_the_release_untouched() {
     // A truncated gzip stream (signed as it is).
     let good = hostile_tarball(&[]);
     let bundle = signed_bundle_of(
-        &d,
+        d.path(),
         "truncated-gzip.bundle",
         &good[..good.len() - 20],
         1 << 20,

@@ -9,3 +9,4 @@ mod mqtt;
 mod otp_release;
 mod signing;
 mod support;
+mod unpack;

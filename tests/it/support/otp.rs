@@ -215,13 +215,19 @@ impl TestNode {
     /// `bin/thermo daemon`; returns once the start script has finished and
     /// `/health` answers. Panics (after cleaning up) if it does not.
     pub fn start() -> TestNode {
-        let releases = releases();
+        Self::start_with(|root| copy_tree(&releases().base_dir(), root))
+    }
+
+    /// Like [`start`](Self::start), with the release root laid out by
+    /// `deploy` (given the root's path, which does not exist yet) instead of
+    /// copied from the base build.
+    pub fn start_with(deploy: impl FnOnce(&Path)) -> TestNode {
         let tmp = tempfile::Builder::new()
             .prefix("thermo-node-")
             .tempdir()
             .expect("creating a temp dir for the node");
         let root = tmp.path().join("root");
-        copy_tree(&releases.base_dir(), &root);
+        deploy(&root);
 
         let id = unique_id();
         let (epmd, epmd_port) = start_epmd(&root);
