@@ -111,8 +111,11 @@ pub fn unpack(req: &Request) -> Result<Report> {
         }
         top.to_path_buf()
     });
-    if made.is_some() {
-        fs::create_dir_all(dir).ctx(dir, "create directory")?;
+    if let Some(top) = &made
+        && let Err(e) = fs::create_dir_all(dir)
+    {
+        let _ = fs::remove_dir_all(top); // what it made before failing
+        return Err(Error::io(dir, "create directory", e));
     }
     let had: Vec<bool> = CONTAINERS
         .iter()
