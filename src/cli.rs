@@ -439,9 +439,15 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             };
             fleet.topics()?;
             // Two threads: reading bundles and encoding replies beside the
-            // connection's I/O.
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+            // connection's I/O. Device builds, which leave out the
+            // multi-thread scheduler, serve on one.
+            #[cfg(feature = "threaded-serve")]
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            #[cfg(feature = "threaded-serve")]
+            builder.worker_threads(2);
+            #[cfg(not(feature = "threaded-serve"))]
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder
                 .enable_all()
                 .build()
                 .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?

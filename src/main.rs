@@ -32,7 +32,9 @@ fn init_logging(default: &str) {
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
-                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+                .with_ansi(
+                    cfg!(feature = "color") && std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                )
                 .with_target(false),
         )
         .with(filter)
