@@ -16,6 +16,7 @@ pub mod fsutil;
 pub mod health;
 pub mod install;
 pub mod keys;
+pub mod logging;
 pub mod manifest;
 pub mod mqtt;
 pub mod node;
