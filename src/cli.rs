@@ -691,7 +691,7 @@ fn verify_command(a: VerifyArgs) -> Result<ExitCode> {
             Err(e) => json!({
                 "ok": false,
                 "file": a.file,
-                "error": {"kind": e.kind(), "exit_code": e.exit_code(), "message": e.to_string()},
+                "error": error_json(e),
             }),
         };
         println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
@@ -736,7 +736,7 @@ fn unpack_command(a: UnpackArgs) -> Result<ExitCode> {
                 "ok": false,
                 "file": a.bundle,
                 "dir": a.out,
-                "error": {"kind": e.kind(), "exit_code": e.exit_code(), "message": e.to_string()},
+                "error": error_json(e),
             }),
         };
         println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
@@ -794,6 +794,11 @@ fn unpack_command(a: UnpackArgs) -> Result<ExitCode> {
         ),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An error as `--json` output carries it.
+fn error_json(e: &Error) -> serde_json::Value {
+    json!({"kind": e.kind(), "exit_code": e.exit_code(), "message": e.to_string()})
 }
 
 /// The manifest without its chunk list, which is long and of no use to a
@@ -900,7 +905,7 @@ fn install_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Res
                     "{}",
                     serde_json::to_string_pretty(&json!({
                         "outcome": "rejected",
-                        "error": {"kind": e.kind(), "exit_code": e.exit_code(), "message": e.to_string()},
+                        "error": error_json(&e),
                     }))
                     .expect("json")
                 );

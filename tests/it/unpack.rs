@@ -16,7 +16,7 @@ use crate::cli::{Run, beamup};
 use crate::install::{
     Entry, hostile_indexed_tarball, hostile_tarball, signed_bundle_of, signed_indexed_bundle_of,
 };
-use crate::support::device::Device;
+use crate::support::device::{Device, keys_and_root};
 use crate::support::otp::{TestNode, releases};
 
 /// A signer's directory: one key (`keys/k.key`), a trust root (`root.json`)
@@ -31,24 +31,7 @@ impl Signer {
             .prefix("beamup-unpack-")
             .tempdir()
             .unwrap();
-        let d = dir.path();
-        beamup(d, &["keygen", "--out", "keys", "--name", "k"]).ok();
-        beamup(
-            d,
-            &[
-                "root",
-                "init",
-                "--key",
-                "keys/k.pub",
-                "--threshold",
-                "1",
-                "--sign",
-                "keys/k.key",
-                "--out",
-                "root.json",
-            ],
-        )
-        .ok();
+        keys_and_root(dir.path());
         Signer { dir }
     }
 

@@ -33,23 +33,7 @@ impl Device {
             .tempdir()
             .unwrap();
         let d = dir.path();
-        beamup(d, &["keygen", "--out", "keys", "--name", "k"]).ok();
-        beamup(
-            d,
-            &[
-                "root",
-                "init",
-                "--key",
-                "keys/k.pub",
-                "--threshold",
-                "1",
-                "--sign",
-                "keys/k.key",
-                "--out",
-                "root.json",
-            ],
-        )
-        .ok();
+        keys_and_root(d);
         let env: Vec<String> = node.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
         let env = env.join(" ");
         let root = node.root().display().to_string();
@@ -225,6 +209,28 @@ dir = "{dir}/state"
         walk(self.node.root(), self.node.root(), &mut out);
         out
     }
+}
+
+/// One signing key (`keys/k.key`, `keys/k.pub`) and a trust root
+/// (`root.json`) of it alone, in `d`.
+pub fn keys_and_root(d: &Path) {
+    beamup(d, &["keygen", "--out", "keys", "--name", "k"]).ok();
+    beamup(
+        d,
+        &[
+            "root",
+            "init",
+            "--key",
+            "keys/k.pub",
+            "--threshold",
+            "1",
+            "--sign",
+            "keys/k.key",
+            "--out",
+            "root.json",
+        ],
+    )
+    .ok();
 }
 
 pub fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, [u8; 32]>) {
