@@ -116,6 +116,9 @@ struct Agent {
     pending_offer: Option<Vec<u8>>,
     last_event_id: u64,
     shutting_down: bool,
+    /// The broker refused our credentials: the agent stops (exit code 31)
+    /// once no install is running, unless a connection succeeds first.
+    refused: Option<Error>,
     node_polled_at: Instant,
     /// `BEAMUP_AGENT_FETCH_ONLY=1` (benches, tests): skip the node's checks,
     /// fetch the first offer, exit. Never installs.
@@ -230,6 +233,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         pending_offer: None,
         last_event_id: 0,
         shutting_down: false,
+        refused: None,
         node_polled_at: Instant::now(),
         fetch_only: std::env::var("BEAMUP_AGENT_FETCH_ONLY").is_ok_and(|v| v == "1"),
         topics,
@@ -281,7 +285,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         if installing.is_none()
             && let Some(e) = engine.as_mut()
         {
-            if agent.shutting_down {
+            // Refused credentials end the agent once no install runs: the
+            // same ones will not be accepted on the next attempt either.
+            if agent.shutting_down || agent.refused.is_some() {
                 break;
             }
             if let Some((path, digest, m, retry)) = agent.ready.take() {
@@ -299,7 +305,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::select! {
             ev = agent.conn.poll(), if can_poll => match ev {
                 Ok(ev) => agent.on_mqtt(ev, engine.as_mut()).await?,
-                Err(why) => agent.on_disconnect(&why),
+                Err(why) => agent.on_disconnect(why),
             },
             _ = tokio::time::sleep_until(reconnect_at.into()), if !can_poll => {
                 agent.reconnect_at = None;
@@ -356,7 +362,10 @@ pub async fn run(cfg: Config) -> Result<()> {
         agent.conn.disconnect().await;
     }
     tracing::info!("agent stopped");
-    Ok(())
+    match agent.refused.take() {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 impl Agent {
@@ -781,6 +790,7 @@ impl Agent {
                     if session_present { "resumed" } else { "new" }
                 );
                 self.connected = true;
+                self.refused = None;
                 self.backoff.reset();
                 self.max_packet = max_packet;
                 if !session_present {
@@ -891,9 +901,12 @@ impl Agent {
         self.handle_offer(&envelope, engine, true).await
     }
 
-    fn on_disconnect(&mut self, why: &str) {
+    fn on_disconnect(&mut self, why: mqtt::ConnError) {
         let delay = self.backoff.next_delay();
-        if self.connected {
+        if let mqtt::ConnError::Auth(_) = &why {
+            tracing::warn!("the broker refused our credentials; stopping once no install runs");
+            self.refused = Some(why.clone().into_error(&self.mq.url));
+        } else if self.connected {
             tracing::warn!("lost the broker connection ({why}); reconnecting");
         } else {
             tracing::info!("cannot reach the broker ({why}); retrying in {delay:?}");

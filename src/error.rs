@@ -45,6 +45,9 @@ pub mod exit {
     /// The MQTT broker could not be reached, refused us, or did not
     /// acknowledge in time.
     pub const MQTT: u8 = 30;
+    /// The MQTT broker refused our credentials (username and password,
+    /// client certificate, or none given where it wants some).
+    pub const MQTT_AUTH: u8 = 31;
 
     // Outcomes of an install that got past verification.
     pub const ROLLED_BACK: u8 = 40;
@@ -156,6 +159,9 @@ pub enum Error {
     #[error("MQTT broker {url}: {detail}")]
     Mqtt { url: String, detail: String },
 
+    #[error("MQTT broker {url} refused our credentials: {detail}")]
+    MqttAuth { url: String, detail: String },
+
     #[error("{0}")]
     Usage(String),
 }
@@ -191,6 +197,7 @@ impl Error {
             Error::NoSpace { .. } => NO_SPACE,
             Error::Node { .. } => NODE,
             Error::Mqtt { .. } => MQTT,
+            Error::MqttAuth { .. } => MQTT_AUTH,
             Error::Usage(_) => USAGE,
         }
     }
@@ -224,6 +231,7 @@ impl Error {
             Error::NoSpace { .. } => "no_space",
             Error::Node { .. } => "node",
             Error::Mqtt { .. } => "mqtt",
+            Error::MqttAuth { .. } => "mqtt_auth",
             Error::Usage(_) => "usage",
         }
     }

@@ -45,7 +45,7 @@ pub async fn publish_once(
         let ev = tokio::time::timeout_at(deadline.into(), conn.poll())
             .await
             .map_err(|_| unreachable(b, "no acknowledgement in time"))?
-            .map_err(|e| unreachable(b, &e))?;
+            .map_err(|e| e.into_error(&b.url))?;
         match ev {
             mqtt::Event::Connected { max_packet, .. } => {
                 let p = payload.take().unwrap_or_default();
@@ -98,7 +98,7 @@ pub async fn status(
         let ev = match tokio::time::timeout_at(deadline.into(), conn.poll()).await {
             Err(_) if connected => break,
             Err(_) => return Err(unreachable(b, "no connection in time")),
-            Ok(Err(e)) => return Err(unreachable(b, &e)),
+            Ok(Err(e)) => return Err(e.into_error(&b.url)),
             Ok(Ok(ev)) => ev,
         };
         match ev {

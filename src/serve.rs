@@ -165,6 +165,10 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
                     }
                 }
                 Ok(_) => {}
+                Err(mqtt::ConnError::Auth(why)) => {
+                    worker.abort();
+                    return Err(Error::MqttAuth { url: opts.broker.url.clone(), detail: why });
+                }
                 Err(why) => {
                     let d = backoff.next_delay();
                     tracing::warn!("broker connection: {why}; retrying in {d:?}");

@@ -18,7 +18,7 @@ use std::time::Duration;
 use rumqttc::v5;
 
 use crate::config::MqttConfig;
-use crate::error::{Error, Result};
+use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 
 /// Largest packet we accept from the broker: a manifest (16 MiB at most)
@@ -163,6 +163,76 @@ pub enum Event {
     Other,
 }
 
+/// Why a connection attempt or a connection failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConnError {
+    /// The broker refused our credentials (or the lack of them): trying
+    /// again with the same ones will not help. Says what was presented and
+    /// what to check.
+    Auth(String),
+    /// Anything else (unreachable, reset, timed out, refused for another
+    /// reason): worth trying again.
+    Other(String),
+}
+
+impl std::fmt::Display for ConnError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConnError::Auth(d) | ConnError::Other(d) => f.write_str(d),
+        }
+    }
+}
+
+impl ConnError {
+    /// The error a command exits with: [`Error::MqttAuth`] (exit code 31)
+    /// for refused credentials, [`Error::Mqtt`] (30) otherwise.
+    pub fn into_error(self, url: &str) -> Error {
+        match self {
+            ConnError::Auth(detail) => Error::MqttAuth {
+                url: url.to_string(),
+                detail,
+            },
+            ConnError::Other(detail) => Error::Mqtt {
+                url: url.to_string(),
+                detail,
+            },
+        }
+    }
+}
+
+/// What we present to the broker and what to check, for an error message
+/// that says what to fix (never the password itself).
+fn credentials_hint(b: &Broker) -> String {
+    let check = "check that the broker's password file has this user with this password (mosquitto_passwd) and lets it connect";
+    let cert = b.cert_file.as_ref().map(|c| c.display().to_string());
+    match (&b.username, &b.password_file, cert) {
+        (Some(u), Some(p), None) => {
+            format!("username {u:?}, password from {}; {check}", p.display())
+        }
+        (Some(u), None, None) => format!("username {u:?}, no password; {check}"),
+        (Some(u), p, Some(c)) => format!(
+            "username {u:?}, {}, client certificate {c}; {check}, and that it accepts the certificate",
+            p.as_ref()
+                .map_or("no password".to_string(), |p| format!("password from {}", p.display()))
+        ),
+        (None, _, Some(c)) => format!(
+            "client certificate {c}, no username; check that the broker accepts this certificate, or set username and password_file"
+        ),
+        (None, _, None) => "we sent none (no username, no client certificate); set username and password_file (agent.toml [mqtt], or --username and --password-file), or a client certificate".to_string(),
+    }
+}
+
+/// A refusal in CONNACK that is about who we are, named for people.
+fn auth_refusal(reason: &str) -> Option<&'static str> {
+    match reason {
+        "BadUserNamePassword" => Some("bad username or password"),
+        "NotAuthorized" => Some("not authorized"),
+        "BadAuthenticationMethod" => Some("bad authentication method"),
+        "Banned" => Some("banned"),
+        _ => None,
+    }
+}
+
 enum Inner {
     V5 {
         client: v5::AsyncClient,
@@ -178,6 +248,8 @@ enum Inner {
 pub struct Conn {
     inner: Inner,
     url: String,
+    /// What we present, for [`ConnError::Auth`].
+    credentials: String,
 }
 
 fn tls_config(b: &Broker) -> Result<rustls::ClientConfig> {
@@ -242,14 +314,38 @@ fn network_options() -> rumqttc::NetworkOptions {
     n
 }
 
+/// The username and the password from `password_file` (its first line,
+/// without the line end). A password file that other users can read, or
+/// one without a username to go with it, is refused before connecting.
 fn password(b: &Broker) -> Result<Option<(String, String)>> {
+    use std::os::unix::fs::PermissionsExt;
     let Some(user) = &b.username else {
+        if let Some(p) = &b.password_file {
+            return Err(Error::Config {
+                path: p.clone(),
+                detail: "password_file is set but username is not; set the username that goes with this password".into(),
+            });
+        }
         return Ok(None);
     };
     let pass = match &b.password_file {
         Some(p) => {
+            let mode = std::fs::metadata(p).ctx(p, "stat")?.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                return Err(Error::Config {
+                    path: p.clone(),
+                    detail: format!(
+                        "password file permissions {mode:04o} let other users read it; run `chmod 600 {}`",
+                        p.display()
+                    ),
+                });
+            }
             let bytes = fsutil::read_limited(p, 4096, "password file")?;
-            String::from_utf8_lossy(&bytes).trim_end().to_string()
+            let text = String::from_utf8(bytes).map_err(|_| Error::Config {
+                path: p.clone(),
+                detail: "the password file is not UTF-8 text".into(),
+            })?;
+            text.lines().next().unwrap_or_default().to_string()
         }
         None => String::new(),
     };
@@ -338,16 +434,18 @@ impl Conn {
         Ok(Conn {
             inner,
             url: b.url.clone(),
+            credentials: credentials_hint(b),
         })
     }
 
     /// The next event. After an error the caller should wait (back off)
     /// before polling again, which reconnects.
-    pub async fn poll(&mut self) -> std::result::Result<Event, String> {
+    pub async fn poll(&mut self) -> std::result::Result<Event, ConnError> {
+        let credentials = &self.credentials;
         match &mut self.inner {
             Inner::V5 { el, .. } => {
                 use v5::mqttbytes::v5::Packet;
-                match el.poll().await.map_err(|e| describe_v5(&e))? {
+                match el.poll().await.map_err(|e| describe_v5(&e, credentials))? {
                     v5::Event::Incoming(Packet::ConnAck(c)) => Ok(Event::Connected {
                         session_present: c.session_present,
                         max_packet: c.properties.and_then(|p| p.max_packet_size),
@@ -358,15 +456,16 @@ impl Conn {
                         retain: p.retain,
                     }),
                     v5::Event::Incoming(Packet::PubAck(a)) => Ok(Event::PubAck(a.pkid)),
-                    v5::Event::Incoming(Packet::Disconnect(d)) => {
-                        Err(format!("the broker disconnected us: {:?}", d.reason_code))
-                    }
+                    v5::Event::Incoming(Packet::Disconnect(d)) => Err(ConnError::Other(format!(
+                        "the broker disconnected us: {:?}",
+                        d.reason_code
+                    ))),
                     _ => Ok(Event::Other),
                 }
             }
             Inner::V3 { el, .. } => {
                 use rumqttc::Packet;
-                match el.poll().await.map_err(|e| e.to_string())? {
+                match el.poll().await.map_err(|e| describe_v3(&e, credentials))? {
                     rumqttc::Event::Incoming(Packet::ConnAck(c)) => Ok(Event::Connected {
                         session_present: c.session_present,
                         max_packet: None,
@@ -510,12 +609,26 @@ fn v3_qos(q: Qos) -> rumqttc::QoS {
     }
 }
 
-fn describe_v5(e: &v5::ConnectionError) -> String {
+fn refused(code: &str, credentials: &str) -> ConnError {
+    match auth_refusal(code) {
+        Some(why) => ConnError::Auth(format!("{why} (CONNACK {code}): {credentials}")),
+        None => ConnError::Other(format!("the broker refused the connection: {code}")),
+    }
+}
+
+fn describe_v5(e: &v5::ConnectionError, credentials: &str) -> ConnError {
     match e {
-        v5::ConnectionError::ConnectionRefused(code) => {
-            format!("the broker refused the connection: {code:?}")
+        v5::ConnectionError::ConnectionRefused(code) => refused(&format!("{code:?}"), credentials),
+        other => ConnError::Other(other.to_string()),
+    }
+}
+
+fn describe_v3(e: &rumqttc::ConnectionError, credentials: &str) -> ConnError {
+    match e {
+        rumqttc::ConnectionError::ConnectionRefused(code) => {
+            refused(&format!("{code:?}"), credentials)
         }
-        other => other.to_string(),
+        other => ConnError::Other(other.to_string()),
     }
 }
 
@@ -578,6 +691,65 @@ mod tests {
         ] {
             assert!(parse_url(bad).is_err(), "{bad}");
         }
+    }
+
+    fn broker(user: Option<&str>, password_file: Option<PathBuf>) -> Broker {
+        Broker {
+            url: "mqtt://127.0.0.1".into(),
+            version: Version::V5,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: user.map(str::to_string),
+            password_file,
+        }
+    }
+
+    #[test]
+    fn password_files_are_private_and_read_to_the_first_line_end() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("pw");
+        std::fs::write(&f, "s3cret pass\nignored\n").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            password(&broker(Some("gw-1"), Some(f.clone()))).unwrap(),
+            Some(("gw-1".into(), "s3cret pass".into()))
+        );
+        for mode in [0o640, 0o604, 0o644] {
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = password(&broker(Some("gw-1"), Some(f.clone()))).unwrap_err();
+            assert_eq!(e.exit_code(), crate::error::exit::CONFIG);
+            let text = e.to_string();
+            assert!(text.contains("chmod 600"), "{text}");
+            assert!(!text.contains("s3cret"), "{text}");
+        }
+        let e = password(&broker(None, Some(f))).unwrap_err();
+        assert!(e.to_string().contains("username is not"), "{e}");
+        assert_eq!(password(&broker(None, None)).unwrap(), None);
+    }
+
+    #[test]
+    fn refused_credentials_say_what_was_presented_and_never_the_password() {
+        let b = broker(Some("gw-1"), Some("/etc/beamup/mqtt-password".into()));
+        let e = refused("NotAuthorized", &credentials_hint(&b)).into_error(&b.url);
+        assert_eq!(e.exit_code(), crate::error::exit::MQTT_AUTH);
+        assert_eq!(
+            e.to_string(),
+            "MQTT broker mqtt://127.0.0.1 refused our credentials: not authorized (CONNACK NotAuthorized): \
+             username \"gw-1\", password from /etc/beamup/mqtt-password; check that the broker's password \
+             file has this user with this password (mosquitto_passwd) and lets it connect"
+        );
+        let anonymous = refused(
+            "BadUserNamePassword",
+            &credentials_hint(&broker(None, None)),
+        );
+        assert!(
+            anonymous.to_string().contains("we sent none"),
+            "{anonymous}"
+        );
+        let other = refused("ServerUnavailable", "x").into_error("u");
+        assert_eq!(other.exit_code(), crate::error::exit::MQTT);
     }
 
     #[test]

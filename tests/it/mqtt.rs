@@ -7,6 +7,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use beamup::error::exit;
 use serde_json::Value;
 
 use crate::cli::{Run, beamup};
@@ -620,4 +621,173 @@ fn tls_with_client_certificates() {
         ],
     );
     assert_ne!(run.code, 0, "{}", run.stdout);
+}
+
+#[test]
+fn username_and_password_login() {
+    let auth = tempfile::tempdir().unwrap();
+    let passwd = auth.path().join("passwd");
+    crate::support::mqtt::password_file(
+        &passwd,
+        &[("gw-1", "gw1-Secret-7f3a"), ("operator", "op-Secret-91c2")],
+    );
+    let broker = Broker::with_passwords(&passwd);
+    let url = broker.url();
+    let d = Device::new();
+    let secret = d.path().join("mqtt-password");
+    let write_secret = |text: &str, mode: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::write(&secret, text).unwrap();
+        fs::set_permissions(&secret, fs::Permissions::from_mode(mode)).unwrap();
+    };
+    write_secret("gw1-Secret-7f3a\n", 0o600);
+    d.add_mqtt(
+        &url,
+        "gw-1",
+        &[],
+        &format!(
+            "username = \"gw-1\"\npassword_file = \"{}\"",
+            secret.display()
+        ),
+    );
+    let op = auth.path().join("operator-password");
+    fs::write(&op, "op-Secret-91c2\n").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&op, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let fleet = |extra: &[&str]| {
+        let mut args = vec!["fleet", "status", "--broker", &url, "--fleet", "acme"];
+        args.extend(extra);
+        beamup(d.path(), &args)
+    };
+    let op_login = [
+        "--username",
+        "operator",
+        "--password-file",
+        op.to_str().unwrap(),
+    ];
+    let log_everything = [("RUST_LOG", "trace")];
+
+    // The right password: the agent connects and publishes its state.
+    let watch = Sub::login(
+        &broker,
+        &[
+            "beamup/acme/device/gw-1/state",
+            "beamup/acme/device/gw-1/online",
+        ],
+        "operator",
+        "op-Secret-91c2",
+    );
+    let mut agent = Daemon::start(
+        d.path(),
+        "agent.log",
+        &["agent", "--config", "agent.toml"],
+        &log_everything,
+    );
+    let state = watch
+        .wait_for("gw-1's retained state", OUTCOME, |m| {
+            m.topic == "beamup/acme/device/gw-1/state" && m.json()["running"] == "1.0.0"
+        })
+        .json();
+    assert_eq!(state["device"], "gw-1");
+    watch.wait_for("gw-1 online", OUTCOME, |m| {
+        m.topic == "beamup/acme/device/gw-1/online" && m.json()["online"] == true
+    });
+    let run = fleet(&op_login);
+    run.ok();
+    assert!(run.stdout.contains("gw-1"), "{}", run.stdout);
+    assert_eq!(
+        agent.term(Duration::from_secs(30)),
+        Some(0),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(log.contains("connected to"), "{log}");
+    assert!(
+        !log.contains("gw1-Secret-7f3a"),
+        "the password was logged:\n{log}"
+    );
+
+    // Without credentials, or with a wrong password, the broker refuses us:
+    // exit code 31, one error line that says what was presented and what
+    // to check, and never the password.
+    fleet(&[]).fails(
+        exit::MQTT_AUTH as i32,
+        "refused our credentials: not authorized (CONNACK NotAuthorized): we sent none",
+    );
+    write_secret("not-the-gw1-password\n", 0o600);
+    let run = fleet(&[
+        "--username",
+        "gw-1",
+        "--password-file",
+        secret.to_str().unwrap(),
+    ]);
+    run.fails(
+        exit::MQTT_AUTH as i32,
+        &format!("username \"gw-1\", password from {}", secret.display()),
+    );
+    assert!(
+        !run.stderr.contains("not-the-gw1-password"),
+        "{}",
+        run.stderr
+    );
+    let mut agent = Daemon::start(
+        d.path(),
+        "agent-refused.log",
+        &["agent", "--config", "agent.toml"],
+        &log_everything,
+    );
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(30)),
+        Some(exit::MQTT_AUTH as i32),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|l| l.starts_with("beamup: error: "))
+        .collect();
+    assert_eq!(errors.len(), 1, "{log}");
+    for needle in [
+        format!("MQTT broker {url} refused our credentials"),
+        "(CONNACK NotAuthorized)".into(),
+        "username \"gw-1\"".into(),
+        format!("password from {}", secret.display()),
+        "mosquitto_passwd".into(),
+    ] {
+        assert!(
+            errors[0].contains(&needle),
+            "{needle:?} not in {}",
+            errors[0]
+        );
+    }
+    assert!(
+        !log.contains("not-the-gw1-password"),
+        "the password was logged:\n{log}"
+    );
+
+    // A password file other users can read is refused before connecting.
+    write_secret("gw1-Secret-7f3a\n", 0o644);
+    let mut agent = Daemon::start(
+        d.path(),
+        "agent-mode.log",
+        &["agent", "--config", "agent.toml"],
+        &log_everything,
+    );
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(30)),
+        Some(exit::CONFIG as i32),
+        "{}",
+        agent.log()
+    );
+    let log = agent.log();
+    assert!(
+        log.contains("password file permissions 0644 let other users read it; run `chmod 600"),
+        "{log}"
+    );
+    assert!(!log.contains("gw1-Secret-7f3a"), "{log}");
+    assert!(!broker.log().contains("gw1-Secret-7f3a"));
 }

@@ -51,6 +51,12 @@ impl Broker {
         ))
     }
 
+    /// Anonymous clients refused; users and passwords from `password_file`
+    /// (see [`password_file`]).
+    pub fn with_passwords(password_file: &Path) -> Broker {
+        Self::start_with(&format!("password_file {}\n", password_file.display()))
+    }
+
     /// With extra configuration lines.
     pub fn start_with(extra: &str) -> Broker {
         let mut dir = tempfile::Builder::new()
@@ -59,11 +65,12 @@ impl Broker {
             .unwrap();
         for _ in 0..5 {
             let port = free_port();
-            let anonymous = if extra.contains("require_certificate") {
-                "false"
-            } else {
-                "true"
-            };
+            let anonymous =
+                if extra.contains("require_certificate") || extra.contains("password_file") {
+                    "false"
+                } else {
+                    "true"
+                };
             let conf = format!(
                 "user root\nlistener {port} 127.0.0.1\nallow_anonymous {anonymous}\npersistence_location {}/\nlog_dest file {}/mosquitto.log\nlog_type all\n{extra}",
                 dir.path().display(),
@@ -202,6 +209,20 @@ impl Sub {
     /// With a persistent session under `client_id`: QoS 1 messages
     /// published while it is away (broker restart) are delivered later.
     pub fn with_session(broker: &Broker, filters: &[&str], client_id: Option<&str>) -> Sub {
+        Self::connect(broker, filters, client_id, None)
+    }
+
+    /// Logged in with a username and password.
+    pub fn login(broker: &Broker, filters: &[&str], user: &str, password: &str) -> Sub {
+        Self::connect(broker, filters, None, Some((user, password)))
+    }
+
+    fn connect(
+        broker: &Broker,
+        filters: &[&str],
+        client_id: Option<&str>,
+        login: Option<(&str, &str)>,
+    ) -> Sub {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let id = client_id.map_or_else(
             || {
@@ -217,6 +238,9 @@ impl Sub {
         o.set_max_packet_size(32 << 20, 32 << 20)
             .set_keep_alive(Duration::from_secs(5))
             .set_clean_session(client_id.is_none());
+        if let Some((user, password)) = login {
+            o.set_credentials(user, password);
+        }
         let (client, mut conn) = rumqttc::Client::new(o, 64);
         for f in filters {
             client.subscribe(*f, rumqttc::QoS::AtLeastOnce).unwrap();
@@ -344,6 +368,25 @@ impl Daemon {
         }
     }
 
+    /// Waits for the daemon to exit by itself; returns its exit code.
+    /// Kills it and fails if it is still running after `timeout`.
+    #[track_caller]
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let c = self.child.as_mut().expect("running");
+            if let Some(status) = c.try_wait().unwrap() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                self.kill9();
+                panic!("still running after {timeout:?}:\n{}", self.log());
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
@@ -373,6 +416,28 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+    }
+}
+
+/// A mosquitto password file with these users, made with
+/// `mosquitto_passwd` (hashed, as the broker expects).
+pub fn password_file(path: &Path, users: &[(&str, &str)]) {
+    for (i, (user, password)) in users.iter().enumerate() {
+        let mut cmd = Command::new("mosquitto_passwd");
+        if i == 0 {
+            cmd.arg("-c");
+        }
+        let out = cmd
+            .arg("-b")
+            .arg(path)
+            .args([user, password])
+            .output()
+            .expect("mosquitto_passwd (tests/setup installs mosquitto)");
+        assert!(
+            out.status.success(),
+            "mosquitto_passwd: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
