@@ -438,9 +438,10 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                 max_piece: manifest::MAX_CHUNK_SIZE,
             };
             fleet.topics()?;
-            // Two threads: reading bundles and encoding replies beside the
-            // connection's I/O. Device builds, which leave out the
-            // multi-thread scheduler, serve on one.
+            // One thread unless built with `threaded-serve`: reading a
+            // piece of a bundle is a copy from the page cache, and handing
+            // replies between threads cost more CPU than it saved
+            // (benches/transfer.rs).
             #[cfg(feature = "threaded-serve")]
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             #[cfg(feature = "threaded-serve")]
