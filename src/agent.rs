@@ -723,7 +723,7 @@ impl Agent {
         };
         let r = match reply {
             DataReply::Data { bundle, offset, .. } if &bundle == a.download.tarball_id() => {
-                let data = &payload[protocol::DATA_HEADER..];
+                let data = payload.slice(protocol::DATA_HEADER..);
                 (offset, a.download.on_data(offset, data))
             }
             DataReply::Error {
