@@ -173,6 +173,7 @@ fn is_passing(e: &Error) -> bool {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<()> {
+    crate::transfer::tune_allocator();
     let cfg: &'static Config = Box::leak(Box::new(cfg));
     let mq: &'static MqttConfig = cfg.mqtt.as_ref().ok_or_else(|| {
         Error::Usage("the agent needs an [mqtt] table in agent.toml (url, device_id, fleet)".into())
@@ -665,6 +666,7 @@ impl Agent {
             let received = a.started.elapsed();
             a.download.checkpoint()?;
             let a = self.active.take().expect("active");
+            crate::transfer::release_free_memory();
             let took = a.started.elapsed();
             tracing::info!(
                 "fetched {} {}: {} bytes in {} ms ({:.1} MiB/s; all verified in {} ms, durable at {} ms), {} requests, {} replies ignored",
@@ -990,6 +992,7 @@ impl Agent {
             }
         }
         Download::discard(&self.download_dir())?;
+        crate::transfer::release_free_memory();
         self.refresh_node(engine).await;
         Ok(())
     }
