@@ -7,6 +7,10 @@
 //! Goals: transfer throughput >= 0.8 of raw; idle RSS 4 MiB (must be
 //! < 8 MiB); peak RSS < 24 MiB.
 //!
+//! It also prints the CPU time each process spent on a transfer (medians),
+//! on both sides: on a small machine the processes share the cores, and the
+//! broker's share decides the pace.
+//!
 //! The agent runs with `BEAMUP_AGENT_FETCH_ONLY=1`: it verifies the offer's
 //! signatures, fetches and verifies every chunk exactly as in production,
 //! then exits instead of installing (there is no BEAM node here).
@@ -25,7 +29,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const MIB: u64 = 1024 * 1024;
-const RUNS: usize = 5;
+const RUNS: usize = 9;
 const CHUNK: usize = 64 * 1024;
 
 fn free_port() -> u16 {
@@ -82,9 +86,20 @@ fn chunks(bundle: &Path) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// CPU time of the processes of one transfer.
+#[derive(Clone, Copy, Default)]
+struct Cpu {
+    /// Raw: this bench process (publisher and the reader of
+    /// mosquitto_sub's output); beamup: `beamup serve`.
+    sender: Duration,
+    broker: Duration,
+    /// mosquitto_sub, or the agent.
+    receiver: Duration,
+}
+
 /// Raw: a rumqttc publisher loop (QoS 0) into `mosquitto_sub`, timed from
 /// the first publish to the subscriber's exit after the last message.
-fn raw(port: u16, msgs: &[Vec<u8>]) -> Duration {
+fn raw(port: u16, msgs: &[Vec<u8>], broker: u32) -> (Duration, Cpu) {
     let mut sub = Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port.to_string()])
         .args(["-t", "bench/raw", "-q", "0", "-C", &msgs.len().to_string()])
@@ -112,8 +127,10 @@ fn raw(port: u16, msgs: &[Vec<u8>]) -> Duration {
         }
         n
     });
+    let sub_pid = sub.id();
+    let cpu0 = (cpu(std::process::id()), cpu(broker));
     let start = Instant::now();
-    rt.block_on(async {
+    let sub_cpu = rt.block_on(async {
         let publisher = async {
             for p in payloads {
                 client
@@ -135,18 +152,59 @@ fn raw(port: u16, msgs: &[Vec<u8>]) -> Duration {
             }
         };
         tokio::select! {
-            _ = async { publisher.await; std::future::pending::<()>().await } => {}
-            _ = driver => {}
-            _ = tokio::task::spawn_blocking(move || sub.wait()) => {}
+            _ = async { publisher.await; std::future::pending::<()>().await } => unreachable!(),
+            _ = driver => panic!("the raw publisher lost its connection"),
+            r = tokio::task::spawn_blocking(move || reap(sub_pid, true)) => r.unwrap().unwrap().1,
         }
     });
     let took = start.elapsed();
+    let used = Cpu {
+        sender: cpu(std::process::id()) - cpu0.0,
+        broker: cpu(broker) - cpu0.1,
+        receiver: sub_cpu,
+    };
+    std::mem::forget(sub); // reaped above
     let bytes = reader.join().unwrap();
     assert!(
         bytes >= (msgs.len() * CHUNK) as u64 - CHUNK as u64,
         "mosquitto_sub got {bytes} bytes"
     );
-    took
+    (took, used)
+}
+
+/// CPU time of a running process so far: the sum over its threads of the
+/// scheduler's run time (`/proc/PID/task/*/schedstat`); zero where the
+/// kernel does not keep it.
+fn cpu(pid: u32) -> Duration {
+    let mut ns = 0u64;
+    if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+        for t in tasks.flatten() {
+            let s = fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+            ns += s
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    Duration::from_nanos(ns)
+}
+
+/// Reaps a child if it exited (`block`: waits for it); its exit status and
+/// the CPU time (user + system) it used, from wait4.
+fn reap(pid: u32, block: bool) -> Option<(i32, Duration)> {
+    let mut status = 0;
+    // SAFETY: plain FFI call with valid out-pointers, for a child of ours
+    // that nothing else waits for.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let flags = if block { 0 } else { libc::WNOHANG };
+    let rc = unsafe { libc::wait4(pid as libc::pid_t, &mut status, flags, &mut usage) };
+    assert!(rc >= 0, "wait4 failed");
+    if rc == 0 {
+        return None;
+    }
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    Some((status, tv(usage.ru_utime) + tv(usage.ru_stime)))
 }
 
 fn vm(pid: u32, field: &str) -> u64 {
@@ -159,13 +217,15 @@ fn vm(pid: u32, field: &str) -> u64 {
 }
 
 /// One agent transfer: (wall time offer -> agent exit, first request to
-/// last chunk verified, to data and bitmap fsynced, idle RSS, peak RSS).
+/// last chunk verified, to data and bitmap fsynced, idle RSS, peak RSS,
+/// CPU).
 fn agent_run(
     dir: &Path,
     port: u16,
     bundle: &Path,
     n: usize,
-) -> (Duration, Duration, Duration, u64, u64) {
+    (broker, serve): (u32, u32),
+) -> (Duration, Duration, Duration, u64, u64, Cpu) {
     let run_dir = dir.join(format!("agent-{n}"));
     let _ = fs::remove_dir_all(&run_dir);
     fs::create_dir_all(&run_dir).unwrap();
@@ -216,6 +276,7 @@ fleet = "bench"
     }
     std::thread::sleep(Duration::from_secs(2)); // settled, idle
     let idle = vm(pid, "VmRSS:");
+    let cpu0 = (cpu(serve), cpu(broker), cpu(pid));
     let start = Instant::now();
     let out = Command::new(beamup())
         .args(["offer", bundle.to_str().unwrap(), "--broker"])
@@ -232,17 +293,22 @@ fleet = "bench"
     // sampled until it exits (wait4's ru_maxrss would also count the
     // bench's pages the child had between fork and exec).
     let mut peak = 0;
-    let mut child = child;
-    let status = loop {
+    let (status, agent_cpu) = loop {
         peak = peak.max(vm(pid, "VmHWM:"));
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
+        if let Some(done) = reap(pid, false) {
+            break done;
         }
         std::thread::sleep(Duration::from_millis(2));
     };
     let wall = start.elapsed();
+    let used = Cpu {
+        sender: cpu(serve) - cpu0.0,
+        broker: cpu(broker) - cpu0.1,
+        receiver: agent_cpu.saturating_sub(cpu0.2),
+    };
+    std::mem::forget(child); // reaped above
     let text = fs::read_to_string(run_dir.join("agent.log")).unwrap();
-    assert!(status.success(), "agent failed:\n{text}");
+    assert!(status == 0, "agent failed ({status:#x}):\n{text}");
     let line = text
         .lines()
         .find(|l| l.contains("fetched thermo"))
@@ -260,6 +326,7 @@ fleet = "bench"
         Duration::from_millis(ms("durable at ")),
         idle,
         peak,
+        used,
     )
 }
 
@@ -276,7 +343,8 @@ fn main() {
         .tarball_size();
     let msgs = chunks(&bundle);
 
-    let (_broker, port) = mosquitto(&dir);
+    let (broker, port) = mosquitto(&dir);
+    let broker_pid = broker.0.id();
     let serve_log = fs::File::create(dir.join("serve.log")).unwrap();
     let serve = Command::new(beamup())
         .args(["serve", "--broker"])
@@ -287,19 +355,24 @@ fn main() {
         .stderr(serve_log)
         .spawn()
         .unwrap();
+    let serve_pid = serve.id();
     let _serve = Killed(serve);
     std::thread::sleep(Duration::from_millis(500));
 
-    raw(port, &msgs); // warm-up
+    raw(port, &msgs, broker_pid); // warm-up
     let mut t_raw = Vec::new();
     let mut t_wall = Vec::new();
     let mut t_agent = Vec::new();
     let mut t_durable = Vec::new();
     let mut idle = Vec::new();
     let mut peak = Vec::new();
+    let (mut cpu_raw, mut cpu_beamup) = (Vec::new(), Vec::new());
     for n in 0..RUNS {
-        t_raw.push(raw(port, &msgs));
-        let (w, a, d, i, p) = agent_run(&dir, port, &bundle, n);
+        let (t, c) = raw(port, &msgs, broker_pid);
+        t_raw.push(t);
+        cpu_raw.push(c);
+        let (w, a, d, i, p, c) = agent_run(&dir, port, &bundle, n, (broker_pid, serve_pid));
+        cpu_beamup.push(c);
         t_wall.push(w);
         t_agent.push(a);
         t_durable.push(d);
@@ -344,6 +417,18 @@ fn main() {
         r.as_secs_f64() / d.as_secs_f64(),
         r.as_secs_f64() / w.as_secs_f64()
     );
+    let ms = |cs: &[Cpu], f: fn(&Cpu) -> Duration| {
+        median(cs.iter().map(f).collect()).as_secs_f64() * 1e3
+    };
+    println!(
+        "  CPU per transfer: raw: publisher and reader {:.0} ms, mosquitto {:.0} ms, mosquitto_sub {:.0} ms; beamup: serve {:.0} ms, mosquitto {:.0} ms, agent {:.0} ms",
+        ms(&cpu_raw, |c| c.sender),
+        ms(&cpu_raw, |c| c.broker),
+        ms(&cpu_raw, |c| c.receiver),
+        ms(&cpu_beamup, |c| c.sender),
+        ms(&cpu_beamup, |c| c.broker),
+        ms(&cpu_beamup, |c| c.receiver),
+    );
     idle.sort();
     peak.sort();
     println!(
@@ -351,5 +436,6 @@ fn main() {
         mb(idle[idle.len() / 2]),
         mb(peak[peak.len() / 2])
     );
+    drop(broker);
     fs::remove_dir_all(&dir).unwrap();
 }
