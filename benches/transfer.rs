@@ -11,6 +11,31 @@
 //! on both sides: on a small machine the processes share the cores, and the
 //! broker's share decides the pace.
 //!
+//! What was measured on the 2-core build machine (shared with other
+//! builds; CPU per 50 MiB, medians of 7-9 alternating runs):
+//! - `beamup serve` on one thread instead of two: 37-43 -> 22-28 ms.
+//! - verified chunks written in batches of 1 MiB (one writev) instead of
+//!   one pwrite per 64 KiB chunk at offsets that are not page-aligned:
+//!   agent 87 -> 78 ms.
+//! - glibc malloc keeping up to 4 MiB instead of trimming its heap (or
+//!   munmapping) after nearly every message: agent 92 -> 82 ms, serve
+//!   33 -> 30 ms; with `malloc_trim` after the transfer, the agent's own
+//!   memory when idle again is 0.8 MiB (2.4 MiB without the trim).
+//! - the download file allocated up front (fallocate): agent 90 -> 83 ms.
+//! - no effect beyond the noise: a request window of 16, 32 or 128 pieces
+//!   instead of 64; 1, 2 or 4 pieces per request instead of 8;
+//!   checkpoints every 32 or 64 chunks instead of 256 (the last fsync gets
+//!   shorter, 10 -> 5 ms, the agent's CPU grows, 79 -> 90 ms).
+//! - worse: O_DIRECT writes (in this VM every write waits for the device:
+//!   agent 86 -> 109 ms of CPU, the transfer 4x slower); SHA-256 from ring
+//!   instead of sha2 (the same 29 ms for 50 MiB: both use the CPU's SHA
+//!   instructions, which bound the agent).
+//! - mosquitto: once it holds a retained message of about 60 KB (an offer),
+//!   glibc trims and regrows its heap around every 64 KiB message and its
+//!   CPU for 50 MiB doubles (about 40 -> 90 ms). Both sides of this bench
+//!   pay it alike, except the warm-up and the first raw run, which come
+//!   before the first offer.
+//!
 //! The agent runs with `BEAMUP_AGENT_FETCH_ONLY=1`: it verifies the offer's
 //! signatures, fetches and verifies every chunk exactly as in production,
 //! then exits instead of installing (there is no BEAM node here).
