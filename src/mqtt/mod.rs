@@ -315,7 +315,7 @@ fn network_options() -> rumqttc::NetworkOptions {
 }
 
 /// The username and the password from `password_file` (its first line,
-/// without the line end). A password file that other users can read, or
+/// without trailing white space). A password file that other users can read, or
 /// one without a username to go with it, is refused before connecting.
 fn password(b: &Broker) -> Result<Option<(String, String)>> {
     use std::os::unix::fs::PermissionsExt;
@@ -345,7 +345,11 @@ fn password(b: &Broker) -> Result<Option<(String, String)>> {
                 path: p.clone(),
                 detail: "the password file is not UTF-8 text".into(),
             })?;
-            text.lines().next().unwrap_or_default().to_string()
+            text.lines()
+                .next()
+                .unwrap_or_default()
+                .trim_end()
+                .to_string()
         }
         None => String::new(),
     };
@@ -710,7 +714,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("pw");
-        std::fs::write(&f, "s3cret pass\nignored\n").unwrap();
+        std::fs::write(&f, "s3cret pass \r\nignored\n").unwrap();
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(
             password(&broker(Some("gw-1"), Some(f.clone()))).unwrap(),
