@@ -510,12 +510,19 @@ fn outcome_is_reported_after_the_broker_was_down_at_commit() {
         std::thread::sleep(Duration::from_millis(50));
     }
     // Committed while the broker was away: the outcome waits in the outbox.
+    // (The engine records the commit in state.json first; the agent queues
+    // the event when the engine returns, a moment later.)
     let outbox = s.d.path().join("state/agent/outbox");
-    let queued: Vec<String> = fs::read_dir(&outbox)
-        .unwrap()
-        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap_or_default())
-        .collect();
-    assert!(queued.iter().any(|e| e.contains("committed")), "{queued:?}");
+    let queued = || -> Vec<String> {
+        fs::read_dir(&outbox)
+            .unwrap()
+            .map(|e| fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+            .collect()
+    };
+    while !queued().iter().any(|e| e.contains("committed")) {
+        assert!(Instant::now() < deadline, "{:?}", queued());
+        std::thread::sleep(Duration::from_millis(20));
+    }
     s.broker.restart();
     let o = events.wait_for("the committed outcome", OUTCOME, |m| {
         m.json()["kind"] == "outcome"
