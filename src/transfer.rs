@@ -607,7 +607,9 @@ impl Download {
 /// system cannot allocate ahead.
 fn allocate(file: &File, len: u64) -> std::io::Result<()> {
     use nix::errno::Errno;
-    let Ok(n) = i64::try_from(len) else {
+    // `off_t` is 32 bits on 32-bit glibc targets (armv7): a larger file
+    // stays sparse there.
+    let Ok(n) = nix::libc::off_t::try_from(len) else {
         return file.set_len(len);
     };
     match nix::fcntl::fallocate(file, nix::fcntl::FallocateFlags::empty(), 0, n) {
