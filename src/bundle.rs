@@ -725,11 +725,10 @@ fn read_full_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(done)
 }
 
-/// Validates one member header: checksum, regular file, the expected name.
-fn parse_header(block: &[u8; BLOCK as usize], want: &str) -> std::result::Result<u64, String> {
-    let h = tar::Header::from_byte_slice(block);
-    let stored = h.cksum().map_err(|_| "no valid tar header".to_string())?;
-    let computed: u32 = block
+/// A tar header's checksum as tar computes it: the byte sum with the
+/// checksum field itself counted as spaces.
+pub(crate) fn header_checksum(block: &[u8; BLOCK as usize]) -> u32 {
+    block
         .iter()
         .enumerate()
         .map(|(i, &b)| {
@@ -739,8 +738,14 @@ fn parse_header(block: &[u8; BLOCK as usize], want: &str) -> std::result::Result
                 u32::from(b)
             }
         })
-        .sum();
-    if stored != computed {
+        .sum()
+}
+
+/// Validates one member header: checksum, regular file, the expected name.
+fn parse_header(block: &[u8; BLOCK as usize], want: &str) -> std::result::Result<u64, String> {
+    let h = tar::Header::from_byte_slice(block);
+    let stored = h.cksum().map_err(|_| "no valid tar header".to_string())?;
+    if stored != header_checksum(block) {
         return Err("no valid tar header (bad checksum)".into());
     }
     let name = h.path_bytes();

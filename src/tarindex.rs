@@ -55,7 +55,7 @@ pub fn index(input: impl Read, out: impl Write, what: &str) -> Result<Vec<Part>>
             break;
         }
         let h = tar::Header::from_byte_slice(&header);
-        if h.cksum().ok() != Some(checksum(&header)) {
+        if h.cksum().ok() != Some(crate::bundle::header_checksum(&header)) {
             return Err(bad(format!(
                 "a tar header at entry {} has a bad checksum",
                 parts.len() + 1
@@ -179,21 +179,6 @@ fn read_block(r: &mut impl Read, block: &mut [u8; BLOCK]) -> io::Result<bool> {
         }
     }
     Ok(true)
-}
-
-/// The header checksum as tar computes it (the checksum field as spaces).
-fn checksum(block: &[u8; BLOCK]) -> u32 {
-    block
-        .iter()
-        .enumerate()
-        .map(|(i, &b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                u32::from(b)
-            }
-        })
-        .sum()
 }
 
 /// The `path` record of a pax extended header, if any.
