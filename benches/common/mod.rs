@@ -157,35 +157,29 @@ pub fn keys_and_root(dir: &Path) {
             "root.json",
         ],
     ] {
-        let out = Command::new(beamup())
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        beamup_in(dir, args);
     }
+}
+
+/// Runs `beamup ARGS` in `dir`, failing loudly if it fails.
+pub fn beamup_in(dir: &Path, args: &[&str]) {
+    let out = Command::new(beamup())
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "beamup {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Keys, a 1-of-1 root and a bundle of `tarball` in `dir`; returns the
 /// bundle's path.
 pub fn signed_bundle(dir: &Path, tarball: &Path) -> PathBuf {
     keys_and_root(dir);
-    let run = |args: &[&str]| {
-        let out = Command::new(beamup())
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let run = |args: &[&str]| beamup_in(dir, args);
     let out = dir.join(format!(
         "{}.bundle",
         tarball.file_name().unwrap().to_string_lossy()
