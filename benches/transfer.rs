@@ -37,7 +37,8 @@
 //!   before the first offer.
 //!
 //! The agent runs with `BEAMUP_AGENT_FETCH_ONLY=1`: it verifies the offer's
-//! signatures, fetches and verifies every chunk exactly as in production,
+//! signatures, fetches and verifies every chunk exactly as in production
+//! (fetch-only has no node to plan an unpack with, so it needs them all),
 //! then exits instead of installing (there is no BEAM node here).
 //!
 //! Run: `cargo bench --bench transfer`

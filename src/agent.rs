@@ -1,8 +1,10 @@
 //! `beamup agent`: the daemon on a device. It takes offers over MQTT,
-//! verifies each before fetching a byte of data, downloads the tarball in
-//! verified chunks (resumable), hands the finished bundle to the install
-//! engine, and reports what happened through a retained state and an
-//! outbox of events that survives restarts and broker outages.
+//! verifies each before fetching a byte of data, downloads what the install
+//! will read of the tarball (of an indexed tarball, the parts of the units
+//! the release root lacks) in verified chunks (resumable), hands the
+//! finished bundle to the install engine, and reports what happened
+//! through a retained state and an outbox of events that survives restarts
+//! and broker outages.
 //!
 //! One task runs everything: the MQTT event loop, timers, signals and the
 //! install in progress are branches of one `select!`, so that an install
@@ -37,6 +39,7 @@ use crate::protocol::{
     Topic, Topics,
 };
 use crate::root::Root;
+use crate::staging;
 use crate::state::{Outcome, OutcomeKind};
 use crate::transfer::{Download, Received};
 
@@ -89,6 +92,18 @@ struct Active {
     started: Instant,
 }
 
+/// A download that holds every chunk the install reads, waiting for the
+/// engine.
+struct Ready {
+    path: PathBuf,
+    /// The offer's digest.
+    digest: String,
+    manifest: Manifest,
+    retry: bool,
+    /// The chunks the file holds (verified and durable).
+    have: Vec<bool>,
+}
+
 type InstallFuture =
     Pin<Box<dyn Future<Output = (Engine<'static>, Result<Outcome>, String, Manifest)>>>;
 
@@ -110,9 +125,8 @@ struct Agent {
     status_sent_at: Option<Instant>,
     file: AgentFile,
     active: Option<Active>,
-    /// A download that finished and waits for the engine: the bundle, the
-    /// offer's digest, its manifest, retry.
-    ready: Option<(PathBuf, String, Manifest, bool)>,
+    /// A download that finished and waits for the engine.
+    ready: Option<Ready>,
     pending_offer: Option<Vec<u8>>,
     last_event_id: u64,
     shutting_down: bool,
@@ -291,11 +305,18 @@ pub async fn run(cfg: Config) -> Result<()> {
             if agent.shutting_down || agent.refused.is_some() {
                 break;
             }
-            if let Some((path, digest, m, retry)) = agent.ready.take() {
+            if let Some(r) = agent.ready.take() {
+                if agent.fetch_more(e, &r).await? {
+                    continue;
+                }
                 let mut e = engine.take().expect("engine idle");
                 installing = Some(Box::pin(async move {
-                    let r = e.install(&path, &InstallOptions { retry }).await;
-                    (e, r, digest, m)
+                    let opts = InstallOptions {
+                        retry: r.retry,
+                        available: Some(r.have),
+                    };
+                    let result = e.install(&r.path, &opts).await;
+                    (e, result, r.digest, r.manifest)
                 }));
             } else if let Some(bytes) = agent.pending_offer.take() {
                 agent.handle_offer(&bytes, e, false).await?;
@@ -538,7 +559,7 @@ impl Agent {
                 return Ok(()); // the same offer again (retained, or device + group)
             }
         }
-        if self.ready.as_ref().is_some_and(|r| r.1 == digest) {
+        if self.ready.as_ref().is_some_and(|r| r.digest == digest) {
             return Ok(());
         }
         let root = match Root::load(&self.cfg.trust.root) {
@@ -590,18 +611,28 @@ impl Agent {
             );
         }
         self.set_phase(PhaseName::Verifying, Some(&m), "checking the offer");
+        // What the install will unpack decides what is fetched: of an
+        // indexed tarball, only the chunks of the units the release root
+        // lacks. Fetch-only runs have no node to ask and fetch everything.
         let checked = if self.fetch_only {
-            Ok(())
+            Ok(None)
         } else {
-            engine.check_offer(&m, retry).await.map(|_| ())
-        };
-        if let Err(e) = checked {
-            self.rejected(Some(engine), Some(&m), &e)?;
-            if !is_passing(&e) {
-                self.decide(&digest)?;
+            match engine.check_offer(&m, retry).await {
+                Ok(_) => engine.plan_for(&m).await.map(Some),
+                Err(e) => Err(e),
             }
-            return Ok(());
-        }
+        };
+        let need = match checked {
+            Ok(Some(plan)) => staging::chunks_read(&m, &plan),
+            Ok(None) => vec![true; m.tarball.chunks.len()],
+            Err(e) => {
+                self.rejected(Some(engine), Some(&m), &e)?;
+                if !is_passing(&e) {
+                    self.decide(&digest)?;
+                }
+                return Ok(());
+            }
+        };
         // Accepted: fetch it.
         self.active = None;
         fsutil::write_atomic(&self.dir.join("last-offer.json"), 0o600, true, envelope)?;
@@ -609,6 +640,7 @@ impl Agent {
             &self.download_dir(),
             envelope,
             &m,
+            need,
             self.piece_size(&m),
             WINDOW,
             PIECE_TIMEOUT,
@@ -620,13 +652,22 @@ impl Agent {
             }
         };
         let resumed = download.window.percent();
+        let (chunks, bytes) = download.window.needed();
         tracing::info!(
-            "fetching {} {} (sequence {}): {} bytes in {} chunks{}",
+            "fetching {} {} (sequence {}): {}{}",
             m.release.name,
             m.release.version,
             m.sequence,
-            m.tarball.size,
-            m.tarball.chunks.len(),
+            if chunks == m.tarball.chunks.len() {
+                format!("{} bytes in {chunks} chunks", m.tarball.size)
+            } else {
+                format!(
+                    "{chunks} of {} chunks ({} of {}): units the release already has are not fetched",
+                    m.tarball.chunks.len(),
+                    size_text(bytes),
+                    size_text(m.tarball.size)
+                )
+            },
             if resumed > 0 {
                 format!(", resuming at {resumed}%")
             } else {
@@ -646,6 +687,38 @@ impl Agent {
         });
         self.after_progress()?;
         Ok(())
+    }
+
+    /// Just before the install: the plan again, as the release root may
+    /// have changed since the offer was taken up. When the install would
+    /// read chunks the download lacks, the offer is taken up again (its
+    /// download resumes with what it has and fetches the rest) and `true`
+    /// is returned; the install waits until that is done.
+    async fn fetch_more(&mut self, engine: &mut Engine<'static>, r: &Ready) -> Result<bool> {
+        if r.have.iter().all(|&h| h) {
+            return Ok(false);
+        }
+        let plan = match engine.plan_for(&r.manifest).await {
+            Ok(p) => p,
+            // The install meets the same error and reports it.
+            Err(e) => {
+                tracing::debug!("planning before the install: {e}");
+                return Ok(false);
+            }
+        };
+        let need = staging::chunks_read(&r.manifest, &plan);
+        let more = need.iter().zip(&r.have).filter(|&(&n, &h)| n && !h).count();
+        if more == 0 {
+            return Ok(false);
+        }
+        let Some(envelope) = Download::existing_offer(&self.download_dir()) else {
+            return Ok(false);
+        };
+        tracing::warn!(
+            "the release root changed since the download was planned: {more} more chunks are needed; fetching them"
+        );
+        self.handle_offer(&envelope, engine, r.retry).await?;
+        Ok(true)
     }
 
     /// The largest piece the broker carries for us.
@@ -668,13 +741,23 @@ impl Agent {
             let a = self.active.take().expect("active");
             crate::transfer::release_free_memory();
             let took = a.started.elapsed();
+            let (chunks, bytes) = a.download.window.needed();
             tracing::info!(
-                "fetched {} {}: {} bytes in {} ms ({:.1} MiB/s; all verified in {} ms, durable at {} ms), {} requests, {} replies ignored",
+                "fetched {} {}: {} bytes{} in {} ms ({:.1} MiB/s; all verified in {} ms, durable at {} ms), {} requests, {} replies ignored",
                 a.manifest.release.name,
                 a.manifest.release.version,
-                a.manifest.tarball.size,
+                bytes,
+                if chunks == a.manifest.tarball.chunks.len() {
+                    String::new()
+                } else {
+                    format!(
+                        " ({chunks} of {} chunks, of a {}-byte tarball)",
+                        a.manifest.tarball.chunks.len(),
+                        a.manifest.tarball.size
+                    )
+                },
                 took.as_millis(),
-                a.manifest.tarball.size as f64 / 1048576.0 / took.as_secs_f64().max(1e-6),
+                bytes as f64 / 1048576.0 / took.as_secs_f64().max(1e-6),
                 received.as_millis(),
                 took.as_millis(),
                 a.download.window.requested,
@@ -685,7 +768,13 @@ impl Agent {
                 return Ok(());
             }
             self.set_phase(PhaseName::Verifying, Some(&a.manifest), "download complete");
-            self.ready = Some((a.download.path(), a.digest, a.manifest, a.retry));
+            self.ready = Some(Ready {
+                path: a.download.path(),
+                have: a.download.window.have().to_vec(),
+                digest: a.digest,
+                manifest: a.manifest,
+                retry: a.retry,
+            });
             return Ok(());
         }
         if !self.connected || self.shutting_down {
@@ -983,6 +1072,18 @@ impl Agent {
                     self.decide(digest)?;
                 }
             }
+            Err(e @ Error::Incomplete { .. }) => {
+                // The release root changed between the last check and the
+                // install: the offer is taken up again, its download
+                // resumes and fetches what is missing (unless a newer
+                // offer came in meanwhile: that one goes first).
+                tracing::warn!("{e}");
+                if self.pending_offer.is_none() {
+                    self.pending_offer = Download::existing_offer(&self.download_dir());
+                }
+                self.refresh_node(engine).await;
+                return Ok(());
+            }
             Err(e) => {
                 // The engine recorded the rejection in its state already.
                 self.rejected(None, Some(m), &e)?;
@@ -1090,6 +1191,19 @@ impl Agent {
         self.tracked.insert(pkid, Tracked::Status);
         self.status_dirty = false;
         self.status_sent_at = Some(Instant::now());
+    }
+}
+
+/// A size for a log line: bytes, KiB or MiB.
+fn size_text(bytes: u64) -> String {
+    const KIB: u64 = 1024;
+    const MIB: u64 = 1024 * 1024;
+    if bytes < KIB {
+        format!("{bytes} bytes")
+    } else if bytes < MIB {
+        format!("{} KiB", bytes.div_ceil(KIB))
+    } else {
+        format!("{:.1} MiB", bytes as f64 / MIB as f64)
     }
 }
 

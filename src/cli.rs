@@ -892,7 +892,13 @@ fn install_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Res
     let result = rt.block_on(async {
         let mut engine = install::Engine::open(&cfg, &progress)?;
         engine
-            .install(bundle, &install::InstallOptions { retry })
+            .install(
+                bundle,
+                &install::InstallOptions {
+                    retry,
+                    available: None,
+                },
+            )
             .await
     });
     match result {

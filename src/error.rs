@@ -41,6 +41,9 @@ pub mod exit {
     pub const REFUSED: u8 = 24;
     pub const NO_SPACE: u8 = 25;
     pub const NODE: u8 = 26;
+    /// A download (the agent's) lacks chunks the install would read: the
+    /// release root changed after the offer's plan was made.
+    pub const INCOMPLETE: u8 = 27;
 
     /// The MQTT broker could not be reached, refused us, or did not
     /// acknowledge in time.
@@ -93,6 +96,9 @@ pub enum Error {
 
     #[error("{}: release tarball does not match the signed manifest: {detail}; the file was altered or corrupted after signing, get a fresh copy", path.display())]
     TarballMismatch { path: PathBuf, detail: String },
+
+    #[error("{}: incomplete download: {detail}; the release root changed since the download was planned, the missing chunks must be fetched first", path.display())]
+    Incomplete { path: PathBuf, detail: String },
 
     #[error(
         "{what}: signature by key {keyid} does not verify; it was altered after signing, or the signature was made over other content"
@@ -182,6 +188,7 @@ impl Error {
             Error::NotABundle { .. } => NOT_A_BUNDLE,
             Error::Truncated { .. } => TRUNCATED,
             Error::TarballMismatch { .. } => TARBALL_MISMATCH,
+            Error::Incomplete { .. } => INCOMPLETE,
             Error::BadSignature { .. } => BAD_SIGNATURE,
             Error::UnknownKey { .. } => UNKNOWN_KEY,
             Error::RevokedKey { .. } => REVOKED_KEY,
@@ -216,6 +223,7 @@ impl Error {
             Error::NotABundle { .. } => "not_a_bundle",
             Error::Truncated { .. } => "truncated",
             Error::TarballMismatch { .. } => "tarball_mismatch",
+            Error::Incomplete { .. } => "incomplete",
             Error::BadSignature { .. } => "bad_signature",
             Error::UnknownKey { .. } => "unknown_key",
             Error::RevokedKey { .. } => "revoked_key",

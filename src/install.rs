@@ -47,6 +47,11 @@ impl Progress for Silent {
 pub struct InstallOptions {
     /// Install a bundle that was rolled back before.
     pub retry: bool,
+    /// The chunks of the tarball the bundle file holds, one flag per chunk
+    /// (a download that fetched only what the unpack reads); `None` when
+    /// it holds all of them. An install that would read a chunk the file
+    /// lacks stops before changing anything, with [`Error::Incomplete`].
+    pub available: Option<Vec<bool>>,
 }
 
 pub struct Engine<'a> {
@@ -162,6 +167,9 @@ impl<'a> Engine<'a> {
         let mut manifest_seen = None;
         let prepared = match self.prepare(bundle, opts, &mut manifest_seen).await {
             Ok(p) => p,
+            // A download that lacks chunks is no verdict on the bundle:
+            // nothing is recorded, the chunks can be fetched.
+            Err(e @ Error::Incomplete { .. }) => return Err(e),
             Err(e) => {
                 self.reject(manifest_seen.as_ref(), &e)?;
                 return Err(e);
@@ -261,6 +269,9 @@ impl<'a> Engine<'a> {
             .map_err(|reason| Error::Refused { reason })?;
         self.clean_leftovers(&m).await?;
         let plan = staging::plan(self.root(), &self.cfg.release.name, &m);
+        if let Some(have) = &opts.available {
+            staging::check_available(path, &m, &plan, have)?;
+        }
         Ok(Prepared {
             bundle,
             manifest: m,
@@ -270,51 +281,76 @@ impl<'a> Engine<'a> {
         })
     }
 
-    /// Paths of the new version left by an install that beamup did not
-    /// journal (a crash of another tool, a manual copy) would be picked up
-    /// instead of the bundle's files; remove the ones no release uses.
-    async fn clean_leftovers(&mut self, m: &Manifest) -> Result<()> {
+    /// What an install of `m` would unpack into the release root as it is
+    /// now: the plan `install` makes once the leftovers of an earlier
+    /// attempt are gone (see `clean_leftovers`), so that a transfer can
+    /// fetch only the chunks that plan reads ([`staging::chunks_read`]).
+    /// Asks the node which releases it knows; changes nothing.
+    pub async fn plan_for(&mut self, m: &Manifest) -> Result<Plan> {
+        let (_, leftovers) = self.leftovers(m).await?;
+        let mut plan = staging::plan(self.root(), &self.cfg.release.name, m);
+        for p in leftovers {
+            if !plan.creates.contains(&p) {
+                plan.creates.push(p);
+            }
+        }
+        Ok(plan)
+    }
+
+    /// What `clean_leftovers` removes before installing `m`: whether the
+    /// node lists its version as unpacked or old (and must forget it), and
+    /// the paths of the new version no other release uses, whether they
+    /// exist or not. Refused when that version is already installed.
+    async fn leftovers(&mut self, m: &Manifest) -> Result<(Option<ReleaseStatus>, Vec<PathBuf>)> {
         let releases = self
             .node
             .which_releases()
             .await
             .map_err(|e| self.node.node_error("listing releases", e))?;
         let vsn = &m.release.version;
-        if let Some(r) = releases.iter().find(|r| &r.vsn == vsn) {
-            match r.status {
-                ReleaseStatus::Unpacked | ReleaseStatus::Old => {
-                    tracing::warn!(
-                        "removing leftover release {vsn} ({:?}) before installing it",
-                        r.status
-                    );
-                    if let Err(e) = self.node.remove_release(vsn).await {
-                        return Err(self.node.node_error("removing a leftover release", e));
-                    }
-                }
-                _ => {
-                    return Err(Error::Refused {
-                        reason: format!("release {vsn} is already {:?} on the node", r.status),
-                    });
-                }
+        let registered = match releases.iter().find(|r| &r.vsn == vsn) {
+            None => None,
+            Some(r) if matches!(r.status, ReleaseStatus::Unpacked | ReleaseStatus::Old) => {
+                Some(r.status)
             }
-        }
+            Some(r) => {
+                return Err(Error::Refused {
+                    reason: format!("release {vsn} is already {:?} on the node", r.status),
+                });
+            }
+        };
         let used: std::collections::HashSet<&str> = releases
             .iter()
             .filter(|r| &r.vsn != vsn)
             .flat_map(|r| r.libs.iter().map(String::as_str))
             .collect();
         let name = &self.cfg.release.name;
-        let mut stale: Vec<PathBuf> = vec![
+        let mut paths: Vec<PathBuf> = vec![
             PathBuf::from("releases").join(vsn),
             PathBuf::from("bin").join(format!("{name}-{vsn}")),
         ];
-        stale.extend(
+        paths.extend(
             m.apps
                 .iter()
                 .filter(|a| !used.contains(a.as_str()))
                 .map(|a| PathBuf::from("lib").join(a)),
         );
-        let stale: Vec<PathBuf> = stale
+        Ok((registered, paths))
+    }
+
+    /// Paths of the new version left by an install that beamup did not
+    /// journal (a crash of another tool, a manual copy) would be picked up
+    /// instead of the bundle's files; remove the ones no release uses.
+    async fn clean_leftovers(&mut self, m: &Manifest) -> Result<()> {
+        let (registered, paths) = self.leftovers(m).await?;
+        let vsn = &m.release.version;
+        if let Some(status) = registered {
+            tracing::warn!("removing leftover release {vsn} ({status:?}) before installing it");
+            if let Err(e) = self.node.remove_release(vsn).await {
+                return Err(self.node.node_error("removing a leftover release", e));
+            }
+        }
+        let stale: Vec<PathBuf> = paths
             .into_iter()
             .filter(|p| self.root().join(p).symlink_metadata().is_ok())
             .collect();

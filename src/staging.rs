@@ -26,7 +26,7 @@ use flate2::read::MultiGzDecoder;
 use crate::bundle::Bundle;
 
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::Manifest;
+use crate::manifest::{Manifest, Part};
 
 /// Most entries a release tarball may have (OTP releases have thousands).
 const MAX_ENTRIES: u64 = 500_000;
@@ -118,6 +118,77 @@ fn tops_of_stream(m: &Manifest, tarball: impl Read) -> Result<std::collections::
     Ok(tops)
 }
 
+/// The parts of an indexed tarball that [`unpack`] reads for `plan`: those
+/// whose unit the plan creates. Nothing for a plain tarball (which is read
+/// whole).
+pub fn parts_read<'m>(m: &'m Manifest, plan: &Plan) -> impl Iterator<Item = &'m Part> {
+    let wanted: HashSet<PathBuf> = plan.creates.iter().cloned().collect();
+    m.tarball
+        .parts
+        .iter()
+        .filter(move |p| !p.unit.is_empty() && wanted.contains(Path::new(&p.unit)))
+}
+
+/// The chunks of the tarball that [`unpack`] reads for `plan`, one flag per
+/// chunk: every chunk of a plain tarball; of an indexed one, the chunks
+/// that hold a byte of a part it reads (see [`parts_read`]). An unpack
+/// reads nothing else of the bundle's tarball, so a bundle file holding
+/// only these chunks unpacks as well as a whole one.
+pub fn chunks_read(m: &Manifest, plan: &Plan) -> Vec<bool> {
+    let n = m.tarball.chunks.len();
+    if m.tarball.parts.is_empty() {
+        return vec![true; n];
+    }
+    let mut need = vec![false; n];
+    for p in parts_read(m, plan) {
+        for c in part_chunks(m, p) {
+            need[c] = true;
+        }
+    }
+    need
+}
+
+/// The chunks holding a byte of part `p` (parts are non-empty and inside
+/// the tarball: validated with the manifest).
+fn part_chunks(m: &Manifest, p: &Part) -> std::ops::RangeInclusive<usize> {
+    let cs = u64::from(m.tarball.chunk_size);
+    (p.offset / cs) as usize..=((p.offset + p.size - 1) / cs) as usize
+}
+
+/// Refuses a bundle file that lacks a chunk the unpack of `plan` reads
+/// (`have`: the chunks it holds): rather than a digest mismatch half-way
+/// through the unpack, a clear error before anything is changed.
+pub fn check_available(path: &Path, m: &Manifest, plan: &Plan, have: &[bool]) -> Result<()> {
+    let need = chunks_read(m, plan);
+    let missing: Vec<usize> = need
+        .iter()
+        .enumerate()
+        .filter(|&(i, &n)| n && !have.get(i).copied().unwrap_or(false))
+        .map(|(i, _)| i)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let units: Vec<&str> = parts_read(m, plan)
+        .filter(|p| missing.iter().any(|c| part_chunks(m, p).contains(c)))
+        .map(|p| p.unit.as_str())
+        .collect();
+    Err(Error::Incomplete {
+        path: path.to_path_buf(),
+        detail: format!(
+            "{} of the {} chunks the unpack reads were not fetched (first: chunk {}; units: {})",
+            missing.len(),
+            need.iter().filter(|&&n| n).count(),
+            missing[0],
+            if units.is_empty() {
+                "the whole tarball".to_string()
+            } else {
+                units.join(", ")
+            }
+        ),
+    })
+}
+
 /// Removes what a plan created (or may have started to create). Idempotent;
 /// used on failure and by recovery.
 pub fn remove(root: &Path, plan: &Plan) -> Result<()> {
@@ -158,11 +229,7 @@ pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, bundle: &Bundle) -> Result
             if m.tarball.parts.is_empty() {
                 inflate_into(bundle.verified_tarball(m), &tx);
             } else {
-                let wanted: HashSet<&Path> = plan.creates.iter().map(PathBuf::as_path).collect();
-                for part in &m.tarball.parts {
-                    if part.unit.is_empty() || !wanted.contains(Path::new(&part.unit)) {
-                        continue;
-                    }
+                for part in parts_read(m, plan) {
                     let range = bundle.verified_range(m, part.offset, part.size);
                     if !inflate_into(range, &tx) {
                         return;
@@ -490,6 +557,145 @@ fn check_symlink_target(link: &Path, target: &str) -> std::result::Result<(), &'
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Bytes that do not compress.
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    /// An indexed tarball of these entries in 4 KiB chunks, its manifest,
+    /// and a bundle file holding only the chunks `keep` marks (the others
+    /// zero, as in a download that did not fetch them).
+    fn indexed_bundle(
+        dir: &Path,
+        entries: &[(&str, Vec<u8>)],
+        keep: impl Fn(&Manifest) -> Vec<bool>,
+    ) -> (Manifest, Bundle, Vec<u8>) {
+        use crate::manifest::ReleaseRef;
+        use std::io::Write;
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, path, &data[..]).unwrap();
+        }
+        let raw = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&raw).unwrap();
+        let gz = gz.finish().unwrap();
+        let mut tarball = Vec::new();
+        let parts = crate::tarindex::index(&gz[..], &mut tarball, "t").unwrap();
+        let d = crate::bundle::hash_stream(&mut &tarball[..], tarball.len() as u64, 4096).unwrap();
+        let m = Manifest {
+            kind: crate::manifest::MANIFEST_TYPE.into(),
+            format: crate::manifest::FORMAT,
+            release: ReleaseRef {
+                name: "x".into(),
+                version: "2".into(),
+            },
+            erts: "13".into(),
+            includes_erts: false,
+            apps: vec!["a-1".into(), "b-1".into()],
+            upgrade_from: vec![],
+            downgrade_to: vec![],
+            tarball: crate::manifest::TarballRef {
+                size: tarball.len() as u64,
+                sha256: hex::encode(d.whole),
+                chunk_size: 4096,
+                unpacked_size: 1 << 30,
+                chunks: d.chunks.iter().map(hex::encode).collect(),
+                parts,
+            },
+            target: vec!["any".into()],
+            created_at: "2026-01-01T00:00:00Z".into(),
+            expires_at: "2026-02-01T00:00:00Z".into(),
+            sequence: 1,
+            allow_downgrade: false,
+        };
+        m.validate().unwrap();
+        let keep = keep(&m);
+        let mut masked = tarball.clone();
+        for (i, c) in masked.chunks_mut(4096).enumerate() {
+            if !keep[i] {
+                c.fill(0);
+            }
+        }
+        let key = crate::keys::SecretKey::generate().unwrap();
+        let envelope =
+            crate::signed::Envelope::sign(crate::signed::DocKind::Manifest, &m, &[key]).to_bytes();
+        let frame = crate::bundle::Frame::new(&envelope, masked.len() as u64, 0);
+        let path = dir.join("partial.bundle");
+        fs::write(&path, [&frame.head[..], &masked, &frame.tail].concat()).unwrap();
+        (m, Bundle::open(&path).unwrap(), tarball)
+    }
+
+    #[test]
+    fn an_unpack_reads_only_the_chunks_chunks_read_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = [
+            ("releases/2/x.rel", b"{release, x}.".to_vec()),
+            ("lib/a-1/ebin/a.beam", noise(1, 30_000)),
+            ("lib/b-1/ebin/b.beam", noise(2, 9_000)),
+            ("bin/x-2", b"#!/bin/sh".to_vec()),
+        ];
+        // The device has lib/a-1: the plan leaves it out.
+        let plan = Plan {
+            creates: ["releases/2", "lib/b-1", "bin/x-2"]
+                .map(PathBuf::from)
+                .to_vec(),
+        };
+        let (m, bundle, _) = indexed_bundle(dir.path(), &entries, |m| chunks_read(m, &plan));
+        let need = chunks_read(&m, &plan);
+        let needed = need.iter().filter(|&&n| n).count();
+        assert!(
+            needed >= 3 && needed + 5 <= need.len(),
+            "{needed} of {} chunks",
+            need.len()
+        );
+        // The bundle holds only those chunks, and unpacks all the same.
+        let root = dir.path().join("root");
+        fs::create_dir(&root).unwrap();
+        unpack(&root, &plan, &m, &bundle).unwrap();
+        assert_eq!(
+            fs::read(root.join("lib/b-1/ebin/b.beam")).unwrap(),
+            entries[2].1
+        );
+        assert_eq!(fs::read(root.join("bin/x-2")).unwrap(), entries[3].1);
+        assert!(!root.join("lib/a-1").exists());
+        check_available(bundle.path(), &m, &plan, &need).unwrap();
+
+        // A plan that also creates lib/a-1 reads chunks the file lacks: the
+        // check says so before anything is unpacked (the unpack itself
+        // would only see a digest mismatch).
+        let more = Plan {
+            creates: ["releases/2", "lib/a-1", "lib/b-1", "bin/x-2"]
+                .map(PathBuf::from)
+                .to_vec(),
+        };
+        let e = check_available(bundle.path(), &m, &more, &need).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::exit::INCOMPLETE, "{e}");
+        assert!(e.to_string().contains("units: lib/a-1"), "{e}");
+        assert!(!e.to_string().contains("lib/b-1"), "{e}");
+        let root2 = dir.path().join("root2");
+        fs::create_dir(&root2).unwrap();
+        let e = unpack(&root2, &more, &m, &bundle).unwrap_err();
+        assert!(e.to_string().contains("wrong SHA-256"), "{e}");
+
+        // A plain tarball is read whole: every chunk is needed.
+        let mut plain = m.clone();
+        plain.tarball.parts.clear();
+        assert!(chunks_read(&plain, &plan).iter().all(|&n| n));
+    }
 
     #[test]
     fn relative_paths() {

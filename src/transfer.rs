@@ -6,11 +6,15 @@
 //! [`Window`] is the pure state machine; [`Download`] does the I/O. The
 //! download is a bundle-shaped file in the state dir (header, manifest,
 //! tarball region at its final offsets, trailer), so that once every chunk
-//! is in, the file *is* a bundle and goes to the install engine as it is.
-//! Beside it, an atomically written bitmap lists the chunks whose data
-//! verified against the manifest's chunk digests and was fsynced before the
-//! bitmap named them: after a power cut, a kill or a broker restart the
-//! transfer resumes with exactly what is missing.
+//! it needs is in, the file *is* a bundle and goes to the install engine as
+//! it is. Which chunks are needed is the caller's decision (the chunks the
+//! unpack will read, `staging::chunks_read`), given to the window as a
+//! mask: the others are neither requested nor waited for, and the engine
+//! never reads them. Beside the file, an atomically written bitmap lists
+//! the chunks whose data verified against the manifest's chunk digests and
+//! was fsynced before the bitmap named them (never which are needed: that
+//! is worked out again on resume): after a power cut, a kill or a broker
+//! restart the transfer resumes with exactly what is needed and missing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File, OpenOptions};
@@ -48,13 +52,19 @@ struct Sent {
     at: Instant,
 }
 
-/// The request window over the pieces of one tarball.
+/// The request window over the pieces of one tarball, or of the chunks of
+/// it that are needed (see [`Window::needing`]).
 pub struct Window {
     size: u64,
     chunk_size: u32,
     piece: u32,
+    /// Chunks verified (and, once a checkpoint names them, durable).
     have: Vec<bool>,
-    have_count: usize,
+    /// Chunks the install will read: only these are requested, and the
+    /// transfer is done when all of them are verified. Never persisted.
+    need: Vec<bool>,
+    /// Chunks needed and not verified yet.
+    missing: usize,
     /// Pieces received of chunks not yet verified (multi-piece chunks only).
     partial: HashMap<u32, Vec<bool>>,
     /// In flight, by offset.
@@ -73,7 +83,8 @@ pub struct Window {
 
 impl Window {
     /// `have` lists the chunks already verified; `piece` is the largest
-    /// piece the transport carries (at most the chunk size).
+    /// piece the transport carries (at most the chunk size). Every chunk is
+    /// needed.
     pub fn new(
         size: u64,
         chunk_size: u32,
@@ -82,13 +93,14 @@ impl Window {
         window: usize,
         timeout: Duration,
     ) -> Window {
-        let have_count = have.iter().filter(|&&h| h).count();
+        let missing = have.iter().filter(|&&h| !h).count();
         Window {
             size,
             chunk_size,
             piece: piece.clamp(1, chunk_size),
+            need: vec![true; have.len()],
             have,
-            have_count,
+            missing,
             partial: HashMap::new(),
             inflight: BTreeMap::new(),
             cursor: 0,
@@ -101,6 +113,28 @@ impl Window {
         }
     }
 
+    /// Limits the transfer to the chunks `need` marks (one flag per chunk;
+    /// a mask of another length is ignored and every chunk stays needed):
+    /// the others are neither requested nor waited for. Chunks already
+    /// verified stay verified whether needed or not. Requests in flight for
+    /// chunks no longer needed are forgotten.
+    pub fn needing(mut self, need: Vec<bool>) -> Window {
+        if need.len() == self.have.len() {
+            self.need = need;
+            self.missing = self
+                .need
+                .iter()
+                .zip(&self.have)
+                .filter(|&(&n, &h)| n && !h)
+                .count();
+            self.cursor = 0;
+            let cs = u64::from(self.chunk_size);
+            let need = &self.need;
+            self.inflight.retain(|off, _| need[(off / cs) as usize]);
+        }
+        self
+    }
+
     pub fn chunks(&self) -> usize {
         self.have.len()
     }
@@ -109,8 +143,24 @@ impl Window {
         &self.have
     }
 
+    pub fn need(&self) -> &[bool] {
+        &self.need
+    }
+
+    /// How many chunks are needed, and their total size in bytes.
+    pub fn needed(&self) -> (usize, u64) {
+        self.need
+            .iter()
+            .enumerate()
+            .filter(|&(_, &n)| n)
+            .fold((0, 0), |(c, b), (i, _)| {
+                (c + 1, b + u64::from(self.chunk_len(i as u32)))
+            })
+    }
+
+    /// Every needed chunk is verified.
     pub fn done(&self) -> bool {
-        self.have_count == self.have.len()
+        self.missing == 0
     }
 
     pub fn in_flight(&self) -> usize {
@@ -125,12 +175,13 @@ impl Window {
             .saturating_sub(self.inflight.len() + self.verifying.len())
     }
 
-    /// Percent of chunks verified, 0..=100.
+    /// Percent of the needed chunks verified, 0..=100.
     pub fn percent(&self) -> u8 {
-        if self.have.is_empty() {
+        let needed = self.need.iter().filter(|&&n| n).count();
+        if needed == 0 {
             return 100;
         }
-        (self.have_count * 100 / self.have.len()) as u8
+        ((needed - self.missing) * 100 / needed) as u8
     }
 
     fn chunk_len(&self, chunk: u32) -> u32 {
@@ -166,12 +217,12 @@ impl Window {
         self.inflight
             .retain(|_, s| now.saturating_duration_since(s.at) < timeout);
         let mut out = Vec::new();
-        while self.cursor < self.have.len() && self.have[self.cursor] {
+        while self.cursor < self.have.len() && (self.have[self.cursor] || !self.need[self.cursor]) {
             self.cursor += 1;
         }
         let mut chunk = self.cursor;
         while self.room() > 0 && chunk < self.have.len() {
-            if !self.have[chunk] && !self.verifying.contains(&(chunk as u32)) {
+            if self.need[chunk] && !self.have[chunk] && !self.verifying.contains(&(chunk as u32)) {
                 let c = chunk as u32;
                 let base = u64::from(c) * u64::from(self.chunk_size);
                 let clen = self.chunk_len(c);
@@ -244,7 +295,9 @@ impl Window {
         self.verifying.remove(&chunk);
         if !self.have[chunk as usize] {
             self.have[chunk as usize] = true;
-            self.have_count += 1;
+            if self.need[chunk as usize] {
+                self.missing -= 1;
+            }
         }
     }
 
@@ -327,12 +380,15 @@ impl Download {
     }
 
     /// Starts, or resumes, the download of `m`'s tarball (whose signed
-    /// envelope is `envelope`) into `dir`. A resumed download re-checks the
-    /// chunks its bitmap lists and keeps only the good ones.
+    /// envelope is `envelope`) into `dir`, fetching only the chunks `need`
+    /// marks (one flag per chunk, see [`Window::needing`]). A resumed
+    /// download re-checks the chunks its bitmap lists and keeps only the
+    /// good ones.
     pub fn open(
         dir: &Path,
         envelope: &[u8],
         m: &Manifest,
+        need: Vec<bool>,
         piece: u32,
         window: usize,
         timeout: Duration,
@@ -384,7 +440,13 @@ impl Download {
                 .mode(0o600)
                 .open(&path)
                 .ctx(&path, "create")?;
-            allocate(&file, frame.len()).ctx(&path, "allocate")?;
+            // Allocated when all of it will be written; sparse when only
+            // some chunks are needed (no disk for the rest).
+            if need.iter().all(|&n| n) {
+                allocate(&file, frame.len()).ctx(&path, "allocate")?;
+            } else {
+                file.set_len(frame.len()).ctx(&path, "allocate")?;
+            }
             file.write_all_at(&frame.head, 0).ctx(&path, "write")?;
             file.write_all_at(&frame.tail, frame.tarball_offset + frame.tarball_size)
                 .ctx(&path, "write")?;
@@ -399,7 +461,8 @@ impl Download {
             have,
             window,
             timeout,
-        );
+        )
+        .needing(need);
         let d = Download {
             dir: dir.to_path_buf(),
             file,
@@ -839,6 +902,220 @@ mod tests {
         assert_eq!(w.percent(), 50);
         let r = w.next_requests(t0());
         assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [1, 3]);
+    }
+
+    fn mask(n: usize, needed: &[usize]) -> Vec<bool> {
+        (0..n).map(|i| needed.contains(&i)).collect()
+    }
+
+    #[test]
+    fn only_needed_chunks_are_requested_counted_and_waited_for() {
+        let mut w = Window::new(
+            8 * 4096 + 100,
+            4096,
+            4096,
+            vec![false; 9],
+            16,
+            Duration::from_secs(5),
+        )
+        .needing(mask(9, &[2, 3, 8]));
+        assert_eq!(w.needed(), (3, 2 * 4096 + 100));
+        assert_eq!(w.percent(), 0);
+        assert!(!w.done());
+        let now = t0();
+        let r = w.next_requests(now);
+        assert_eq!(
+            r.iter().map(|p| (p.chunk, p.len)).collect::<Vec<_>>(),
+            [(2, 4096), (3, 4096), (8, 100)]
+        );
+        assert!(w.next_requests(now).is_empty(), "nothing else is asked");
+        // A reply for a chunk that is not needed was never asked for.
+        assert!(matches!(w.on_piece(0, 4096), Accept::Ignore(_)));
+        for (c, len) in [(2u32, 4096), (8, 100)] {
+            assert!(matches!(
+                w.on_piece(u64::from(c) * 4096, len),
+                Accept::Store { complete: true, .. }
+            ));
+            w.chunk_verified(c);
+        }
+        assert_eq!(w.percent(), 66);
+        assert!(!w.done());
+        assert!(matches!(
+            w.on_piece(3 * 4096, 4096),
+            Accept::Store { complete: true, .. }
+        ));
+        w.chunk_verified(3);
+        assert_eq!(w.percent(), 100);
+        assert!(w.done(), "done with 3 of 9 chunks");
+        assert!(w.next_requests(now + Duration::from_secs(60)).is_empty());
+        // Verified means verified: the chunks not needed are not.
+        assert_eq!(w.have(), &mask(9, &[2, 3, 8])[..]);
+    }
+
+    #[test]
+    fn timed_out_needed_chunks_are_asked_again_and_only_those() {
+        let mut w = Window::new(
+            6 * 4096,
+            4096,
+            4096,
+            vec![false; 6],
+            8,
+            Duration::from_secs(5),
+        )
+        .needing(mask(6, &[1, 4]));
+        let now = t0();
+        assert_eq!(w.next_requests(now).len(), 2);
+        let again = w.next_requests(now + Duration::from_secs(6));
+        assert_eq!(again.iter().map(|p| p.chunk).collect::<Vec<_>>(), [1, 4]);
+    }
+
+    #[test]
+    fn resume_with_bitmap_and_mask_asks_for_what_is_needed_and_missing() {
+        // The bitmap lists 0, 1 and 5 (5 from an earlier, larger mask); the
+        // plan now needs 1, 2 and 3.
+        let mut w = Window::new(
+            6 * 4096,
+            4096,
+            4096,
+            mask(6, &[0, 1, 5]),
+            8,
+            Duration::from_secs(5),
+        )
+        .needing(mask(6, &[1, 2, 3]));
+        assert_eq!(w.percent(), 33, "1 of the 3 needed chunks is there");
+        let r = w.next_requests(t0());
+        assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(
+            w.have(),
+            &mask(6, &[0, 1, 5])[..],
+            "chunks not needed stay verified"
+        );
+        // Everything needed already there: done at once.
+        let w = Window::new(
+            6 * 4096,
+            4096,
+            4096,
+            mask(6, &[0, 1, 5]),
+            8,
+            Duration::from_secs(5),
+        )
+        .needing(mask(6, &[0, 5]));
+        assert!(w.done());
+        assert_eq!(w.percent(), 100);
+        // No chunk needed at all: done, 100%.
+        let w = Window::new(
+            2 * 4096,
+            4096,
+            4096,
+            vec![false; 2],
+            8,
+            Duration::from_secs(5),
+        )
+        .needing(vec![false; 2]);
+        assert!(w.done());
+        assert_eq!(w.percent(), 100);
+        // A mask of the wrong length is no mask: everything is needed.
+        let w = Window::new(
+            2 * 4096,
+            4096,
+            4096,
+            vec![false; 2],
+            8,
+            Duration::from_secs(5),
+        )
+        .needing(vec![false; 3]);
+        assert_eq!(w.needed().0, 2);
+        assert!(!w.done());
+    }
+
+    #[test]
+    fn a_download_with_a_mask_writes_only_verified_chunks_to_its_bitmap() {
+        let (m, envelope, data) = test_manifest(5 * 4096 + 10, 4096);
+        let dir = tempfile::tempdir().unwrap();
+        let dl = dir.path().join("download");
+        let need = mask(6, &[1, 5]);
+        let mut d = Download::open(
+            &dl,
+            &envelope,
+            &m,
+            need.clone(),
+            4096,
+            8,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let r = d.window.next_requests(t0());
+        assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [1, 5]);
+        let piece = |c: usize| {
+            bytes::Bytes::copy_from_slice(&data[c * 4096..((c + 1) * 4096).min(data.len())])
+        };
+        assert_eq!(d.on_data(4096, piece(1)).unwrap(), Received::Verified(1));
+        d.checkpoint().unwrap();
+        let listed = read_bitmap(&bitmap_path(&dl), d.tarball_id(), 6);
+        assert_eq!(listed, mask(6, &[1]), "needed is not verified");
+        assert!(!d.window.done());
+        drop(d);
+
+        // Resumed with the same mask: only chunk 5 is asked for.
+        let mut d =
+            Download::open(&dl, &envelope, &m, need, 4096, 8, Duration::from_secs(5)).unwrap();
+        assert_eq!(d.window.percent(), 50);
+        let r = d.window.next_requests(t0());
+        assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [5]);
+        assert_eq!(
+            d.on_data(5 * 4096, piece(5)).unwrap(),
+            Received::Verified(5)
+        );
+        assert!(d.window.done());
+        d.checkpoint().unwrap();
+        // The file is a bundle; the chunks fetched are where they belong.
+        let b = Bundle::open(&d.path()).unwrap();
+        let mut buf = vec![0u8; 4096];
+        b.read_tarball_at(&mut buf, 4096).unwrap();
+        assert_eq!(buf, data[4096..8192]);
+        assert_eq!(
+            read_bitmap(&bitmap_path(&dl), d.tarball_id(), 6),
+            mask(6, &[1, 5])
+        );
+    }
+
+    /// A manifest for `size` bytes of data, its signed envelope (by a key
+    /// nothing trusts: `Download` does not look at signatures), and the
+    /// data.
+    fn test_manifest(size: usize, chunk_size: u32) -> (Manifest, Vec<u8>, Vec<u8>) {
+        use crate::manifest::{ReleaseRef, TarballRef};
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let d = crate::bundle::hash_stream(&mut &data[..], size as u64, chunk_size).unwrap();
+        let m = Manifest {
+            kind: crate::manifest::MANIFEST_TYPE.into(),
+            format: crate::manifest::FORMAT,
+            release: ReleaseRef {
+                name: "x".into(),
+                version: "1".into(),
+            },
+            erts: "13".into(),
+            includes_erts: false,
+            apps: vec!["x-1".into()],
+            upgrade_from: vec![],
+            downgrade_to: vec![],
+            tarball: TarballRef {
+                size: size as u64,
+                sha256: hex::encode(d.whole),
+                chunk_size,
+                unpacked_size: 1,
+                chunks: d.chunks.iter().map(hex::encode).collect(),
+                parts: Vec::new(),
+            },
+            target: vec!["any".into()],
+            created_at: "2026-01-01T00:00:00Z".into(),
+            expires_at: "2026-02-01T00:00:00Z".into(),
+            sequence: 1,
+            allow_downgrade: false,
+        };
+        let key = crate::keys::SecretKey::generate().unwrap();
+        let envelope =
+            crate::signed::Envelope::sign(crate::signed::DocKind::Manifest, &m, &[key]).to_bytes();
+        (m, envelope, data)
     }
 
     #[test]

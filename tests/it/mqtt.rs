@@ -290,6 +290,160 @@ fn offer_downloads_hot_upgrades_and_reports_committed() {
     });
 }
 
+/// The chunks holding a byte of the parts of `units` in `bundle`'s
+/// (indexed) tarball, and how many chunks it has in all.
+fn chunks_of_units(bundle: &Path, units: &[&str]) -> (std::collections::BTreeSet<u64>, usize) {
+    let m = beamup::bundle::Bundle::open(bundle)
+        .unwrap()
+        .manifest_unverified()
+        .unwrap();
+    assert!(!m.tarball.parts.is_empty(), "not an indexed bundle");
+    let cs = u64::from(m.tarball.chunk_size);
+    let mut out = std::collections::BTreeSet::new();
+    for u in units {
+        let part = m
+            .tarball
+            .parts
+            .iter()
+            .find(|p| p.unit == *u)
+            .unwrap_or_else(|| panic!("no part for {u}"));
+        out.extend(part.offset / cs..=(part.offset + part.size - 1) / cs);
+    }
+    (out, m.tarball.chunks.len())
+}
+
+/// The units a hot upgrade of thermo from 1.0.0 to 1.1.0 adds: everything
+/// else (kernel, stdlib, sasl, ERTS) the device has.
+const UNITS_1_1_0: [&str; 3] = ["lib/thermo-1.1.0", "releases/1.1.0", "bin/thermo-1.1.0"];
+
+#[test]
+fn indexed_offer_fetches_only_the_units_the_device_lacks() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"8s\"\nsoak = \"1s\"", "");
+    let requests = Sub::new(&s.broker, &["beamup/acme/req/#"]);
+    s.d.node.incr().unwrap();
+    let pid = s.d.node.os_pid();
+    let bundle = s.bundle("1.1.0", &[]);
+    let (want, total) = chunks_of_units(&bundle, &UNITS_1_1_0);
+    s.serve(&[]);
+    s.start_agent();
+    s.offer(&bundle);
+
+    let st = s.wait_phase("committed", "1.1.0");
+    assert_eq!(st["running"], "1.1.0", "{st:#}");
+    let (_, body) = s.d.health();
+    assert_eq!(body["os_pid"].as_str().unwrap(), pid.to_string(), "hot");
+    assert_eq!(s.d.version_and_counter(), ("1.1.0".into(), 1));
+    s.d.assert_settled_on("1.1.0", &[]);
+
+    // Exactly the chunks of the new units were asked for: a small part of
+    // the tarball.
+    let asked: std::collections::BTreeSet<u64> =
+        requested_chunks(&requests, 65536).into_iter().collect();
+    assert_eq!(asked, want, "of {total} chunks");
+    assert!(
+        want.len() * 10 <= total,
+        "{} of {total} chunks needed",
+        want.len()
+    );
+    let log = s.agent().log();
+    assert!(
+        log.contains(&format!("{} of {total} chunks (", want.len()))
+            && log.contains("units the release already has are not fetched"),
+        "{log}"
+    );
+
+    // Progress counts the needed chunks: every percent reported is a
+    // share of them (over the whole tarball it would stay near 0).
+    let n = want.len();
+    let shares: Vec<u64> = (0..=n).map(|k| (k * 100 / n) as u64).collect();
+    let mut reported: Vec<u64> = s
+        .events()
+        .iter()
+        .filter(|e| e["phase"] == "downloading")
+        .filter_map(|e| e["percent"].as_u64())
+        .collect();
+    reported.extend(
+        s.watch
+            .messages()
+            .iter()
+            .filter(|m| m.topic == "beamup/acme/device/gw-1/state")
+            .map(Msg::json)
+            .filter(|j| j["phase"]["name"] == "downloading")
+            .filter_map(|j| j["phase"]["percent"].as_u64()),
+    );
+    assert!(
+        reported.iter().all(|p| shares.contains(p) || p % 25 == 0),
+        "{reported:?} (shares of {n}: {shares:?})"
+    );
+    if n >= 2 {
+        assert!(reported.iter().any(|&p| p >= 25), "{reported:?}");
+    }
+}
+
+#[test]
+fn agent_killed_mid_partial_transfer_resumes_with_the_same_needed_chunks() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"8s\"\nsoak = \"1s\"", "");
+    let requests = Sub::new(&s.broker, &["beamup/acme/req/#"]);
+    // A leftover of an install beamup did not journal: the install removes
+    // it before unpacking, so its unit is fetched all the same.
+    let leftover = s.d.node.root().join("lib/thermo-1.1.0");
+    fs::create_dir_all(leftover.join("ebin")).unwrap();
+    fs::write(leftover.join("ebin/thermo.app"), "junk").unwrap();
+    // Small chunks: most of lib/thermo-1.1.0 has chunks of its own.
+    let bundle = s.bundle("1.1.0", &["--chunk-size", "4096"]);
+    let (want, total) = chunks_of_units(&bundle, &UNITS_1_1_0);
+    let (others, _) = chunks_of_units(&bundle, &UNITS_1_1_0[1..]);
+    assert!(want.len() >= 8, "{} chunks needed", want.len());
+    assert!(want.len() >= others.len() + 3, "{want:?} {others:?}");
+    s.serve(&[("BEAMUP_SERVE_FAULTS", "delay:300")]);
+    s.start_agent();
+    s.offer(&bundle);
+    // Some of the needed chunks are in (and named by the bitmap), not all.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (set, n) = s.bitmap();
+        if !set.is_empty() {
+            assert_eq!(n, total);
+            assert!(
+                set.len() < want.len(),
+                "the transfer finished too fast to interrupt it"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", s.agent().log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    s.agent.as_mut().unwrap().kill9();
+    let have: std::collections::BTreeSet<u64> =
+        s.bitmap().0.into_iter().map(|c| c as u64).collect();
+    assert!(
+        !have.is_empty() && have.is_subset(&want),
+        "{have:?} {want:?}"
+    );
+    let before: std::collections::BTreeSet<u64> =
+        requested_chunks(&requests, 4096).into_iter().collect();
+    assert!(before.is_subset(&want), "{before:?}");
+
+    let again = Sub::new(&s.broker, &["beamup/acme/req/#"]);
+    s.start_agent();
+    s.wait_phase("committed", "1.1.0");
+    s.agent().wait_log("resuming at", Duration::from_secs(1));
+    let after: std::collections::BTreeSet<u64> =
+        requested_chunks(&again, 4096).into_iter().collect();
+    let missing: std::collections::BTreeSet<u64> = want.difference(&have).copied().collect();
+    assert_eq!(after, missing, "asked after the restart");
+    s.d.assert_settled_on("1.1.0", &[]);
+    assert_ne!(
+        fs::read_to_string(leftover.join("ebin/thermo.app")).unwrap(),
+        "junk"
+    );
+    // The plan was right the first time: the install found every chunk it
+    // reads.
+    let log = s.agent().log();
+    assert!(!log.contains("incomplete download"), "{log}");
+    assert!(!log.contains("more chunks are needed"), "{log}");
+}
+
 #[test]
 fn sigterm_during_an_install_lets_it_reach_its_outcome() {
     let mut s = Setup::new(Broker::start(), "timeout = \"20s\"\nsoak = \"3s\"", "");
@@ -419,7 +573,8 @@ fn corrupt_duplicated_and_stray_chunks_are_handled_over_mqtt_3_1_1() {
         "version = \"3.1.1\"",
     );
     let requests = Sub::new(&s.broker, &["beamup/acme/req/#"]);
-    let bundle = s.bundle("1.1.0", &["--chunk-size", "65536"]);
+    // One gzip stream: every chunk is needed, chunks 2, 3 and 5 included.
+    let bundle = s.bundle("1.1.0", &["--chunk-size", "65536", "--keep-tarball"]);
     s.serve(&[("BEAMUP_SERVE_FAULTS", "corrupt:2,dup:3,stray:5")]);
     s.start_agent();
     s.offer(&bundle);
@@ -439,7 +594,9 @@ fn corrupt_duplicated_and_stray_chunks_are_handled_over_mqtt_3_1_1() {
 #[test]
 fn broker_killed_mid_transfer_then_the_transfer_resumes() {
     let mut s = Setup::new(Broker::start(), "timeout = \"8s\"\nsoak = \"1s\"", "");
-    let bundle = s.bundle("1.1.0", &["--chunk-size", "16384"]);
+    // One gzip stream: every chunk is needed, a transfer long enough to
+    // interrupt.
+    let bundle = s.bundle("1.1.0", &["--chunk-size", "16384", "--keep-tarball"]);
     s.serve(&[("BEAMUP_SERVE_FAULTS", "delay:8")]);
     s.start_agent();
     s.offer(&bundle);
@@ -460,7 +617,9 @@ fn broker_killed_mid_transfer_then_the_transfer_resumes() {
 #[test]
 fn agent_killed_mid_transfer_resumes_without_fetching_chunks_again() {
     let mut s = Setup::new(Broker::start(), "timeout = \"8s\"\nsoak = \"1s\"", "");
-    let bundle = s.bundle("1.1.0", &["--chunk-size", "16384"]);
+    // One gzip stream: every chunk is needed, a transfer long enough to
+    // interrupt.
+    let bundle = s.bundle("1.1.0", &["--chunk-size", "16384", "--keep-tarball"]);
     s.serve(&[("BEAMUP_SERVE_FAULTS", "delay:8")]);
     s.start_agent();
     s.offer(&bundle);
@@ -546,7 +705,8 @@ fn two_servers_share_the_load_within_the_brokers_packet_size() {
         "",
     );
     let requests = Sub::new(&s.broker, &["beamup/acme/req/#"]);
-    let bundle = s.bundle("1.1.0", &["--chunk-size", "65536"]);
+    // One gzip stream: every chunk is needed.
+    let bundle = s.bundle("1.1.0", &["--chunk-size", "65536", "--keep-tarball"]);
     s.serve(&[("BEAMUP_SERVE_FAULTS", "delay:1")]);
     s.serve(&[("BEAMUP_SERVE_FAULTS", "delay:1")]);
     s.start_agent();
