@@ -7,6 +7,15 @@
 //! Goals: transfer throughput >= 0.8 of raw; idle RSS 4 MiB (must be
 //! < 8 MiB); peak RSS < 24 MiB.
 //!
+//! Two agent binaries take turns in every run: the host's release build
+//! (glibc, dynamically linked, all features) and the static build a
+//! device runs (`cross/build x86_64-musl`, which the bench runs first; or
+//! the binary `BEAMUP_BENCH_DEVICE_BIN` names). Their idle RSS differs
+//! mostly in code pages: the kernel maps a binary's and libc's code in
+//! blocks of up to 64 KiB around each page touched, so the larger release
+//! build and the shared libc (about 1.5 MiB resident) weigh more than the
+//! agent's own memory (about 0.5 MiB).
+//!
 //! It also prints the CPU time each process spent on a transfer (medians),
 //! on both sides: on a small machine the processes share the cores, and the
 //! broker's share decides the pace.
@@ -22,6 +31,15 @@
 //!   33 -> 30 ms; with `malloc_trim` after the transfer, the agent's own
 //!   memory when idle again is 0.8 MiB (2.4 MiB without the trim).
 //! - the download file allocated up front (fallocate): agent 90 -> 83 ms.
+//! - verified chunks copied into one reused 1 MiB buffer and written with
+//!   one pwrite, each message freed at once, instead of kept until a
+//!   writev of all of them: agent 76-80 -> 63 ms.
+//! - the static (musl) device build: 195-370 ms of agent CPU at first.
+//!   opt-level "z" left the SHA instruction intrinsics as calls (sha2 now
+//!   builds at opt-level 3 in the device profile: -> 195 ms), and musl's
+//!   malloc mapped and unmapped every 64 KiB message (about 800 mmap and
+//!   munmap calls per transfer, 17 page faults each; `src/memory.rs` now
+//!   keeps a few freed large blocks: 110 mmaps, -> 71 ms).
 //! - no effect beyond the noise: a request window of 16, 32 or 128 pieces
 //!   instead of 64; 1, 2 or 4 pieces per request instead of 8;
 //!   checkpoints every 32 or 64 chunks instead of 256 (the last fsync gets
@@ -48,7 +66,7 @@ mod common;
 use std::fs;
 use std::io::Read;
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -242,16 +260,74 @@ fn vm(pid: u32, field: &str) -> u64 {
         .map_or(0, |k| k * 1024)
 }
 
-/// One agent transfer: (wall time offer -> agent exit, first request to
-/// last chunk verified, to data and bitmap fsynced, idle RSS, peak RSS,
-/// CPU).
+/// One agent binary under test and its transfers.
+struct Agent {
+    label: &'static str,
+    bin: PathBuf,
+    runs: Vec<AgentRun>,
+}
+
+impl Agent {
+    fn new(label: &'static str, bin: PathBuf) -> Agent {
+        Agent {
+            label,
+            bin,
+            runs: Vec::new(),
+        }
+    }
+}
+
+/// One agent transfer.
+struct AgentRun {
+    /// `beamup offer` -> agent exit.
+    wall: Duration,
+    /// First request -> last chunk verified.
+    verified: Duration,
+    /// First request -> data and bitmap fsynced.
+    durable: Duration,
+    idle: u64,
+    peak: u64,
+    cpu: Cpu,
+}
+
+/// The static device build a device runs (cross/build x86_64-musl, which
+/// installs what it lacks and prints the binary's path last). Devices run
+/// that build, not the host's release build, so its memory is the figure
+/// that matters on a device. `BEAMUP_BENCH_DEVICE_BIN` names another
+/// binary to measure in its place (a build of your own, or one with symbols
+/// for a profiler).
+fn device_build() -> PathBuf {
+    if let Some(bin) = std::env::var_os("BEAMUP_BENCH_DEVICE_BIN") {
+        return bin.into();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("cross/build");
+    let out = Command::new(&script)
+        .arg("x86_64-musl")
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("cross/build");
+    assert!(
+        out.status.success(),
+        "cross/build x86_64-musl failed; the transfer bench measures the static device build too"
+    );
+    let path = String::from_utf8_lossy(&out.stdout);
+    let path = path.lines().last().unwrap_or_default().trim();
+    let bin = PathBuf::from(path);
+    assert!(
+        bin.is_file(),
+        "cross/build printed no binary path: {path:?}"
+    );
+    bin
+}
+
 fn agent_run(
+    agent: &Path,
     dir: &Path,
     port: u16,
     bundle: &Path,
     n: usize,
     (broker, serve): (u32, u32),
-) -> (Duration, Duration, Duration, u64, u64, Cpu) {
+) -> AgentRun {
     let run_dir = dir.join(format!("agent-{n}"));
     let _ = fs::remove_dir_all(&run_dir);
     fs::create_dir_all(&run_dir).unwrap();
@@ -282,7 +358,7 @@ fleet = "bench"
     );
     fs::write(run_dir.join("agent.toml"), config).unwrap();
     let log = fs::File::create(run_dir.join("agent.log")).unwrap();
-    let child = Command::new(beamup())
+    let child = Command::new(agent)
         .args(["agent", "--config", "agent.toml"])
         .current_dir(&run_dir)
         .env("BEAMUP_AGENT_FETCH_ONLY", "1")
@@ -346,14 +422,14 @@ fleet = "bench"
             .and_then(|m| m.parse().ok())
             .unwrap_or_else(|| panic!("no {key:?} in {line}"))
     };
-    (
+    AgentRun {
         wall,
-        Duration::from_millis(ms("all verified in ")),
-        Duration::from_millis(ms("durable at ")),
+        verified: Duration::from_millis(ms("all verified in ")),
+        durable: Duration::from_millis(ms("durable at ")),
         idle,
         peak,
-        used,
-    )
+        cpu: used,
+    }
 }
 
 fn main() {
@@ -386,31 +462,35 @@ fn main() {
     std::thread::sleep(Duration::from_millis(500));
 
     raw(port, &msgs, broker_pid); // warm-up
+    let mut agents = [
+        Agent::new(
+            "host build (release profile, glibc, dynamic)",
+            beamup().into(),
+        ),
+        Agent::new(
+            "device build (cross/build x86_64-musl: static, opt-level z)",
+            device_build(),
+        ),
+    ];
     let mut t_raw = Vec::new();
-    let mut t_wall = Vec::new();
-    let mut t_agent = Vec::new();
-    let mut t_durable = Vec::new();
-    let mut idle = Vec::new();
-    let mut peak = Vec::new();
-    let (mut cpu_raw, mut cpu_beamup) = (Vec::new(), Vec::new());
+    let mut cpu_raw = Vec::new();
     for n in 0..RUNS {
         let (t, c) = raw(port, &msgs, broker_pid);
         t_raw.push(t);
         cpu_raw.push(c);
-        let (w, a, d, i, p, c) = agent_run(&dir, port, &bundle, n, (broker_pid, serve_pid));
-        cpu_beamup.push(c);
-        t_wall.push(w);
-        t_agent.push(a);
-        t_durable.push(d);
-        idle.push(i);
-        peak.push(p);
+        for (k, agent) in agents.iter_mut().enumerate() {
+            let run = agent_run(
+                &agent.bin,
+                &dir,
+                port,
+                &bundle,
+                n * 2 + k,
+                (broker_pid, serve_pid),
+            );
+            agent.runs.push(run);
+        }
     }
-    let (r, w, a, d) = (
-        median(t_raw),
-        median(t_wall),
-        median(t_agent),
-        median(t_durable),
-    );
+    let r = median(t_raw);
     let mb = |b: u64| b as f64 / MIB as f64;
     println!(
         "transfer: {:.1} MiB release tarball in {} chunks of 64 KiB through mosquitto on loopback, median of {RUNS}",
@@ -418,50 +498,65 @@ fn main() {
         msgs.len()
     );
     println!(
-        "  raw (rumqttc publisher -> mosquitto -> mosquitto_sub)     {:>8.1} ms  {:>7.1} MiB/s",
+        "  raw (rumqttc publisher -> mosquitto -> mosquitto_sub)       {:>8.1} ms  {:>7.1} MiB/s",
         r.as_secs_f64() * 1e3,
         mib_per_s(size, r)
-    );
-    println!(
-        "  beamup serve -> agent, first request to last chunk verified {:>8.1} ms  {:>7.1} MiB/s",
-        a.as_secs_f64() * 1e3,
-        mib_per_s(size, a)
-    );
-    println!(
-        "  ... and fsynced (data, then the chunk bitmap)             {:>8.1} ms  {:>7.1} MiB/s",
-        d.as_secs_f64() * 1e3,
-        mib_per_s(size, d)
-    );
-    println!(
-        "  beamup offer -> agent exit (verify, allocate, fetch, sync) {:>8.1} ms  {:>7.1} MiB/s",
-        w.as_secs_f64() * 1e3,
-        mib_per_s(size, w)
-    );
-    println!(
-        "  ratio to raw throughput: verified {:.2}, durable {:.2}, offer-to-exit {:.2} (goal >= 0.8)",
-        r.as_secs_f64() / a.as_secs_f64(),
-        r.as_secs_f64() / d.as_secs_f64(),
-        r.as_secs_f64() / w.as_secs_f64()
     );
     let ms = |cs: &[Cpu], f: fn(&Cpu) -> Duration| {
         median(cs.iter().map(f).collect()).as_secs_f64() * 1e3
     };
     println!(
-        "  CPU per transfer: raw: publisher and reader {:.0} ms, mosquitto {:.0} ms, mosquitto_sub {:.0} ms; beamup: serve {:.0} ms, mosquitto {:.0} ms, agent {:.0} ms",
+        "  CPU per raw transfer: publisher and reader {:.0} ms, mosquitto {:.0} ms, mosquitto_sub {:.0} ms",
         ms(&cpu_raw, |c| c.sender),
         ms(&cpu_raw, |c| c.broker),
         ms(&cpu_raw, |c| c.receiver),
-        ms(&cpu_beamup, |c| c.sender),
-        ms(&cpu_beamup, |c| c.broker),
-        ms(&cpu_beamup, |c| c.receiver),
     );
-    idle.sort();
-    peak.sort();
-    println!(
-        "  agent idle RSS {:.1} MiB (goal 4, must be < 8); peak RSS during the transfer {:.1} MiB (must be < 24)",
-        mb(idle[idle.len() / 2]),
-        mb(peak[peak.len() / 2])
-    );
+    for agent in &agents {
+        let runs = &agent.runs;
+        let (w, a, d) = (
+            median(runs.iter().map(|r| r.wall).collect()),
+            median(runs.iter().map(|r| r.verified).collect()),
+            median(runs.iter().map(|r| r.durable).collect()),
+        );
+        println!("beamup serve -> agent, {}:", agent.label);
+        println!(
+            "  first request to last chunk verified                      {:>8.1} ms  {:>7.1} MiB/s",
+            a.as_secs_f64() * 1e3,
+            mib_per_s(size, a)
+        );
+        println!(
+            "  ... and fsynced (data, then the chunk bitmap)             {:>8.1} ms  {:>7.1} MiB/s",
+            d.as_secs_f64() * 1e3,
+            mib_per_s(size, d)
+        );
+        println!(
+            "  beamup offer -> agent exit (verify, allocate, fetch, sync) {:>8.1} ms  {:>7.1} MiB/s",
+            w.as_secs_f64() * 1e3,
+            mib_per_s(size, w)
+        );
+        println!(
+            "  ratio to raw throughput: verified {:.2}, durable {:.2}, offer-to-exit {:.2} (goal >= 0.8)",
+            r.as_secs_f64() / a.as_secs_f64(),
+            r.as_secs_f64() / d.as_secs_f64(),
+            r.as_secs_f64() / w.as_secs_f64()
+        );
+        let cpu: Vec<Cpu> = runs.iter().map(|r| r.cpu).collect();
+        println!(
+            "  CPU per transfer: serve {:.0} ms, mosquitto {:.0} ms, agent {:.0} ms",
+            ms(&cpu, |c| c.sender),
+            ms(&cpu, |c| c.broker),
+            ms(&cpu, |c| c.receiver),
+        );
+        let mut idle: Vec<u64> = runs.iter().map(|r| r.idle).collect();
+        let mut peak: Vec<u64> = runs.iter().map(|r| r.peak).collect();
+        idle.sort();
+        peak.sort();
+        println!(
+            "  agent idle RSS {:.1} MiB (goal 4, must be < 8); peak RSS during the transfer {:.1} MiB (must be < 24)",
+            mb(idle[idle.len() / 2]),
+            mb(peak[peak.len() / 2])
+        );
+    }
     drop(broker);
     fs::remove_dir_all(&dir).unwrap();
 }

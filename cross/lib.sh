@@ -11,7 +11,7 @@
 #   CARGO_TARGET_DIR                as for cargo (default: <repo>/target)
 
 CROSS_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)" # physical, as cargo sees it
-CROSS_TARGETS=(aarch64 armv7 aarch64-musl)
+CROSS_TARGETS=(aarch64 armv7 aarch64-musl x86_64-musl)
 
 die() {
     echo "cross: error: $*" >&2
@@ -27,6 +27,8 @@ note() { echo "cross: $*" >&2; }
 #                are only Recommends, and ring's C includes <stdint.h>)
 #   DEB_ARCH     Debian architecture (for the rustc-web fallback)
 #   QEMU         qemu-user binary; QEMU_ARGS its arguments before the program
+#                (empty for x86_64-musl, which runs natively on the build
+#                machine)
 #   ELF_MACHINE  what `readelf -h` calls the machine
 #   BUDGET       size budget of the stripped binary, bytes; GOAL (optional)
 target_facts() {
@@ -67,6 +69,21 @@ target_facts() {
         ELF_MACHINE=AArch64
         BUDGET=$((3 * 1024 * 1024))
         GOAL=$((2 * 1024 * 1024))
+        ;;
+    x86_64-musl)
+        # Fully static, for x86_64 gateways and industrial PCs. It runs on
+        # the build machine itself, without qemu, so cross/sizes measures
+        # its idle RSS exactly. The host gcc compiles ring and links against
+        # the musl crt objects and libc.a that rustup ships with the target.
+        TRIPLE=x86_64-unknown-linux-musl
+        GCC=gcc
+        GCC_PKGS=(gcc libc6-dev)
+        DEB_ARCH=""
+        QEMU=""
+        QEMU_ARGS=()
+        ELF_MACHINE="X86-64"
+        BUDGET=$((4 * 1024 * 1024))
+        GOAL=""
         ;;
     "")
         die "no target given; one of: ${CROSS_TARGETS[*]}"
@@ -193,7 +210,11 @@ setup_build() {
     # .cargo/config.toml, so host builds are untouched.
     export "CARGO_TARGET_${TRIPLE_ENV}_LINKER=$GCC"
     export "CC_${TRIPLE//-/_}=$GCC"
-    export "AR_${TRIPLE//-/_}=${GCC%-gcc}-ar"
+    if [ "$GCC" = gcc ]; then
+        export "AR_${TRIPLE//-/_}=ar"
+    else
+        export "AR_${TRIPLE//-/_}=${GCC%-gcc}-ar"
+    fi
 
     # Reproducible bytes: no build paths in the binary (panic locations of
     # dependencies and OUT_DIR includes carry them otherwise), for Rust and C.
@@ -235,6 +256,10 @@ setup_build() {
 # Installs qemu-user and sets RUNNER, the command that runs one of this
 # target's programs on the build machine.
 setup_runner() {
+    if [ -z "$QEMU" ]; then
+        RUNNER=() # native
+        return 0
+    fi
     ensure_apt qemu-user
     command -v "$QEMU" >/dev/null || die "$QEMU not found after installing qemu-user"
     RUNNER=("$QEMU" "${QEMU_ARGS[@]}")

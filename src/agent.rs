@@ -187,7 +187,7 @@ fn is_passing(e: &Error) -> bool {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<()> {
-    crate::transfer::tune_allocator();
+    crate::memory::tune_allocator();
     let cfg: &'static Config = Box::leak(Box::new(cfg));
     let mq: &'static MqttConfig = cfg.mqtt.as_ref().ok_or_else(|| {
         Error::Usage("the agent needs an [mqtt] table in agent.toml (url, device_id, fleet)".into())
@@ -739,7 +739,7 @@ impl Agent {
             let received = a.started.elapsed();
             a.download.checkpoint()?;
             let a = self.active.take().expect("active");
-            crate::transfer::release_free_memory();
+            crate::memory::release_free_memory();
             let took = a.started.elapsed();
             let (chunks, bytes) = a.download.window.needed();
             tracing::info!(
@@ -1093,7 +1093,7 @@ impl Agent {
             }
         }
         Download::discard(&self.download_dir())?;
-        crate::transfer::release_free_memory();
+        crate::memory::release_free_memory();
         self.refresh_node(engine).await;
         Ok(())
     }

@@ -18,6 +18,7 @@ pub mod install;
 pub mod keys;
 pub mod logging;
 pub mod manifest;
+pub mod memory;
 pub mod mqtt;
 pub mod node;
 pub mod nodelink;

@@ -125,7 +125,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
             opts.bundles.display()
         )));
     }
-    crate::transfer::tune_allocator();
+    crate::memory::tune_allocator();
     let topics = Topics::new(&opts.prefix, &opts.fleet);
     let mut id = [0u8; 6];
     getrandom::fill(&mut id).map_err(|e| Error::Usage(format!("getrandom: {e}")))?;
