@@ -137,6 +137,10 @@ struct Agent {
     /// `BEAMUP_AGENT_FETCH_ONLY=1` (benches, tests): skip the node's checks,
     /// fetch the first offer, exit. Never installs.
     fetch_only: bool,
+    /// The offer (digest) whose install found the download incomplete
+    /// after all: taken up again, it fetches every chunk, so that a plan
+    /// that keeps disagreeing with the engine's cannot loop.
+    fetch_everything: Option<String>,
 }
 
 fn digest_hex(bytes: &[u8]) -> String {
@@ -251,6 +255,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         refused: None,
         node_polled_at: Instant::now(),
         fetch_only: std::env::var("BEAMUP_AGENT_FETCH_ONLY").is_ok_and(|v| v == "1"),
+        fetch_everything: None,
         topics,
     };
     if agent.fetch_only {
@@ -623,6 +628,9 @@ impl Agent {
             }
         };
         let need = match checked {
+            Ok(Some(_)) if self.fetch_everything.as_deref() == Some(digest.as_str()) => {
+                vec![true; m.tarball.chunks.len()]
+            }
             Ok(Some(plan)) => staging::chunks_read(&m, &plan),
             Ok(None) => vec![true; m.tarball.chunks.len()],
             Err(e) => {
@@ -1074,10 +1082,12 @@ impl Agent {
             }
             Err(e @ Error::Incomplete { .. }) => {
                 // The release root changed between the last check and the
-                // install: the offer is taken up again, its download
-                // resumes and fetches what is missing (unless a newer
+                // install: the offer is taken up again, and its download
+                // resumes and fetches every chunk it lacks, needed or not,
+                // so this happens at most once per offer (unless a newer
                 // offer came in meanwhile: that one goes first).
-                tracing::warn!("{e}");
+                tracing::warn!("{e}; fetching the rest of the tarball");
+                self.fetch_everything = Some(digest.to_string());
                 if self.pending_offer.is_none() {
                     self.pending_offer = Download::existing_offer(&self.download_dir());
                 }
