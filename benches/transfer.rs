@@ -34,7 +34,7 @@
 //! - verified chunks copied into one reused 1 MiB buffer and written with
 //!   one pwrite, each message freed at once, instead of kept until a
 //!   writev of all of them: agent 76-80 -> 63 ms.
-//! - the static (musl) device build: 195-370 ms of agent CPU at first.
+//! - the static (musl) device build: 290-370 ms of agent CPU at first.
 //!   opt-level "z" left the SHA instruction intrinsics as calls (sha2 now
 //!   builds at opt-level 3 in the device profile: -> 195 ms), and musl's
 //!   malloc mapped and unmapped every 64 KiB message (about 800 mmap and
