@@ -780,33 +780,7 @@ mod tests {
     #[test]
     fn chunk_verifier_hands_out_nothing_of_a_bad_chunk() {
         let data: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
-        let d = hash_stream(&mut &data[..], data.len() as u64, 4096).unwrap();
-        let m = Manifest {
-            kind: manifest::MANIFEST_TYPE.into(),
-            format: manifest::FORMAT,
-            release: ReleaseRef {
-                name: "x".into(),
-                version: "1".into(),
-            },
-            erts: "13".into(),
-            includes_erts: false,
-            apps: vec!["x-1".into()],
-            upgrade_from: vec![],
-            downgrade_to: vec![],
-            tarball: TarballRef {
-                size: data.len() as u64,
-                sha256: hex::encode(d.whole),
-                chunk_size: 4096,
-                unpacked_size: 1,
-                chunks: d.chunks.iter().map(hex::encode).collect(),
-                parts: Vec::new(),
-            },
-            target: vec!["any".into()],
-            created_at: String::new(),
-            expires_at: String::new(),
-            sequence: 1,
-            allow_downgrade: false,
-        };
+        let m = manifest::for_tests(&data, 4096);
         let mut out = Vec::new();
         ChunkVerifier::new(&data[..], &m, "b".into())
             .read_to_end(&mut out)

@@ -133,35 +133,16 @@ pub fn recovery(journal: &Journal, node: &NodeSeen) -> Recovery {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{FORMAT, MANIFEST_TYPE, ReleaseRef, TarballRef};
 
     fn manifest(version: &str, from: &[&str], erts: &str) -> Manifest {
-        Manifest {
-            kind: MANIFEST_TYPE.into(),
-            format: FORMAT,
-            release: ReleaseRef {
-                name: "thermo".into(),
-                version: version.into(),
-            },
-            erts: erts.into(),
-            includes_erts: false,
-            apps: vec![format!("thermo-{version}")],
-            upgrade_from: from.iter().map(|s| s.to_string()).collect(),
-            downgrade_to: from.iter().map(|s| s.to_string()).collect(),
-            tarball: TarballRef {
-                size: 1,
-                sha256: "00".repeat(32),
-                chunk_size: 4096,
-                unpacked_size: 1,
-                chunks: vec!["00".repeat(32)],
-                parts: Vec::new(),
-            },
-            target: vec!["any".into()],
-            created_at: "2026-01-01T00:00:00Z".into(),
-            expires_at: "2026-02-01T00:00:00Z".into(),
-            sequence: 1,
-            allow_downgrade: false,
-        }
+        let mut m = crate::manifest::for_tests(b"x", 4096);
+        m.release.name = "thermo".into();
+        m.release.version = version.into();
+        m.erts = erts.into();
+        m.apps = vec![format!("thermo-{version}")];
+        m.upgrade_from = from.iter().map(|s| s.to_string()).collect();
+        m.downgrade_to = m.upgrade_from.clone();
+        m
     }
 
     fn running(v: &str) -> Running {

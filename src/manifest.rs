@@ -341,6 +341,40 @@ pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
         .map_err(|e| format!("{s:?} is not a duration like 30d or 12h ({e})"))
 }
 
+/// A manifest of release `x` 1 for the tarball bytes `tarball`, with
+/// their digests, for unit tests elsewhere in the crate.
+#[cfg(test)]
+pub(crate) fn for_tests(tarball: &[u8], chunk_size: u32) -> Manifest {
+    let d = crate::bundle::hash_stream(&mut &tarball[..], tarball.len() as u64, chunk_size)
+        .expect("hashing bytes in memory");
+    Manifest {
+        kind: MANIFEST_TYPE.into(),
+        format: FORMAT,
+        release: ReleaseRef {
+            name: "x".into(),
+            version: "1".into(),
+        },
+        erts: "13".into(),
+        includes_erts: false,
+        apps: vec!["x-1".into()],
+        upgrade_from: vec![],
+        downgrade_to: vec![],
+        tarball: TarballRef {
+            size: tarball.len() as u64,
+            sha256: hex::encode(d.whole),
+            chunk_size,
+            unpacked_size: 1,
+            chunks: d.chunks.iter().map(hex::encode).collect(),
+            parts: Vec::new(),
+        },
+        target: vec!["any".into()],
+        created_at: "2026-01-01T00:00:00Z".into(),
+        expires_at: "2026-02-01T00:00:00Z".into(),
+        sequence: 1,
+        allow_downgrade: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

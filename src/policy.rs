@@ -100,36 +100,17 @@ fn describe(id: &Identity) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::manifest::{FORMAT, MANIFEST_TYPE, ReleaseRef, TarballRef};
     use std::time::Duration;
 
     fn manifest(version: &str, sequence: u64, target: &[&str]) -> Manifest {
-        Manifest {
-            kind: MANIFEST_TYPE.into(),
-            format: FORMAT,
-            release: ReleaseRef {
-                name: "thermo".into(),
-                version: version.into(),
-            },
-            erts: "13.1.5".into(),
-            includes_erts: false,
-            apps: vec!["thermo-1.0.0".into()],
-            upgrade_from: vec![],
-            downgrade_to: vec![],
-            tarball: TarballRef {
-                size: 1,
-                sha256: "00".repeat(32),
-                chunk_size: 4096,
-                unpacked_size: 1,
-                chunks: vec!["00".repeat(32)],
-                parts: Vec::new(),
-            },
-            target: target.iter().map(|s| s.to_string()).collect(),
-            created_at: "2026-01-01T00:00:00Z".into(),
-            expires_at: "2026-02-01T00:00:00Z".into(),
-            sequence,
-            allow_downgrade: false,
-        }
+        let mut m = crate::manifest::for_tests(b"x", 4096);
+        m.release.name = "thermo".into();
+        m.release.version = version.into();
+        m.erts = "13.1.5".into();
+        m.apps = vec!["thermo-1.0.0".into()];
+        m.target = target.iter().map(|s| s.to_string()).collect();
+        m.sequence = sequence;
+        m
     }
 
     fn at(s: &str) -> SystemTime {

@@ -579,7 +579,6 @@ mod tests {
         entries: &[(&str, Vec<u8>)],
         keep: impl Fn(&Manifest) -> Vec<bool>,
     ) -> (Manifest, Bundle, Vec<u8>) {
-        use crate::manifest::ReleaseRef;
         use std::io::Write;
         let mut b = tar::Builder::new(Vec::new());
         for (path, data) in entries {
@@ -595,33 +594,11 @@ mod tests {
         let gz = gz.finish().unwrap();
         let mut tarball = Vec::new();
         let parts = crate::tarindex::index(&gz[..], &mut tarball, "t").unwrap();
-        let d = crate::bundle::hash_stream(&mut &tarball[..], tarball.len() as u64, 4096).unwrap();
-        let m = Manifest {
-            kind: crate::manifest::MANIFEST_TYPE.into(),
-            format: crate::manifest::FORMAT,
-            release: ReleaseRef {
-                name: "x".into(),
-                version: "2".into(),
-            },
-            erts: "13".into(),
-            includes_erts: false,
-            apps: vec!["a-1".into(), "b-1".into()],
-            upgrade_from: vec![],
-            downgrade_to: vec![],
-            tarball: crate::manifest::TarballRef {
-                size: tarball.len() as u64,
-                sha256: hex::encode(d.whole),
-                chunk_size: 4096,
-                unpacked_size: 1 << 30,
-                chunks: d.chunks.iter().map(hex::encode).collect(),
-                parts,
-            },
-            target: vec!["any".into()],
-            created_at: "2026-01-01T00:00:00Z".into(),
-            expires_at: "2026-02-01T00:00:00Z".into(),
-            sequence: 1,
-            allow_downgrade: false,
-        };
+        let mut m = crate::manifest::for_tests(&tarball, 4096);
+        m.release.version = "2".into();
+        m.apps = vec!["a-1".into(), "b-1".into()];
+        m.tarball.unpacked_size = 1 << 30;
+        m.tarball.parts = parts;
         m.validate().unwrap();
         let keep = keep(&m);
         let mut masked = tarball.clone();

@@ -1031,35 +1031,8 @@ mod tests {
     /// nothing trusts: `Download` does not look at signatures), and the
     /// data.
     fn test_manifest(size: usize, chunk_size: u32) -> (Manifest, Vec<u8>, Vec<u8>) {
-        use crate::manifest::{ReleaseRef, TarballRef};
         let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-        let d = crate::bundle::hash_stream(&mut &data[..], size as u64, chunk_size).unwrap();
-        let m = Manifest {
-            kind: crate::manifest::MANIFEST_TYPE.into(),
-            format: crate::manifest::FORMAT,
-            release: ReleaseRef {
-                name: "x".into(),
-                version: "1".into(),
-            },
-            erts: "13".into(),
-            includes_erts: false,
-            apps: vec!["x-1".into()],
-            upgrade_from: vec![],
-            downgrade_to: vec![],
-            tarball: TarballRef {
-                size: size as u64,
-                sha256: hex::encode(d.whole),
-                chunk_size,
-                unpacked_size: 1,
-                chunks: d.chunks.iter().map(hex::encode).collect(),
-                parts: Vec::new(),
-            },
-            target: vec!["any".into()],
-            created_at: "2026-01-01T00:00:00Z".into(),
-            expires_at: "2026-02-01T00:00:00Z".into(),
-            sequence: 1,
-            allow_downgrade: false,
-        };
+        let m = crate::manifest::for_tests(&data, chunk_size);
         let key = crate::keys::SecretKey::generate().unwrap();
         let envelope =
             crate::signed::Envelope::sign(crate::signed::DocKind::Manifest, &m, &[key]).to_bytes();
