@@ -51,7 +51,13 @@ const PIECE_TIMEOUT: Duration = Duration::from_secs(5);
 /// after this many chunks.
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 const CHECKPOINT_CHUNKS: usize = 256;
+/// The main loop's timer while something is moving (a download, an
+/// install, a status or events to send): request timeouts, checkpoints,
+/// rate-limited status.
 const TICK: Duration = Duration::from_millis(100);
+/// ... and while idle, when it only pings the watchdog and polls the node:
+/// a device waiting for offers wakes up about once a second, not ten times.
+const IDLE_TICK: Duration = Duration::from_secs(1);
 /// Tracked QoS 1 publishes in flight (below mosquitto's default receive
 /// maximum of 20).
 const TRACKED_MAX: usize = 10;
@@ -296,8 +302,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         .map_err(|e| Error::Usage(format!("cannot handle SIGTERM: {e}")))?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
         .map_err(|e| Error::Usage(format!("cannot handle SIGINT: {e}")))?;
-    let mut tick = tokio::time::interval(TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_tick = Instant::now();
     let mut engine: Option<Engine<'static>> = Some(engine);
     let mut installing: Option<InstallFuture> = None;
 
@@ -329,6 +334,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
         let can_poll = agent.reconnect_at.is_none();
         let reconnect_at = agent.reconnect_at.unwrap_or_else(Instant::now);
+        let next_tick = last_tick
+            + if installing.is_some() || agent.busy() {
+                TICK
+            } else {
+                IDLE_TICK
+            };
         tokio::select! {
             ev = agent.conn.poll(), if can_poll => match ev {
                 Ok(ev) => agent.on_mqtt(ev, engine.as_mut()).await?,
@@ -344,7 +355,8 @@ pub async fn run(cfg: Config) -> Result<()> {
                 agent.on_install_done(result, &digest, &m, &mut e).await?;
                 engine = Some(e);
             }
-            _ = tick.tick() => {
+            _ = tokio::time::sleep_until(next_tick.into()) => {
+                last_tick = Instant::now();
                 if let Some(w) = watchdog
                     && last_ping.elapsed() >= w / 3
                 {
@@ -396,6 +408,16 @@ pub async fn run(cfg: Config) -> Result<()> {
 }
 
 impl Agent {
+    /// Is anything in motion that the timer drives (see [`TICK`])?
+    fn busy(&self) -> bool {
+        self.active.is_some()
+            || self.ready.is_some()
+            || self.pending_offer.is_some()
+            || (self.connected
+                && (self.status_dirty
+                    || self.outbox.iter().any(|(id, _)| !self.sent.contains(&id))))
+    }
+
     fn download_dir(&self) -> PathBuf {
         self.dir.join("download")
     }

@@ -282,6 +282,14 @@ fn offer_downloads_hot_upgrades_and_reports_committed() {
     // beamup status works beside the running agent (no lock needed).
     assert_eq!(s.d.status()["last_outcome"]["outcome"], "committed");
 
+    // Idle, the agent sleeps: its timer wakes it about once a second, not
+    // ten times (a cost in power on a device, for nothing).
+    std::thread::sleep(Duration::from_secs(1));
+    let before = s.agent().wakeups();
+    std::thread::sleep(Duration::from_secs(4));
+    let woke = s.agent().wakeups() - before;
+    assert!(woke <= 20, "{woke} wake-ups in 4 s while idle");
+
     // A graceful stop says the device went offline.
     let code = s.agent.as_mut().unwrap().term(Duration::from_secs(20));
     assert_eq!(code, Some(0), "{}", s.agent().log());

@@ -355,6 +355,23 @@ impl Daemon {
         fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// How often the process has gone to sleep and been woken since it
+    /// started (voluntary context switches, all threads).
+    pub fn wakeups(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let mut total = 0;
+        for task in fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+            let status =
+                fs::read_to_string(task.unwrap().path().join("status")).unwrap_or_default();
+            total += status
+                .lines()
+                .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+        total
+    }
+
     #[track_caller]
     pub fn wait_log(&self, needle: &str, timeout: Duration) {
         let deadline = Instant::now() + timeout;
