@@ -579,19 +579,8 @@ mod tests {
         entries: &[(&str, Vec<u8>)],
         keep: impl Fn(&Manifest) -> Vec<bool>,
     ) -> (Manifest, Bundle, Vec<u8>) {
-        use std::io::Write;
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, path, &data[..]).unwrap();
-        }
-        let raw = b.into_inner().unwrap();
-        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-        gz.write_all(&raw).unwrap();
-        let gz = gz.finish().unwrap();
+        let entries: Vec<(&str, &[u8])> = entries.iter().map(|(p, d)| (*p, &d[..])).collect();
+        let (_, gz) = crate::tarindex::test_tarball(&entries);
         let mut tarball = Vec::new();
         let parts = crate::tarindex::index(&gz[..], &mut tarball, "t").unwrap();
         let mut m = crate::manifest::for_tests(&tarball, 4096);

@@ -216,25 +216,32 @@ impl<W: Write> Write for Counting<W> {
     }
 }
 
+/// A release tarball of plain files, as rebar3 would make it (one gzip
+/// stream): (the tar bytes, the gzipped tarball). For unit tests.
+#[cfg(test)]
+pub(crate) fn test_tarball(entries: &[(&str, &[u8])]) -> (Vec<u8>, Vec<u8>) {
+    use flate2::Compression;
+    use flate2::write::GzEncoder;
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, *data).unwrap();
+    }
+    let raw = b.into_inner().unwrap();
+    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+    gz.write_all(&raw).unwrap();
+    (raw, gz.finish().unwrap())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use flate2::read::GzDecoder;
 
-    fn tarball(entries: &[(&str, &[u8])]) -> (Vec<u8>, Vec<u8>) {
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            h.set_entry_type(tar::EntryType::Regular);
-            b.append_data(&mut h, path, *data).unwrap();
-        }
-        let raw = b.into_inner().unwrap();
-        let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
-        gz.write_all(&raw).unwrap();
-        (raw, gz.finish().unwrap())
-    }
+    use super::test_tarball as tarball;
 
     #[test]
     fn parts_tile_the_output_and_inflate_to_the_same_archive() {
