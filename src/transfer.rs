@@ -699,20 +699,26 @@ pub fn bitmap_path(dir: &Path) -> PathBuf {
 mod tests {
     use super::*;
 
+    /// A window over one 4 KiB chunk (and piece) per entry of `have`,
+    /// `inflight` pieces at most in flight, a 5 s timeout.
+    fn window(have: Vec<bool>, inflight: usize) -> Window {
+        Window::new(
+            have.len() as u64 * 4096,
+            4096,
+            4096,
+            have,
+            inflight,
+            Duration::from_secs(5),
+        )
+    }
+
     fn t0() -> Instant {
         Instant::now()
     }
 
     #[test]
     fn window_is_bounded_and_fills_in_order() {
-        let mut w = Window::new(
-            10 * 4096,
-            4096,
-            4096,
-            vec![false; 10],
-            3,
-            Duration::from_secs(5),
-        );
+        let mut w = window(vec![false; 10], 3);
         let now = t0();
         let r = w.next_requests(now);
         assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [0, 1, 2]);
@@ -731,14 +737,7 @@ mod tests {
 
     #[test]
     fn chunks_being_checked_hold_their_place_in_the_window() {
-        let mut w = Window::new(
-            4 * 4096,
-            4096,
-            4096,
-            vec![false; 4],
-            2,
-            Duration::from_secs(5),
-        );
+        let mut w = window(vec![false; 4], 2);
         let now = t0();
         assert_eq!(w.next_requests(now).len(), 2);
         assert!(matches!(
@@ -754,14 +753,7 @@ mod tests {
 
     #[test]
     fn duplicates_unrequested_and_wrong_sizes_are_ignored() {
-        let mut w = Window::new(
-            4 * 4096,
-            4096,
-            4096,
-            vec![false; 4],
-            2,
-            Duration::from_secs(5),
-        );
+        let mut w = window(vec![false; 4], 2);
         w.next_requests(t0());
         assert!(
             matches!(w.on_piece(3 * 4096, 4096), Accept::Ignore(_)),
@@ -819,14 +811,7 @@ mod tests {
 
     #[test]
     fn timeouts_and_reconnects_re_request() {
-        let mut w = Window::new(
-            2 * 4096,
-            4096,
-            4096,
-            vec![false; 2],
-            1,
-            Duration::from_secs(5),
-        );
+        let mut w = window(vec![false; 2], 1);
         let now = t0();
         assert_eq!(w.next_requests(now).len(), 1);
         assert!(w.next_requests(now + Duration::from_secs(1)).is_empty());
@@ -839,14 +824,7 @@ mod tests {
 
     #[test]
     fn resumed_window_asks_only_for_what_is_missing() {
-        let mut w = Window::new(
-            4 * 4096,
-            4096,
-            4096,
-            vec![true, false, true, false],
-            8,
-            Duration::from_secs(5),
-        );
+        let mut w = window(vec![true, false, true, false], 8);
         assert_eq!(w.percent(), 50);
         let r = w.next_requests(t0());
         assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [1, 3]);
@@ -902,15 +880,7 @@ mod tests {
 
     #[test]
     fn timed_out_needed_chunks_are_asked_again_and_only_those() {
-        let mut w = Window::new(
-            6 * 4096,
-            4096,
-            4096,
-            vec![false; 6],
-            8,
-            Duration::from_secs(5),
-        )
-        .needing(mask(6, &[1, 4]));
+        let mut w = window(vec![false; 6], 8).needing(mask(6, &[1, 4]));
         let now = t0();
         assert_eq!(w.next_requests(now).len(), 2);
         let again = w.next_requests(now + Duration::from_secs(6));
@@ -921,15 +891,7 @@ mod tests {
     fn resume_with_bitmap_and_mask_asks_for_what_is_needed_and_missing() {
         // The bitmap lists 0, 1 and 5 (5 from an earlier, larger mask); the
         // plan now needs 1, 2 and 3.
-        let mut w = Window::new(
-            6 * 4096,
-            4096,
-            4096,
-            mask(6, &[0, 1, 5]),
-            8,
-            Duration::from_secs(5),
-        )
-        .needing(mask(6, &[1, 2, 3]));
+        let mut w = window(mask(6, &[0, 1, 5]), 8).needing(mask(6, &[1, 2, 3]));
         assert_eq!(w.percent(), 33, "1 of the 3 needed chunks is there");
         let r = w.next_requests(t0());
         assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [2, 3]);
@@ -939,39 +901,15 @@ mod tests {
             "chunks not needed stay verified"
         );
         // Everything needed already there: done at once.
-        let w = Window::new(
-            6 * 4096,
-            4096,
-            4096,
-            mask(6, &[0, 1, 5]),
-            8,
-            Duration::from_secs(5),
-        )
-        .needing(mask(6, &[0, 5]));
+        let w = window(mask(6, &[0, 1, 5]), 8).needing(mask(6, &[0, 5]));
         assert!(w.done());
         assert_eq!(w.percent(), 100);
         // No chunk needed at all: done, 100%.
-        let w = Window::new(
-            2 * 4096,
-            4096,
-            4096,
-            vec![false; 2],
-            8,
-            Duration::from_secs(5),
-        )
-        .needing(vec![false; 2]);
+        let w = window(vec![false; 2], 8).needing(vec![false; 2]);
         assert!(w.done());
         assert_eq!(w.percent(), 100);
         // A mask of the wrong length is no mask: everything is needed.
-        let w = Window::new(
-            2 * 4096,
-            4096,
-            4096,
-            vec![false; 2],
-            8,
-            Duration::from_secs(5),
-        )
-        .needing(vec![false; 3]);
+        let w = window(vec![false; 2], 8).needing(vec![false; 3]);
         assert_eq!(w.needed().0, 2);
         assert!(!w.done());
     }
