@@ -279,6 +279,73 @@ pub(crate) enum Entry {
     CharDevice(&'static str),
 }
 
+/// The hostile release tarballs every command that unpacks must refuse:
+/// (name, entries, what the refusal says). `slip` climbs out with `..`,
+/// `absolute` is an absolute path (each test names its own, to check that
+/// nothing appeared there).
+pub(crate) fn hostile_cases(
+    slip: &'static str,
+    absolute: &'static str,
+) -> Vec<(&'static str, Vec<Entry>, &'static str)> {
+    vec![
+        (
+            "tar-slip",
+            vec![Entry::File(slip, b"x".to_vec())],
+            "climbs out with '..'",
+        ),
+        (
+            "absolute",
+            vec![Entry::File(absolute, b"x".to_vec())],
+            "is an absolute path",
+        ),
+        (
+            "symlink-escape",
+            vec![Entry::Symlink(
+                "lib/thermo-1.1.0/priv/etc",
+                "../../../../../../etc",
+            )],
+            "points outside the release",
+        ),
+        (
+            "write-through-symlink",
+            vec![
+                Entry::Symlink("lib/thermo-1.1.0/priv/rel", "../../../releases"),
+                Entry::File("lib/thermo-1.1.0/priv/rel/RELEASES", b"[].".to_vec()),
+            ],
+            "would be written through the symlink",
+        ),
+        (
+            "write-through-symlink-up",
+            vec![
+                Entry::Symlink("lib/thermo-1.1.0/priv/up", "../../.."),
+                Entry::File("lib/thermo-1.1.0/priv/up/bin/thermo", b"x".to_vec()),
+            ],
+            "would be written through the symlink",
+        ),
+        (
+            "hardlink-escape",
+            vec![Entry::Hardlink(
+                "lib/thermo-1.1.0/priv/passwd",
+                "/etc/passwd",
+            )],
+            "points outside the release",
+        ),
+        (
+            "hardlink-to-running-release",
+            vec![Entry::Hardlink(
+                "lib/thermo-1.1.0/priv/boot",
+                "releases/start_erl.data",
+            )],
+            "points outside what this release adds",
+        ),
+        (
+            "device-file",
+            vec![Entry::CharDevice("lib/thermo-1.1.0/priv/mem")],
+            "is a character device",
+        ),
+    ]
+}
+
 /// Writes a gzip tar with raw headers (no path checks: that is the point).
 pub(crate) fn hostile_tarball(entries: &[Entry]) -> Vec<u8> {
     let mut tar: Vec<u8> = hostile_entries(entries).into_iter().flatten().collect();
@@ -419,58 +486,10 @@ fn hostile_tarballs_are_refused_with_the_release_untouched() {
     let before = d.snapshot();
     let outside = d.path().join("outside");
     fs::create_dir(&outside).unwrap();
-    let cases: Vec<(&str, Vec<Entry>, &str)> = vec![
-        (
-            "tar-slip",
-            vec![Entry::File(
-                "lib/thermo-1.1.0/../../../../escaped",
-                b"x".to_vec(),
-            )],
-            "climbs out with '..'",
-        ),
-        (
-            "absolute",
-            vec![Entry::File("/tmp/beamup-escaped", b"x".to_vec())],
-            "is an absolute path",
-        ),
-        (
-            "symlink-escape",
-            vec![Entry::Symlink(
-                "lib/thermo-1.1.0/priv/etc",
-                "../../../../../../etc",
-            )],
-            "points outside the release",
-        ),
-        (
-            "write-through-symlink",
-            vec![
-                Entry::Symlink("lib/thermo-1.1.0/priv/rel", "../../../releases"),
-                Entry::File("lib/thermo-1.1.0/priv/rel/RELEASES", b"[].".to_vec()),
-            ],
-            "would be written through the symlink",
-        ),
-        (
-            "hardlink-escape",
-            vec![Entry::Hardlink(
-                "lib/thermo-1.1.0/priv/passwd",
-                "/etc/passwd",
-            )],
-            "points outside the release",
-        ),
-        (
-            "hardlink-to-running-release",
-            vec![Entry::Hardlink(
-                "lib/thermo-1.1.0/priv/boot",
-                "releases/start_erl.data",
-            )],
-            "points outside what this release adds",
-        ),
-        (
-            "device-file",
-            vec![Entry::CharDevice("lib/thermo-1.1.0/priv/mem")],
-            "is a character device",
-        ),
-    ];
+    let cases = hostile_cases(
+        "lib/thermo-1.1.0/../../../../escaped",
+        "/tmp/beamup-escaped",
+    );
     for (name, entries, needle) in cases {
         let tarball = hostile_tarball(&entries);
         let plain = signed_bundle_of(d.path(), &format!("{name}.bundle"), &tarball, 1 << 20);

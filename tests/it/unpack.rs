@@ -14,7 +14,8 @@ use sha2::{Digest, Sha256};
 
 use crate::cli::{Run, beamup};
 use crate::install::{
-    Entry, hostile_indexed_tarball, hostile_tarball, signed_bundle_of, signed_indexed_bundle_of,
+    Entry, hostile_cases, hostile_indexed_tarball, hostile_tarball, signed_bundle_of,
+    signed_indexed_bundle_of,
 };
 use crate::support::device::{Device, keys_and_root};
 use crate::support::otp::{TestNode, releases};
@@ -494,52 +495,12 @@ fn tampered_hostile_and_unauthorised_bundles_write_nothing() {
     let expired = s.bundle("1.1.0", "expired.bundle", &["--expires", "1s"]);
     std::thread::sleep(std::time::Duration::from_secs(2));
 
-    let hostile: Vec<(&str, Vec<Entry>, &str)> = vec![
-        (
-            "slip",
-            vec![Entry::File("lib/thermo-1.1.0/../../../x", b"x".to_vec())],
-            "climbs out with '..'",
-        ),
-        (
-            "absolute",
-            vec![Entry::File("/tmp/beamup-unpack-escaped", b"x".to_vec())],
-            "is an absolute path",
-        ),
-        (
-            "symlink",
-            vec![Entry::Symlink(
-                "lib/thermo-1.1.0/priv/etc",
-                "../../../../etc",
-            )],
-            "points outside the release",
-        ),
-        (
-            "through-symlink",
-            vec![
-                Entry::Symlink("lib/thermo-1.1.0/priv/up", "../../.."),
-                Entry::File("lib/thermo-1.1.0/priv/up/bin/thermo", b"x".to_vec()),
-            ],
-            "would be written through the symlink",
-        ),
-        (
-            "hardlink",
-            vec![Entry::Hardlink(
-                "lib/thermo-1.1.0/priv/boot",
-                "releases/start_erl.data",
-            )],
-            "points outside what this release adds",
-        ),
-        (
-            "device",
-            vec![Entry::CharDevice("lib/thermo-1.1.0/priv/mem")],
-            "is a character device",
-        ),
-        (
-            "bomb",
-            vec![Entry::File("lib/thermo-1.1.0/priv/zeros", vec![0; 2 << 20])],
-            "unpacks to more than the 1048576 bytes",
-        ),
-    ];
+    let mut hostile = hostile_cases("lib/thermo-1.1.0/../../../x", "/tmp/beamup-unpack-escaped");
+    hostile.push((
+        "bomb",
+        vec![Entry::File("lib/thermo-1.1.0/priv/zeros", vec![0; 2 << 20])],
+        "unpacks to more than the 1048576 bytes",
+    ));
     let mut cases: Vec<(PathBuf, u8, &str, &[&str])> = vec![
         (
             p.join("tampered.bundle"),
