@@ -130,6 +130,14 @@ pub fn recovery(journal: &Journal, node: &NodeSeen) -> Recovery {
     }
 }
 
+/// Whether recovery, finding the node down, puts back what booted before
+/// the install (see `Engine::switch_boot`) before starting it: always,
+/// unless the commit had begun (then the new release is the one to boot
+/// and finish committing).
+pub fn restore_boot_before_start(journal: &Journal) -> bool {
+    journal.swapped_boot && journal.phase != Phase::Committing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,6 +170,11 @@ pub enum Error {
 
     #[error("{0}")]
     Usage(String),
+
+    /// Something that should not happen did (a task panicked, the OS
+    /// refused a thread): a bug or a broken system, not the user's input.
+    #[error("internal error: {detail}")]
+    Internal { detail: String },
 }
 
 impl Error {
@@ -178,6 +183,7 @@ impl Error {
         use exit::*;
         match self {
             Error::Io { .. } => IO,
+            Error::Internal { .. } => INTERNAL,
             Error::Config { .. } => CONFIG,
             Error::Busy { .. } => BUSY,
             Error::State { .. } => NEEDS_ATTENTION,
@@ -241,6 +247,7 @@ impl Error {
             Error::Mqtt { .. } => "mqtt",
             Error::MqttAuth { .. } => "mqtt_auth",
             Error::Usage(_) => "usage",
+            Error::Internal { .. } => "internal",
         }
     }
 

@@ -17,6 +17,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
+use crate::bootset::{self, Protected};
 use crate::bundle::Bundle;
 use crate::config::Config;
 use crate::decide::{self, NodeSeen, Recovery, Running};
@@ -27,6 +28,7 @@ use crate::manifest::{self, Manifest};
 use crate::node::{NodeError, ReleaseStatus};
 use crate::nodelink::NodeLink;
 use crate::policy::{self, DeviceFacts};
+use crate::releases_file::{self, OnDisk};
 use crate::root::Root;
 use crate::staging::{self, Plan};
 use crate::state::{DeviceState, Journal, Outcome, OutcomeKind, Phase, Store, Strategy};
@@ -72,6 +74,8 @@ struct Prepared {
     running: Running,
     strategy: Strategy,
     plan: Plan,
+    /// release_handler lists the new version already (unpacked or old).
+    registered: Option<ReleaseStatus>,
 }
 
 impl<'a> Engine<'a> {
@@ -267,8 +271,8 @@ impl<'a> Engine<'a> {
         // unverified reaches the decompressor.
         let strategy = decide::strategy(&m, &running, &self.cfg.install.strategy)
             .map_err(|reason| Error::Refused { reason })?;
-        self.clean_leftovers(&m).await?;
-        let plan = staging::plan(self.root(), &self.cfg.release.name, &m);
+        self.ensure_releases_file(&running).await;
+        let (registered, plan) = self.plan_with_leftovers(&m).await?;
         if let Some(have) = &opts.available {
             staging::check_available(path, &m, &plan, have)?;
         }
@@ -278,30 +282,94 @@ impl<'a> Engine<'a> {
             running,
             strategy,
             plan,
+            registered,
         })
     }
 
-    /// What an install of `m` would unpack into the release root as it is
-    /// now: the plan `install` makes once the leftovers of an earlier
-    /// attempt are gone (see `clean_leftovers`), so that a transfer can
-    /// fetch only the chunks that plan reads ([`staging::chunks_read`]).
-    /// Asks the node which releases it knows; changes nothing.
-    pub async fn plan_for(&mut self, m: &Manifest) -> Result<Plan> {
-        let (_, leftovers) = self.leftovers(m).await?;
-        let mut plan = staging::plan(self.root(), &self.cfg.release.name, m);
-        for p in leftovers {
-            if !plan.creates.contains(&p) {
-                plan.creates.push(p);
-            }
+    /// Makes release_handler know what the running release consists of.
+    /// A root as `mix release` (or relx without ERTS) leaves it has no
+    /// RELEASES, and release_handler then describes the booted release
+    /// with no libraries and no ERTS: a hot downgrade to it fails inside
+    /// release_handler. RELEASES is written from the `.rel` files (see
+    /// `releases_file::repaired`) and release_handler restarted to read
+    /// it. Runs only on a settled node (checked by `check_offer`); a
+    /// failure is logged, not fatal: deletions never rely on
+    /// release_handler's view (see `bootset`), a rollback then restarts
+    /// the node instead of downgrading it hot.
+    async fn ensure_releases_file(&mut self, running: &Running) {
+        if let Err(e) = self.try_ensure_releases_file(running).await {
+            tracing::warn!(
+                "release_handler does not know what {} {} consists of, and RELEASES could not be                  repaired ({e}); a rollback will restart the node",
+                self.cfg.release.name,
+                running.permanent
+            );
         }
-        Ok(plan)
     }
 
-    /// What `clean_leftovers` removes before installing `m`: whether the
-    /// node lists its version as unpacked or old (and must forget it), and
-    /// the paths of the new version no other release uses, whether they
-    /// exist or not. Refused when that version is already installed.
-    async fn leftovers(&mut self, m: &Manifest) -> Result<(Option<ReleaseStatus>, Vec<PathBuf>)> {
+    async fn try_ensure_releases_file(&mut self, running: &Running) -> Result<()> {
+        let disk = OnDisk::read(self.root(), &self.cfg.release.name)?;
+        let releases = self
+            .node
+            .which_releases()
+            .await
+            .map_err(|e| self.node.node_error("listing releases", e))?;
+        let blind = releases
+            .iter()
+            .any(|r| r.vsn == running.permanent && r.libs.is_empty());
+        let repaired = releases_file::repaired(&disk, &running.permanent);
+        if repaired.is_none() && !blind {
+            return Ok(());
+        }
+        if let Some(entries) = &repaired {
+            let path = releases_file::write_releases(self.root(), entries)?;
+            tracing::info!(
+                "wrote {} from the .rel files: release_handler did not list what {} {} consists of",
+                path.display(),
+                self.cfg.release.name,
+                running.permanent
+            );
+        }
+        self.node.reload_release_handler().await.map_err(|e| {
+            self.node
+                .node_error("restarting release_handler to read RELEASES", e)
+        })?;
+        let after = self
+            .node
+            .which_releases()
+            .await
+            .map_err(|e| self.node.node_error("listing releases", e))?;
+        if after
+            .iter()
+            .any(|r| r.vsn == running.permanent && !r.libs.is_empty())
+        {
+            Ok(())
+        } else {
+            Err(Error::Refused {
+                reason: format!("after the restart release_handler still lists {after:?}"),
+            })
+        }
+    }
+
+    /// What an install of `m` would unpack into the release root as it is
+    /// now: the plan `install` makes, leftovers of an earlier attempt
+    /// included (they are removed first, see `plan_with_leftovers`), so
+    /// that a transfer can fetch only the chunks that plan reads
+    /// ([`staging::chunks_read`]). Asks the node which releases it knows;
+    /// changes nothing.
+    pub async fn plan_for(&mut self, m: &Manifest) -> Result<Plan> {
+        Ok(self.plan_with_leftovers(m).await?.1)
+    }
+
+    /// The unpack plan of `m`, and whether release_handler still lists its
+    /// version as unpacked or old (and must forget it first). Paths of the
+    /// new version that exist already are leftovers of an install that
+    /// beamup did not journal (a crash of another tool, a manual copy);
+    /// they would be picked up instead of the bundle's files, so the plan
+    /// creates them again, once the journal names them. A path that a
+    /// release on the device may boot from (`bootset`) is no leftover:
+    /// it stays and is not unpacked. Refused when that version is already
+    /// installed.
+    async fn plan_with_leftovers(&mut self, m: &Manifest) -> Result<(Option<ReleaseStatus>, Plan)> {
         let releases = self
             .node
             .which_releases()
@@ -319,44 +387,77 @@ impl<'a> Engine<'a> {
                 });
             }
         };
-        let used: std::collections::HashSet<&str> = releases
-            .iter()
-            .filter(|r| &r.vsn != vsn)
-            .flat_map(|r| r.libs.iter().map(String::as_str))
-            .collect();
+        let keep = self.boot_set(vsn).await?;
+        let mut plan = staging::plan(self.root(), &self.cfg.release.name, m);
         let name = &self.cfg.release.name;
-        let mut paths: Vec<PathBuf> = vec![
+        let mut candidates: Vec<PathBuf> = vec![
             PathBuf::from("releases").join(vsn),
             PathBuf::from("bin").join(format!("{name}-{vsn}")),
         ];
-        paths.extend(
-            m.apps
-                .iter()
-                .filter(|a| !used.contains(a.as_str()))
-                .map(|a| PathBuf::from("lib").join(a)),
-        );
-        Ok((registered, paths))
-    }
-
-    /// Paths of the new version left by an install that beamup did not
-    /// journal (a crash of another tool, a manual copy) would be picked up
-    /// instead of the bundle's files; remove the ones no release uses.
-    async fn clean_leftovers(&mut self, m: &Manifest) -> Result<()> {
-        let (registered, paths) = self.leftovers(m).await?;
-        let vsn = &m.release.version;
-        if let Some(status) = registered {
-            tracing::warn!("removing leftover release {vsn} ({status:?}) before installing it");
-            if let Err(e) = self.node.remove_release(vsn).await {
-                return Err(self.node.node_error("removing a leftover release", e));
+        candidates.extend(m.apps.iter().map(|a| PathBuf::from("lib").join(a)));
+        if m.includes_erts {
+            candidates.push(PathBuf::from(format!("erts-{}", m.erts)));
+        }
+        for p in candidates {
+            let exists = self.root().join(&p).symlink_metadata().is_ok();
+            if exists && !keep.covers(&p) && !plan.creates.contains(&p) {
+                plan.creates.push(p);
             }
         }
-        let stale: Vec<PathBuf> = paths
-            .into_iter()
-            .filter(|p| self.root().join(p).symlink_metadata().is_ok())
+        Ok((registered, plan))
+    }
+
+    /// The boot set of the release root as it is now, for deleting what
+    /// beamup created for `removing` (see `bootset`). The node's facts are
+    /// added when it answers.
+    async fn boot_set(&mut self, removing: &str) -> Result<Protected> {
+        let disk = OnDisk::read(self.root(), &self.cfg.release.name)?;
+        let node = if self.node.is_up().await {
+            self.node.running().await.ok()
+        } else {
+            None
+        };
+        Ok(bootset::protected(
+            &disk,
+            &self.cfg.release.name,
+            Some(removing),
+            node.as_ref(),
+        ))
+    }
+
+    /// Deletes what beamup created for `removing` (journaled paths), less
+    /// the boot set.
+    async fn remove_created(&mut self, removing: &str, created: &[PathBuf]) -> Result<()> {
+        let keep = self.boot_set(removing).await?;
+        bootset::remove(self.root(), created, &keep)?;
+        Ok(())
+    }
+
+    /// After the journal names them: release_handler forgets a leftover
+    /// registration of the new version, and leftover paths are removed.
+    async fn remove_leftovers(&mut self, p: &Prepared) -> Result<()> {
+        let vsn = &p.manifest.release.version;
+        if let Some(status) = p.registered {
+            tracing::warn!(
+                "release_handler lists {vsn} as {status:?} from an earlier attempt; forgetting it"
+            );
+            self.node.set_removed(vsn).await.map_err(|e| {
+                self.node
+                    .node_error("forgetting a leftover release (set_removed)", e)
+            })?;
+        }
+        let stale: Vec<PathBuf> = p
+            .plan
+            .creates
+            .iter()
+            .filter(|c| self.root().join(c).symlink_metadata().is_ok())
+            .cloned()
             .collect();
         if !stale.is_empty() {
-            tracing::warn!("removing leftover paths no release uses: {stale:?}");
-            staging::remove(self.root(), &Plan { creates: stale })?;
+            tracing::warn!(
+                "removing leftover paths of {vsn} that no release boots from: {stale:?}"
+            );
+            self.remove_created(vsn, &stale).await?;
         }
         Ok(())
     }
@@ -380,6 +481,11 @@ impl<'a> Engine<'a> {
             "unpacking",
             &format!("{} {}", m.release.name, m.release.version),
         );
+        if let Err(e) = self.remove_leftovers(&p).await {
+            self.cleanup().await?;
+            self.reject_journaled(&e)?;
+            return Err(e);
+        }
         let t = Instant::now();
         match staging::unpack(self.root(), &p.plan, m, &p.bundle) {
             Ok(u) => tracing::debug!(
@@ -389,7 +495,8 @@ impl<'a> Engine<'a> {
                 t.elapsed()
             ),
             Err(e) => {
-                staging::remove(self.root(), &p.plan)?;
+                self.remove_created(&m.release.version, &p.plan.creates)
+                    .await?;
                 self.reject_journaled(&e)?;
                 return Err(e);
             }
@@ -454,12 +561,19 @@ impl<'a> Engine<'a> {
                     "restarting",
                     "cold upgrade: restarting the node into the new release",
                 );
+                // Once the boot is switched a power cut boots the new
+                // release: its files must be on disk first.
+                if let Err(e) = self.await_sync().await {
+                    return self
+                        .rollback(format!("could not make the new release durable: {e}"))
+                        .await;
+                }
                 if let Err(why) = self.node.stop().await {
                     return self
                         .rollback(format!("could not stop the node for a cold upgrade: {why}"))
                         .await;
                 }
-                self.swap_boot_script()?;
+                self.switch_boot()?;
                 if let Err(why) = self.node.start().await {
                     return self
                         .rollback(format!("the new release did not start: {why}"))
@@ -531,18 +645,10 @@ impl<'a> Engine<'a> {
         let from = self.journal().from_version.clone();
         self.progress.phase("committing", &to);
         let result: std::result::Result<(), String> = async {
-            match self.pending_sync.take() {
-                Some(sync) => sync
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?,
-                None => sync_fs(self.root()).map_err(|e| e.to_string())?,
-            }
-            // Boot script first: a crash between the two then boots the
+            self.await_sync().await.map_err(|e| e.to_string())?;
+            // What boots first: a crash between the two then boots the
             // verified release, and recovery makes it permanent.
-            if !self.journal().swapped_boot {
-                self.swap_boot_script().map_err(|e| e.to_string())?;
-            }
+            self.switch_boot().map_err(|e| e.to_string())?;
             let releases = self
                 .node
                 .which_releases()
@@ -560,6 +666,7 @@ impl<'a> Engine<'a> {
                     .await
                     .map_err(|e| format!("marking the cold-booted release current: {e}"))?;
             }
+            self.restore_relup(&to).map_err(|e| e.to_string())?;
             if status != Some(ReleaseStatus::Permanent) {
                 self.node
                     .make_permanent(&to)
@@ -574,23 +681,62 @@ impl<'a> Engine<'a> {
             // leave a release that is neither permanent nor gone.
             return self.rollback(format!("commit failed: {why}")).await;
         }
-        self.remove_old_releases(&from, &to).await;
-        let _ = fs::remove_file(self.boot_backup());
+        let created = self.journal().creates.clone();
+        self.state.installed.insert(to.clone(), created);
+        self.prune_old_releases(&from, &to).await;
+        for b in self.boot_backups() {
+            let _ = fs::remove_file(b);
+        }
         self.finish(OutcomeKind::Committed, None)
     }
 
-    /// Keeps the release just replaced (for a manual downgrade) and removes
-    /// older ones. Failure here is logged, not fatal: the commit stands.
-    async fn remove_old_releases(&mut self, previous: &str, current: &str) {
+    /// Waits for the flush of the unpacked files started after the unpack
+    /// (or, after a restart of beamup, flushes the file system).
+    async fn await_sync(&mut self) -> Result<()> {
+        match self.pending_sync.take() {
+            Some(sync) => sync.await.map_err(|e| Error::Internal {
+                detail: format!("the file sync task failed: {e}"),
+            })?,
+            None => sync_fs(self.root()),
+        }
+    }
+
+    /// Keeps the release just replaced (for a manual downgrade) and prunes
+    /// older ones that beamup installed: release_handler forgets them
+    /// (`set_removed`), then the paths their install created go, less the
+    /// boot set. A release beamup did not install (the one the device was
+    /// provisioned with) is left alone. Failure here is logged, not fatal:
+    /// the commit stands.
+    async fn prune_old_releases(&mut self, previous: &str, current: &str) {
         let Ok(releases) = self.node.which_releases().await else {
             return;
         };
-        for r in releases {
-            if r.vsn == previous || r.vsn == current || r.status != ReleaseStatus::Old {
+        let prunable: Vec<String> = self
+            .state
+            .installed
+            .keys()
+            .filter(|v| *v != previous && *v != current)
+            .filter(|v| {
+                releases
+                    .iter()
+                    .find(|r| &&r.vsn == v)
+                    .is_none_or(|r| r.status == ReleaseStatus::Old)
+            })
+            .cloned()
+            .collect();
+        for vsn in prunable {
+            if releases.iter().any(|r| r.vsn == vsn)
+                && let Err(e) = self.node.set_removed(&vsn).await
+            {
+                tracing::warn!("could not remove old release {vsn}: {e}");
                 continue;
             }
-            if let Err(e) = self.node.remove_release(&r.vsn).await {
-                tracing::warn!("could not remove old release {}: {e}", r.vsn);
+            let created = self.state.installed.get(&vsn).cloned().unwrap_or_default();
+            match self.remove_created(&vsn, &created).await {
+                Ok(()) => {
+                    self.state.installed.remove(&vsn);
+                }
+                Err(e) => tracing::warn!("could not remove the files of old release {vsn}: {e}"),
             }
         }
     }
@@ -599,50 +745,132 @@ impl<'a> Engine<'a> {
         self.root().join("bin").join(&self.cfg.release.name)
     }
 
-    fn boot_backup(&self) -> PathBuf {
-        self.store.dir().join("boot-script.previous")
+    fn start_erl_data(&self) -> PathBuf {
+        self.root().join("releases").join("start_erl.data")
     }
 
-    /// Points `bin/REL` at the new release (relx start scripts hard-code
-    /// their version), keeping a copy of the old script to restore. Journaled
-    /// first. Releases without a `bin/REL-VSN` (mix) read the version from
-    /// `releases/start_erl.data` and need no swap.
-    fn swap_boot_script(&mut self) -> Result<()> {
+    /// Copies of what boots before the switch, in the state dir:
+    /// `bin/REL`, `releases/start_erl.data`.
+    fn boot_backups(&self) -> [PathBuf; 2] {
+        [
+            self.store.dir().join("boot-script.previous"),
+            self.store.dir().join("start_erl.data.previous"),
+        ]
+    }
+
+    /// Makes the new release the one that boots, journaled: a relx
+    /// `bin/REL` hard-codes its version, so it is replaced by
+    /// `bin/REL-VSN`; a mix `bin/REL` (and relx's `run_erl` tooling) boots
+    /// what `releases/start_erl.data` names, so that names the new
+    /// release and its ERTS. Copies of both are kept to restore; every
+    /// write is atomic, so a power cut at any point leaves one consistent
+    /// release to boot, and the journal says which to restore.
+    fn switch_boot(&mut self) -> Result<()> {
         let j = self.journal().clone();
+        if j.swapped_boot {
+            return Ok(());
+        }
         let new_script = self
             .root()
             .join("bin")
             .join(format!("{}-{}", j.release, j.to_version));
-        if !new_script.exists() || j.swapped_boot {
-            return Ok(());
+        let new_script = new_script.is_file().then_some(new_script);
+        let start_erl = self.start_erl_data();
+        let new_start_erl = match fs::symlink_metadata(&start_erl) {
+            Err(_) => None,
+            Ok(_) => {
+                let disk = OnDisk::read(self.root(), &j.release)?;
+                let rel = disk
+                    .rel(&j.to_version)
+                    .ok_or_else(|| Error::InvalidRelease {
+                        path: self
+                            .root()
+                            .join("releases")
+                            .join(&j.to_version)
+                            .join(format!("{}.rel", j.release)),
+                        detail: "missing: the unpacked release has no .rel".into(),
+                    })?;
+                Some(releases_file::format_start_erl(&rel.erts, &j.to_version))
+            }
+        };
+        let [script_backup, start_erl_backup] = self.boot_backups();
+        for b in [&script_backup, &start_erl_backup] {
+            let _ = fs::remove_file(b);
         }
-        let script = self.boot_script();
-        let backup = self.boot_backup();
-        let old = fs::read(&script).ctx(&script, "read")?;
-        fsutil::write_atomic(&backup, 0o600, true, &old)?;
+        if new_script.is_some() {
+            let old = fs::read(self.boot_script()).ctx(self.boot_script(), "read")?;
+            fsutil::write_atomic(&script_backup, 0o600, true, &old)?;
+        }
+        if new_start_erl.is_some() {
+            let old = fs::read(&start_erl).ctx(&start_erl, "read")?;
+            fsutil::write_atomic(&start_erl_backup, 0o600, true, &old)?;
+        }
         self.state.current.as_mut().expect("journal").swapped_boot = true;
         self.save()?;
-        let new = fs::read(&new_script).ctx(&new_script, "read")?;
-        fsutil::write_atomic(&script, 0o755, true, &new)
+        if let Some(new_script) = new_script {
+            let new = fs::read(&new_script).ctx(&new_script, "read")?;
+            fsutil::write_atomic(&self.boot_script(), 0o755, true, &new)?;
+        }
+        if let Some(text) = new_start_erl {
+            fsutil::write_atomic(&start_erl, 0o644, true, text.as_bytes())?;
+        }
+        Ok(())
     }
 
-    fn restore_boot_script(&mut self) -> Result<()> {
+    /// Undoes [`switch_boot`](Self::switch_boot) from the copies it kept.
+    fn restore_boot(&mut self) -> Result<()> {
         if !self.journal().swapped_boot {
             return Ok(());
         }
-        let backup = self.boot_backup();
-        let old = fs::read(&backup).ctx(&backup, "read")?;
-        fsutil::write_atomic(&self.boot_script(), 0o755, true, &old)?;
+        let [script_backup, start_erl_backup] = self.boot_backups();
+        for (backup, target, mode) in [
+            (&script_backup, self.boot_script(), 0o755),
+            (&start_erl_backup, self.start_erl_data(), 0o644),
+        ] {
+            match fs::read(backup) {
+                Ok(old) => fsutil::write_atomic(&target, mode, true, &old)?,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io(backup, "read", e)),
+            }
+        }
         self.state.current.as_mut().expect("journal").swapped_boot = false;
         self.save()?;
-        let _ = fs::remove_file(&backup);
+        for b in [script_backup, start_erl_backup] {
+            let _ = fs::remove_file(b);
+        }
         Ok(())
+    }
+
+    fn relup_backup(&self) -> PathBuf {
+        self.store.dir().join("relup.previous")
+    }
+
+    /// Puts the bundle's relup of `to` back after the empty step that made
+    /// a cold-booted release current (its down section is what a later
+    /// downgrade from `to` runs).
+    fn restore_relup(&self, to: &str) -> Result<()> {
+        let backup = self.relup_backup();
+        match fs::read(&backup) {
+            Ok(text) => {
+                let path = self.root().join("releases").join(to).join("relup");
+                fsutil::write_atomic(&path, 0o644, true, &text)?;
+                let _ = fs::remove_file(&backup);
+                Ok(())
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(&backup, "read", e)),
+        }
     }
 
     /// `releases/TO/relup` with an empty step from `from`, for a release
     /// booted cold; written only into the new release's own directory.
     fn write_noop_relup(&self, to: &str, from: &str) -> Result<()> {
         let path = self.root().join("releases").join(to).join("relup");
+        let backup = self.relup_backup();
+        if path.is_file() && !backup.exists() {
+            let text = fs::read(&path).ctx(&path, "read")?;
+            fsutil::write_atomic(&backup, 0o600, true, &text)?;
+        }
         let text = format!("{{\"{to}\",[{{\"{from}\",[],[]}}],[{{\"{from}\",[],[]}}]}}.\n");
         fsutil::write_atomic(&path, 0o644, true, text.as_bytes())
     }
@@ -684,13 +912,13 @@ impl<'a> Engine<'a> {
                 return self
                     .needs_attention(format!("{reason}; rollback could not stop the node: {e}"));
             }
-            self.restore_boot_script()?;
+            self.restore_boot()?;
             if let Err(e) = self.node.start().await {
                 return self
                     .needs_attention(format!("{reason}; rollback could not start the node: {e}"));
             }
         }
-        self.restore_boot_script()?;
+        self.restore_boot()?;
         match self.node.running().await {
             Ok(r) if r.current == j.from_version && r.permanent == j.from_version => {}
             Ok(r) => {
@@ -722,19 +950,20 @@ impl<'a> Engine<'a> {
         self.finish(OutcomeKind::NeedsAttention, Some(reason))
     }
 
-    /// Removes the new release: from release_handler (which deletes the
-    /// files no other release uses) and whatever the unpack created.
+    /// Removes the new release: release_handler forgets it
+    /// (`set_removed`: no file is deleted by the node), then the paths the
+    /// journal says the unpack created go, less the boot set.
     async fn cleanup(&mut self) -> Result<()> {
         let j = self.journal().clone();
         if let Ok(releases) = self.node.which_releases().await
             && let Some(r) = releases.iter().find(|r| r.vsn == j.to_version)
             && r.status != ReleaseStatus::Permanent
             && r.status != ReleaseStatus::Current
-            && let Err(e) = self.node.remove_release(&j.to_version).await
+            && let Err(e) = self.node.set_removed(&j.to_version).await
         {
             return Err(self.node.node_error("removing the failed release", e));
         }
-        staging::remove(self.root(), &Plan { creates: j.creates })
+        self.remove_created(&j.to_version, &j.creates).await
     }
 
     /// Finishes or undoes an install the journal says was interrupted.
@@ -754,6 +983,11 @@ impl<'a> Engine<'a> {
         );
         let mut seen = self.observe().await;
         let mut decision = decide::recovery(&j, &seen);
+        if decision == Recovery::StartNode && decide::restore_boot_before_start(&j) {
+            // The new release was never made permanent: boot the old one
+            // rather than a release that may not even start.
+            self.restore_boot()?;
+        }
         if decision == Recovery::StartNode {
             if let Err(e) = self.node.start().await {
                 return self
@@ -771,7 +1005,7 @@ impl<'a> Engine<'a> {
                 self.needs_attention("the node is not reachable after starting it".into())?
             }
             Recovery::Cleanup { reason } => {
-                self.restore_boot_script()?;
+                self.restore_boot()?;
                 self.cleanup().await?;
                 self.finish(OutcomeKind::RolledBack, Some(reason))?
             }

@@ -4,6 +4,7 @@
 //! over it. See `ARCHITECTURE.md` for the map.
 
 pub mod agent;
+pub mod bootset;
 pub mod bundle;
 pub mod cli;
 pub mod config;
@@ -26,6 +27,7 @@ pub mod outbox;
 pub mod policy;
 pub mod protocol;
 pub mod release;
+pub mod releases_file;
 pub mod root;
 pub mod serve;
 pub mod signed;

@@ -84,7 +84,7 @@ pub enum NodeError {
 
     #[error(
         "release {vsn} is already known to release_handler (a leftover unpacked release?); \
-         remove it with remove_release first"
+         it is removed before the next install"
     )]
     ExistingRelease { vsn: String },
 
@@ -207,16 +207,41 @@ pub async fn make_permanent(
     decode_ok(call, &reply)
 }
 
-/// `release_handler:remove_release(Vsn)`: deletes the release's files
-/// except libraries other releases use.
-pub async fn remove_release(
-    conn: &Connection,
-    vsn: &str,
-    timeout: Duration,
-) -> Result<(), NodeError> {
-    let call = "remove_release";
+/// `release_handler:set_removed(Vsn)`: release_handler forgets the
+/// release and rewrites RELEASES; no file is deleted. beamup never calls
+/// `remove_release`, which deletes whatever its view of the other
+/// releases does not name (see `bootset`).
+pub async fn set_removed(conn: &Connection, vsn: &str, timeout: Duration) -> Result<(), NodeError> {
+    let call = "set_removed";
     let reply = rh_call(conn, call, vec![Term::charlist(vsn)], timeout).await?;
     decode_ok(call, &reply)
+}
+
+/// Restarts the node's release_handler server under `sasl_sup`, so that
+/// it reads `releases/RELEASES` again (it reads it only when it starts).
+/// Only sound while no install is in progress: RELEASES never records a
+/// release as `current`.
+pub async fn reload_release_handler(conn: &Connection, timeout: Duration) -> Result<(), NodeError> {
+    let child = || vec![Term::atom("sasl_sup"), Term::atom("release_handler")];
+    let stop = conn
+        .rpc("supervisor", "terminate_child", child(), timeout)
+        .await?;
+    if !stop.is_atom("ok") {
+        return Err(NodeError::Other {
+            call: "supervisor:terminate_child(sasl_sup, release_handler)".into(),
+            text: text(&stop),
+        });
+    }
+    let start = conn
+        .rpc("supervisor", "restart_child", child(), timeout)
+        .await?;
+    match start.as_tuple() {
+        Some([ok, _pid]) if ok.is_atom("ok") => Ok(()),
+        _ => Err(NodeError::Other {
+            call: "supervisor:restart_child(sasl_sup, release_handler)".into(),
+            text: text(&start),
+        }),
+    }
 }
 
 /// `init:script_id()`: name and version of the release the node booted,
@@ -384,7 +409,7 @@ fn install_error(call: &str, vsn: &str, reason: &Term) -> NodeError {
 }
 
 /// Decodes `ok` / `{error, Reason}` of `make_permanent` and
-/// `remove_release`.
+/// `set_removed`.
 pub fn decode_ok(call: &str, reply: &Term) -> Result<(), NodeError> {
     if reply.is_atom("ok") {
         return Ok(());
@@ -580,25 +605,19 @@ mod tests {
     }
 
     #[test]
-    fn make_permanent_and_remove_replies() {
+    fn make_permanent_and_set_removed_replies() {
         assert!(decode_ok("make_permanent", &a("ok")).is_ok());
         let e = decode_ok(
             "make_permanent",
             &error(t(vec![a("bad_status"), a("unpacked")])),
         );
         assert!(matches!(e, Err(NodeError::BadStatus { status }) if status == "unpacked"));
-        let e = decode_ok(
-            "remove_release",
-            &error(t(vec![a("permanent"), s("1.0.0")])),
-        );
+        let e = decode_ok("set_removed", &error(t(vec![a("permanent"), s("1.0.0")])));
         assert!(matches!(e, Err(NodeError::Permanent { vsn }) if vsn == "1.0.0"));
-        let e = decode_ok(
-            "remove_release",
-            &error(t(vec![a("no_such_release"), s("2")])),
-        );
+        let e = decode_ok("set_removed", &error(t(vec![a("no_such_release"), s("2")])));
         assert!(matches!(e, Err(NodeError::NoSuchRelease { .. })));
         assert!(matches!(
-            decode_ok("remove_release", &Term::Int(1)),
+            decode_ok("set_removed", &Term::Int(1)),
             Err(NodeError::UnexpectedReply { .. })
         ));
     }

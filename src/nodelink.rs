@@ -108,9 +108,14 @@ impl NodeLink {
         node::make_permanent(self.conn().await?, vsn, t).await
     }
 
-    pub async fn remove_release(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
+    pub async fn set_removed(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
         let t = self.call_timeout;
-        node::remove_release(self.conn().await?, vsn, t).await
+        node::set_removed(self.conn().await?, vsn, t).await
+    }
+
+    pub async fn reload_release_handler(&mut self) -> std::result::Result<(), NodeError> {
+        let t = self.call_timeout;
+        node::reload_release_handler(self.conn().await?, t).await
     }
 
     /// What the node runs and has as permanent, and its ERTS version.

@@ -149,14 +149,16 @@ fn from_files(
     })
 }
 
-struct Rel {
-    name: String,
-    version: String,
-    erts: String,
-    apps: Vec<(String, String)>,
+/// A `.rel` file: `{release, {Name, Vsn}, {erts, ErtsVsn}, [{App, AppVsn, ...}]}`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rel {
+    pub name: String,
+    pub version: String,
+    pub erts: String,
+    pub apps: Vec<(String, String)>,
 }
 
-fn parse_rel(text: &str) -> std::result::Result<Rel, String> {
+pub fn parse_rel(text: &str) -> std::result::Result<Rel, String> {
     let terms = eterm::parse_terms(text)?;
     let bad = || "expected {release, {Name, Vsn}, {erts, ErtsVsn}, [Apps]}".to_string();
     let t = terms.first().and_then(Term::as_tuple).ok_or_else(bad)?;

@@ -12,6 +12,7 @@
 //! the agent and a field engineer's `beamup install`) from driving the same
 //! release at once.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -37,6 +38,10 @@ pub struct DeviceState {
     /// Most recent first.
     #[serde(default)]
     pub history: Vec<Outcome>,
+    /// For each release beamup installed and committed, the paths its
+    /// unpack created: the only files pruning that release may delete.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub installed: BTreeMap<String, Vec<PathBuf>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

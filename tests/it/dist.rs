@@ -260,7 +260,7 @@ async fn which_releases_on_the_otp_system_release() {
         matches!(e, NodeError::NoSuchRelease { ref vsn } if vsn == "0.0-none"),
         "{e:?}"
     );
-    let e = node::remove_release(&c, &r.vsn, CALL).await.unwrap_err();
+    let e = node::set_removed(&c, &r.vsn, CALL).await.unwrap_err();
     assert!(
         matches!(e, NodeError::Permanent { ref vsn } if *vsn == r.vsn),
         "{e:?}"

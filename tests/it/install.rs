@@ -665,3 +665,51 @@ fn killed_while_committing() {
 fn killed_after_committing() {
     crash_and_recover("committing+", "1.1.0");
 }
+
+/// A cold upgrade (2.0.0 has no relup) cut at one step boundary: the next
+/// `beamup recover` leaves the device on the expected release, with what
+/// boots (`bin/thermo`, `start_erl.data`) matching it.
+fn cold_crash_and_recover(point: &str, expect: &str) {
+    let d = Device::new();
+    let run = d.install_env(&d.bundle("2.0.0"), &[], &[("BEAMUP_CRASH", point)]);
+    assert_eq!(
+        run.code, -1,
+        "{point}: beamup should have been killed\n{}",
+        run.stderr
+    );
+    let rec = beamup(d.path(), &["recover", "--config", "agent.toml", "--json"]);
+    let o: Value = serde_json::from_str(&rec.stdout).unwrap_or(Value::Null);
+    if expect == "1.0.0" {
+        assert_eq!(
+            rec.code,
+            exit::ROLLED_BACK as i32,
+            "{point}: {}",
+            rec.stderr
+        );
+        assert_eq!(o["interrupted"], true, "{point}: {o:#}");
+        d.assert_settled_on("1.0.0", &["2.0.0"]);
+        d.install(&d.bundle("2.0.0"), &[]).ok();
+    } else {
+        assert_eq!(rec.code, 0, "{point}: {}", rec.stderr);
+        assert_eq!(o["outcome"], "committed", "{point}: {o:#}");
+    }
+    d.assert_settled_on("2.0.0", &[]);
+    assert_eq!(d.version_and_counter().0, "2.0.0");
+}
+
+#[test]
+fn cold_killed_before_the_restart() {
+    cold_crash_and_recover("restarting", "1.0.0");
+}
+#[test]
+fn cold_killed_after_the_restart_into_the_new_release() {
+    cold_crash_and_recover("restarting+", "1.0.0");
+}
+#[test]
+fn cold_killed_while_soaking() {
+    cold_crash_and_recover("soaking", "1.0.0");
+}
+#[test]
+fn cold_killed_after_committing() {
+    cold_crash_and_recover("committing+", "2.0.0");
+}
