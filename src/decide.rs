@@ -265,4 +265,20 @@ mod tests {
             }
         );
     }
+
+    #[test]
+    fn a_switched_boot_is_restored_before_starting_unless_committing() {
+        let switched = |phase: Phase| Journal {
+            swapped_boot: true,
+            ..journal(phase)
+        };
+        for p in [Phase::Restarting, Phase::Soaking, Phase::Installing] {
+            assert!(restore_boot_before_start(&switched(p)));
+        }
+        assert!(restore_boot_before_start(&switched(Phase::RollingBack {
+            reason: "unhealthy".into()
+        })));
+        assert!(!restore_boot_before_start(&switched(Phase::Committing)));
+        assert!(!restore_boot_before_start(&journal(Phase::Restarting)));
+    }
 }
