@@ -26,6 +26,7 @@ pub mod outbox;
 pub mod policy;
 pub mod protocol;
 pub mod release;
+pub mod relup;
 pub mod root;
 pub mod serve;
 pub mod signed;

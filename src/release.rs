@@ -149,14 +149,18 @@ fn from_files(
     })
 }
 
-struct Rel {
-    name: String,
-    version: String,
-    erts: String,
-    apps: Vec<(String, String)>,
+/// The contents of a `NAME.rel` file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rel {
+    pub name: String,
+    pub version: String,
+    pub erts: String,
+    /// (application, version), in boot order.
+    pub apps: Vec<(String, String)>,
 }
 
-fn parse_rel(text: &str) -> std::result::Result<Rel, String> {
+/// Parses the text of a `NAME.rel` file.
+pub fn parse_rel(text: &str) -> std::result::Result<Rel, String> {
     let terms = eterm::parse_terms(text)?;
     let bad = || "expected {release, {Name, Vsn}, {erts, ErtsVsn}, [Apps]}".to_string();
     let t = terms.first().and_then(Term::as_tuple).ok_or_else(bad)?;
