@@ -7,6 +7,8 @@ mod dist;
 mod install;
 mod mqtt;
 mod otp_release;
+mod release_flavors;
+mod relup;
 mod signing;
 mod support;
 mod unpack;
