@@ -131,6 +131,37 @@ pub enum Command {
     /// The fleet's devices as they report themselves.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Make the relup of a built release and the upgrade tarball that
+    /// carries it (`mix release` makes neither; works on rebar3 output too).
+    ///
+    /// Every version must be built, oldest first, into the same release
+    /// directory; each application whose version changed needs an appup in
+    /// the new version's lib/APP-VSN/ebin/. Writes releases/TO/relup there
+    /// and the tarball to --out.
+    ///
+    /// Exit codes: 0 written, 5 --out exists, 32 no relup could be made
+    /// (the message says what is missing and where).
+    Relup(RelupArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RelupArgs {
+    /// The built release, e.g. _build/prod/rel/NAME.
+    #[arg(long, value_name = "DIR")]
+    release_dir: PathBuf,
+    /// A version the relup upgrades from and downgrades to (repeatable):
+    /// the version(s) devices run.
+    #[arg(long, value_name = "VSN", required = true)]
+    from: Vec<String>,
+    /// The new version.
+    #[arg(long, value_name = "VSN")]
+    to: String,
+    /// The tarball to write, e.g. NAME-VSN.tar.gz.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -387,6 +418,26 @@ pub struct UnpackArgs {
     json: bool,
 }
 
+fn relup_command(args: RelupArgs) -> Result<()> {
+    let report = crate::relup::run(&crate::relup::RelupOptions {
+        release_dir: args.release_dir,
+        from: args.from,
+        to: args.to,
+        out: args.out,
+        overwrite: args.overwrite,
+    })?;
+    for w in &report.warnings {
+        eprintln!("warning: systools: {w}");
+    }
+    println!("release     {}", report.release);
+    for (app, from, to) in &report.changed_apps {
+        println!("changed     {app} {} -> {to}", from.join(", "));
+    }
+    println!("relup       {}", report.relup.display());
+    println!("tarball     {}", report.tarball.display());
+    Ok(())
+}
+
 fn parse_scope(s: &str) -> std::result::Result<String, String> {
     Scope::parse(s).map(|_| s.to_string())
 }
@@ -461,6 +512,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             to,
         } => offer_command(&file, &broker, &fleet, &to)?,
         Command::Fleet(cmd) => fleet_command(cmd)?,
+        Command::Relup(args) => relup_command(args)?,
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -51,6 +51,8 @@ pub mod exit {
     /// The MQTT broker refused our credentials (username and password,
     /// client certificate, or none given where it wants some).
     pub const MQTT_AUTH: u8 = 31;
+    /// `beamup relup` could not make a relup or the tarball holding it.
+    pub const RELUP: u8 = 32;
 
     // Outcomes of an install that got past verification.
     pub const ROLLED_BACK: u8 = 40;
@@ -168,6 +170,9 @@ pub enum Error {
     #[error("MQTT broker {url} refused our credentials: {detail}")]
     MqttAuth { url: String, detail: String },
 
+    #[error("{}: cannot make a relup: {detail}", path.display())]
+    Relup { path: PathBuf, detail: String },
+
     #[error("{0}")]
     Usage(String),
 
@@ -211,6 +216,7 @@ impl Error {
             Error::Node { .. } => NODE,
             Error::Mqtt { .. } => MQTT,
             Error::MqttAuth { .. } => MQTT_AUTH,
+            Error::Relup { .. } => RELUP,
             Error::Usage(_) => USAGE,
         }
     }
@@ -246,6 +252,7 @@ impl Error {
             Error::Node { .. } => "node",
             Error::Mqtt { .. } => "mqtt",
             Error::MqttAuth { .. } => "mqtt_auth",
+            Error::Relup { .. } => "relup",
             Error::Usage(_) => "usage",
             Error::Internal { .. } => "internal",
         }

@@ -28,6 +28,7 @@ pub mod policy;
 pub mod protocol;
 pub mod release;
 pub mod releases_file;
+pub mod relup;
 pub mod root;
 pub mod serve;
 pub mod signed;

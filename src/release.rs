@@ -149,15 +149,17 @@ fn from_files(
     })
 }
 
-/// A `.rel` file: `{release, {Name, Vsn}, {erts, ErtsVsn}, [{App, AppVsn, ...}]}`.
+/// The contents of a `NAME.rel` file.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rel {
     pub name: String,
     pub version: String,
     pub erts: String,
+    /// (application, version), in boot order.
     pub apps: Vec<(String, String)>,
 }
 
+/// Parses the text of a `NAME.rel` file.
 pub fn parse_rel(text: &str) -> std::result::Result<Rel, String> {
     let terms = eterm::parse_terms(text)?;
     let bad = || "expected {release, {Name, Vsn}, {erts, ErtsVsn}, [Apps]}".to_string();

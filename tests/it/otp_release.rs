@@ -108,7 +108,7 @@ fn upgrade_tarballs_are_built_without_erts() {
     );
 }
 
-fn tar_listing(path: &std::path::Path) -> Vec<String> {
+pub fn tar_listing(path: &std::path::Path) -> Vec<String> {
     let file = std::fs::File::open(path).expect("open tarball");
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
     archive

@@ -1,6 +1,6 @@
-//! A device for integration tests: a running node of the thermo base
-//! release, a trust root with one key, a state dir and the agent.toml that
-//! ties them together. Used by the `install` and `mqtt` tests.
+//! A device for integration tests: a running node of a base release (of any
+//! [`Flavor`]), a trust root with one key, a state dir and the agent.toml
+//! that ties them together. Used by the `install` and `mqtt` tests.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -12,7 +12,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::cli::{Run, beamup};
-use crate::support::otp::{TestNode, releases};
+use crate::support::otp::{Flavor, TestNode, releases_for};
 
 /// A device: a running base node, a trust root with one key, a state dir
 /// and the agent.toml that ties them together.
@@ -21,32 +21,52 @@ pub struct Device {
     pub dir: tempfile::TempDir,
 }
 
+const DEFAULT_TIMING: &str = "timeout = \"8s\"\nsoak = \"1s\"";
+
 impl Device {
+    /// A device of the Rebar3 flavor.
     pub fn new() -> Device {
-        Self::with_health("timeout = \"8s\"\nsoak = \"1s\"")
+        Self::new_flavor(Flavor::Rebar3)
     }
 
+    pub fn new_flavor(flavor: Flavor) -> Device {
+        Self::with_health_flavor(flavor, DEFAULT_TIMING)
+    }
+
+    /// A Rebar3 device with these `[health]` timing lines.
     pub fn with_health(timing: &str) -> Device {
-        let node = TestNode::start();
+        Self::with_health_flavor(Flavor::Rebar3, timing)
+    }
+
+    /// agent.toml for the flavor: release name, start/stop commands, and the
+    /// cookie (mix: `cookie_file = ROOT/releases/COOKIE`, where the node's
+    /// cookie was provisioned).
+    pub fn with_health_flavor(flavor: Flavor, timing: &str) -> Device {
+        let node = TestNode::start_flavor(flavor);
         let dir = tempfile::Builder::new()
             .prefix("beamup-device-")
             .tempdir()
             .unwrap();
         let d = dir.path();
         keys_and_root(d);
-        let env: Vec<String> = node.env().iter().map(|(k, v)| format!("{k}={v}")).collect();
-        let env = env.join(" ");
         let root = node.root().display().to_string();
+        let cookie = match flavor {
+            Flavor::Mix => format!(
+                "cookie_file = {}",
+                toml_str(&format!("{root}/releases/COOKIE"))
+            ),
+            _ => format!("cookie = {}", toml_str(node.cookie())),
+        };
         let config = format!(
             r#"[release]
-root = "{root}"
-name = "thermo"
+root = {root_str}
+name = "{release}"
 [node]
 name = "{name}"
-cookie = "{cookie}"
+{cookie}
 epmd_port = {epmd}
-start = "env {env} {root}/bin/thermo daemon"
-stop = "env {env} {root}/bin/thermo stop"
+start = {start}
+stop = {stop}
 call_timeout = "10s"
 start_timeout = "30s"
 [health]
@@ -59,8 +79,11 @@ root = "{dir}/root.json"
 [state]
 dir = "{dir}/state"
 "#,
+            root_str = toml_str(&root),
+            release = node.release_name(),
+            start = toml_str(&node.start_command()),
+            stop = toml_str(&node.stop_command()),
             name = node.node_name(),
-            cookie = node.cookie(),
             epmd = node.epmd_port(),
             http = node.http_port(),
             dir = d.display(),
@@ -73,11 +96,20 @@ dir = "{dir}/state"
         self.dir.path()
     }
 
-    /// A signed bundle of one of the built thermo versions.
+    pub fn flavor(&self) -> Flavor {
+        self.node.flavor()
+    }
+
+    /// A signed bundle of one of the built versions of this flavor.
     pub fn bundle(&self, vsn: &str) -> PathBuf {
-        let out = self.path().join(format!("thermo-{vsn}.bundle"));
+        let out = self
+            .path()
+            .join(format!("{}-{vsn}.bundle", self.node.release_name()));
         if !out.exists() {
-            let tarball = releases().tarball(vsn).display().to_string();
+            let tarball = releases_for(self.flavor())
+                .tarball(vsn)
+                .display()
+                .to_string();
             beamup(
                 self.path(),
                 &[
@@ -99,7 +131,10 @@ dir = "{dir}/state"
     /// expiry, targets, key), written to `name` in the device dir.
     pub fn bundle_with(&self, vsn: &str, name: &str, extra: &[&str]) -> PathBuf {
         let out = self.path().join(name);
-        let tarball = releases().tarball(vsn).display().to_string();
+        let tarball = releases_for(self.flavor())
+            .tarball(vsn)
+            .display()
+            .to_string();
         let mut args = vec![
             "bundle",
             "--release",
@@ -173,7 +208,8 @@ dir = "{dir}/state"
     }
 
     /// The device is consistent on `vsn`: it runs it, it is permanent, an
-    /// OS restart would boot it (bin/thermo and start_erl.data), no install
+    /// OS restart would boot it (relx: bin/REL is bin/REL-VSN; every flavor:
+    /// start_erl.data names it, which is what mix's script boots), no install
     /// is in progress, and no other version's files are left over.
     pub fn assert_settled_on(&self, vsn: &str, gone: &[&str]) {
         let st = self.status();
@@ -181,25 +217,45 @@ dir = "{dir}/state"
         assert_eq!(st["node"]["permanent"], vsn, "{st:#}");
         assert!(st["install_in_progress"].is_null(), "{st:#}");
         let root = self.node.root();
-        assert_eq!(
-            fs::read(root.join("bin/thermo")).unwrap(),
-            fs::read(root.join(format!("bin/thermo-{vsn}"))).unwrap(),
-            "bin/thermo does not boot {vsn}"
-        );
+        let rel = self.node.release_name();
+        if self.flavor() != Flavor::Mix {
+            assert_eq!(
+                fs::read(root.join(format!("bin/{rel}"))).unwrap(),
+                fs::read(root.join(format!("bin/{rel}-{vsn}"))).unwrap(),
+                "bin/{rel} does not boot {vsn}"
+            );
+        }
         let start_erl = fs::read_to_string(root.join("releases/start_erl.data")).unwrap();
-        assert!(
-            start_erl.trim().ends_with(vsn),
+        assert_eq!(
+            start_erl.split_whitespace().nth(1),
+            Some(vsn),
             "start_erl.data: {start_erl}"
         );
+        assert!(root.join(format!("releases/{vsn}/start.boot")).is_file());
         for v in gone {
             for p in [
                 format!("releases/{v}"),
-                format!("lib/thermo-{v}"),
-                format!("bin/thermo-{v}"),
+                format!("lib/{rel}-{v}"),
+                format!("bin/{rel}-{v}"),
             ] {
                 assert!(!root.join(&p).exists(), "{p} left behind");
             }
         }
+    }
+
+    /// Power loss and reboot: the node is killed and started from disk, and
+    /// it must come up on the version `beamup status` calls permanent.
+    pub fn assert_boots_permanent(&mut self) {
+        let st = self.status();
+        let permanent = st["node"]["permanent"]
+            .as_str()
+            .unwrap_or_else(|| panic!("status names no permanent release: {st:#}"))
+            .to_string();
+        let booted = self.node.restart_from_disk();
+        assert_eq!(
+            booted, permanent,
+            "after a restart from disk the node runs {booted}, but {permanent} was permanent"
+        );
     }
 
     /// Hashes of every file under the release root that beamup could touch
@@ -209,6 +265,11 @@ dir = "{dir}/state"
         walk(self.node.root(), self.node.root(), &mut out);
         out
     }
+}
+
+/// `s` as a TOML basic string.
+fn toml_str(s: &str) -> String {
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// One signing key (`keys/k.key`, `keys/k.pub`) and a trust root

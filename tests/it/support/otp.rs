@@ -1,13 +1,15 @@
-//! Real Erlang/OTP nodes for integration tests.
+//! Real Erlang/OTP nodes for integration tests, of every release shape
+//! beamup supports ([`Flavor`]).
 //!
-//! [`releases`] builds the `thermo` test releases from `tests/otp` once (cached
-//! under the cargo target dir, keyed by a hash of the sources and the
-//! installed OTP), and [`TestNode`] runs a private copy of the base release
-//! with its own epmd, ports, node name and cookie, and stops all of it on drop.
-//! See `tests/otp/README.md` for the releases themselves.
+//! [`releases_for`] builds a flavor's test releases once (`thermo` from
+//! `tests/otp`, `thermex` from `tests/mix`; cached under the cargo target dir,
+//! keyed by a hash of the sources and the installed OTP/Elixir), and
+//! [`TestNode`] runs a private copy of the flavor's base release with its own
+//! epmd, ports, node name and cookie, and stops all of it on drop. See
+//! `tests/otp/README.md` and `tests/mix/README.md` for the releases.
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, OpenOptions};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -36,9 +38,43 @@ pub const UPGRADE_VSNS: [&str; 4] = ["1.1.0", "1.2.0", "1.3.0", "2.0.0"];
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 
+/// The shape of a release root, with the test release built in it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Flavor {
+    /// `thermo` by rebar3/relx with ERTS and `releases/RELEASES`.
+    #[default]
+    Rebar3,
+    /// `thermo` by relx without ERTS (runs on the system's erts) and with no
+    /// `releases/RELEASES`. Same upgrade tarballs as [`Flavor::Rebar3`].
+    Rebar3NoErts,
+    /// `thermex` by `mix release` (Elixir): no `releases/RELEASES`, no
+    /// `bin/REL-VSN`, cookie in `releases/COOKIE`.
+    Mix,
+}
+
+impl Flavor {
+    pub const ALL: [Flavor; 3] = [Flavor::Rebar3, Flavor::Rebar3NoErts, Flavor::Mix];
+
+    /// The release (and application) name.
+    pub fn release_name(self) -> &'static str {
+        match self {
+            Flavor::Rebar3 | Flavor::Rebar3NoErts => "thermo",
+            Flavor::Mix => "thermex",
+        }
+    }
+
+    fn base_subdir(self) -> &'static str {
+        match self {
+            Flavor::Rebar3 | Flavor::Mix => "base",
+            Flavor::Rebar3NoErts => "base-noerts",
+        }
+    }
+}
+
 /// The built releases: a deployable base root and the release tarballs.
 #[derive(Debug)]
 pub struct Releases {
+    flavor: Flavor,
     dir: PathBuf,
     tarballs: BTreeMap<String, PathBuf>,
 }
@@ -49,39 +85,107 @@ impl Releases {
         &self.dir
     }
 
-    /// Release root of the base version (1.0.0, with ERTS), as a device has
-    /// it installed. Copy it before use; [`TestNode`] does.
-    pub fn base_dir(&self) -> PathBuf {
-        self.dir.join("base")
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
     }
 
-    /// `thermo-VSN.tar.gz` for [`BASE_VSN`] (with ERTS) or one of
-    /// [`UPGRADE_VSNS`] (without).
+    /// Release root of the base version (1.0.0), as a device has it
+    /// installed: with ERTS and RELEASES (Rebar3), without either
+    /// (Rebar3NoErts), as mix unpacks it (Mix). Copy it before use;
+    /// [`TestNode`] does.
+    pub fn base_dir(&self) -> PathBuf {
+        self.dir.join(self.flavor.base_subdir())
+    }
+
+    /// Mix only: the release directory with every version built into it and
+    /// the relups made (`_build/prod/rel/thermex`). Copy it before changing it.
+    pub fn rel_dir(&self) -> PathBuf {
+        assert_eq!(
+            self.flavor,
+            Flavor::Mix,
+            "only the mix build keeps its rel dir"
+        );
+        self.dir.join("rel")
+    }
+
+    /// `REL-VSN.tar.gz` for [`BASE_VSN`] (with ERTS) or one of
+    /// [`UPGRADE_VSNS`] (rebar3: without ERTS; mix: with, as mix makes them).
     pub fn tarball(&self, vsn: &str) -> &Path {
         self.tarballs
             .get(vsn)
-            .unwrap_or_else(|| panic!("no thermo release {vsn} is built"))
+            .unwrap_or_else(|| panic!("no {} release {vsn} is built", self.flavor.release_name()))
     }
 }
 
-/// The releases, built on first use. Blocks while another thread or test
-/// process builds the same sources.
+/// The Rebar3 releases (see [`releases_for`]).
 pub fn releases() -> &'static Releases {
-    static RELEASES: OnceLock<Releases> = OnceLock::new();
-    RELEASES.get_or_init(|| {
-        build_cached().unwrap_or_else(|e| panic!("building the OTP test releases: {e}"))
+    releases_for(Flavor::Rebar3)
+}
+
+/// A flavor's releases, built on first use. Blocks while another thread or
+/// test process builds the same sources.
+pub fn releases_for(flavor: Flavor) -> &'static Releases {
+    static RELEASES: [OnceLock<Releases>; 3] = [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    let slot = match flavor {
+        Flavor::Rebar3 => 0,
+        Flavor::Rebar3NoErts => 1,
+        Flavor::Mix => 2,
+    };
+    RELEASES[slot].get_or_init(|| {
+        let (dir, tarballs) = match flavor {
+            Flavor::Rebar3 | Flavor::Rebar3NoErts => otp_build(),
+            Flavor::Mix => mix_build(),
+        };
+        Releases {
+            flavor,
+            dir: dir.clone(),
+            tarballs: tarballs.clone(),
+        }
     })
 }
 
-fn otp_sources() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otp")
+type Built = (PathBuf, BTreeMap<String, PathBuf>);
+
+fn otp_build() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otp");
+        build_cached(&sources, "otp-cache", "thermo", &[], &[])
+            .unwrap_or_else(|e| panic!("building the OTP test releases: {e}"))
+    })
 }
 
-fn build_cached() -> Result<Releases> {
-    let sources = otp_sources();
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("otp-cache");
+fn mix_build() -> &'static Built {
+    static BUILT: OnceLock<Built> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // The upgrade tarballs are made by `beamup relup`: a change to it
+        // rebuilds them.
+        let relup_sources: Vec<PathBuf> = ["src/relup.rs", "src/release.rs", "src/eterm.rs"]
+            .iter()
+            .map(|p| manifest.join(p))
+            .collect();
+        build_cached(
+            &manifest.join("tests/mix"),
+            "mix-cache",
+            "thermex",
+            &relup_sources,
+            &[("BEAMUP", env!("CARGO_BIN_EXE_beamup"))],
+        )
+        .unwrap_or_else(|e| panic!("building the mix test releases: {e}"))
+    })
+}
+
+fn build_cached(
+    sources: &Path,
+    cache_name: &str,
+    release_name: &str,
+    extra_key_files: &[PathBuf],
+    build_env: &[(&str, &str)],
+) -> Result<Built> {
+    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join(cache_name);
     fs::create_dir_all(&cache)?;
-    let key = cache_key(&sources)?;
+    let key = cache_key(sources, extra_key_files)?;
     let dir = cache.join(&key);
     let stamp = dir.join(".complete");
 
@@ -100,10 +204,14 @@ fn build_cached() -> Result<Releases> {
             fs::remove_dir_all(&dir)?;
         }
         let started = Instant::now();
-        let output = Command::new(sources.join("build")).arg(&dir).output()?;
+        let output = Command::new(sources.join("build"))
+            .arg(&dir)
+            .envs(build_env.iter().copied())
+            .output()?;
         if !output.status.success() {
             return Err(format!(
-                "tests/otp/build failed ({}):\n{}\n{}",
+                "{}/build failed ({}):\n{}\n{}",
+                sources.display(),
                 output.status,
                 String::from_utf8_lossy(&output.stdout),
                 String::from_utf8_lossy(&output.stderr)
@@ -111,7 +219,7 @@ fn build_cached() -> Result<Releases> {
             .into());
         }
         eprintln!(
-            "built OTP test releases into {} in {:.1?}",
+            "built {release_name} test releases into {} in {:.1?}",
             dir.display(),
             started.elapsed()
         );
@@ -121,7 +229,7 @@ fn build_cached() -> Result<Releases> {
 
     let mut tarballs = BTreeMap::new();
     for vsn in std::iter::once(BASE_VSN).chain(UPGRADE_VSNS) {
-        let path = dir.join(format!("thermo-{vsn}.tar.gz"));
+        let path = dir.join(format!("{release_name}-{vsn}.tar.gz"));
         if !path.is_file() {
             return Err(format!(
                 "{} is missing; delete {} to rebuild",
@@ -132,19 +240,21 @@ fn build_cached() -> Result<Releases> {
         }
         tarballs.insert(vsn.to_owned(), path);
     }
-    Ok(Releases { dir, tarballs })
+    Ok((dir, tarballs))
 }
 
-/// Hash of every file under tests/otp (path, executable bit, contents) and
-/// of the installed OTP, whose ERTS and libraries end up in the releases.
-fn cache_key(sources: &Path) -> Result<String> {
+/// Hash of every file under the sources (path, executable bit, contents),
+/// of `extra_files`, and of the installed OTP and Elixir, whose ERTS and
+/// libraries end up in the releases.
+fn cache_key(sources: &Path, extra_files: &[PathBuf]) -> Result<String> {
     let mut files = Vec::new();
     collect_files(sources, &mut files)?;
     files.sort();
+    files.extend(extra_files.iter().cloned());
     let mut hasher = Sha256::new();
     for path in &files {
         use std::os::unix::fs::PermissionsExt;
-        let rel = path.strip_prefix(sources)?;
+        let rel = path.strip_prefix(sources).unwrap_or(path);
         let exec = fs::metadata(path)?.permissions().mode() & 0o111 != 0;
         let contents = fs::read(path)?;
         hasher.update(rel.as_os_str().as_encoded_bytes());
@@ -153,6 +263,7 @@ fn cache_key(sources: &Path) -> Result<String> {
         hasher.update(&contents);
     }
     hasher.update(installed_otp_fingerprint().as_bytes());
+    hasher.update(installed_elixir_fingerprint().as_bytes());
     Ok(hex::encode(&hasher.finalize()[..10]))
 }
 
@@ -169,14 +280,35 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
+fn on_path(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Where `elixir` on PATH lives and its `elixir.app` (which names the
+/// version): changes with every Elixir package upgrade.
+fn installed_elixir_fingerprint() -> String {
+    let Some(elixir) = on_path("elixir") else {
+        return String::new();
+    };
+    let elixir = fs::canonicalize(&elixir).unwrap_or(elixir);
+    let app = elixir
+        .parent()
+        .and_then(Path::parent)
+        .map(|root| root.join("lib/elixir/ebin/elixir.app"));
+    let app_text = app
+        .and_then(|a| fs::read_to_string(a).ok())
+        .unwrap_or_default();
+    format!("{}\n{app_text}", elixir.display())
+}
+
 /// Names of the ERTS and library directories of the OTP that `erl` on PATH
 /// belongs to: cheap, and changes with every OTP package upgrade.
 fn installed_otp_fingerprint() -> String {
-    let Some(erl) = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join("erl"))
-            .find(|p| p.is_file())
-    }) else {
+    let Some(erl) = on_path("erl") else {
         return String::new(); // the build reports the missing erl properly
     };
     let erl = fs::canonicalize(&erl).unwrap_or(erl);
@@ -198,6 +330,7 @@ fn installed_otp_fingerprint() -> String {
 /// test panics.
 #[derive(Debug)]
 pub struct TestNode {
+    flavor: Flavor,
     tmp: tempfile::TempDir,
     root: PathBuf,
     node_name: String,
@@ -211,29 +344,49 @@ pub struct TestNode {
 }
 
 impl TestNode {
-    /// Deploys a fresh copy of the base release and starts it with
+    /// Deploys a fresh copy of the Rebar3 base release and starts it with
     /// `bin/thermo daemon`; returns once the start script has finished and
     /// `/health` answers. Panics (after cleaning up) if it does not.
     pub fn start() -> TestNode {
-        Self::start_with(|root| copy_tree(&releases().base_dir(), root))
+        Self::start_flavor(Flavor::Rebar3)
+    }
+
+    /// Like [`start`](Self::start), for a node of `flavor`'s base release.
+    /// A mix node gets its own cookie written into `ROOT/releases/COOKIE`,
+    /// as an operator provisions one.
+    pub fn start_flavor(flavor: Flavor) -> TestNode {
+        Self::start_flavor_with(flavor, |root| {
+            copy_tree(&releases_for(flavor).base_dir(), root)
+        })
     }
 
     /// Like [`start`](Self::start), with the release root laid out by
     /// `deploy` (given the root's path, which does not exist yet) instead of
     /// copied from the base build.
     pub fn start_with(deploy: impl FnOnce(&Path)) -> TestNode {
+        Self::start_flavor_with(Flavor::Rebar3, deploy)
+    }
+
+    /// [`start_with`](Self::start_with) for any flavor.
+    pub fn start_flavor_with(flavor: Flavor, deploy: impl FnOnce(&Path)) -> TestNode {
         let tmp = tempfile::Builder::new()
-            .prefix("thermo-node-")
+            .prefix(&format!("{}-node-", flavor.release_name()))
             .tempdir()
             .expect("creating a temp dir for the node");
         let root = tmp.path().join("root");
         deploy(&root);
+        let cookie = random_hex(16);
+        if flavor == Flavor::Mix {
+            // No trailing newline, as mix writes it.
+            fs::write(root.join("releases/COOKIE"), &cookie).expect("writing releases/COOKIE");
+        }
 
         let id = unique_id();
         let (epmd, epmd_port) = start_epmd(&root);
         let mut node = TestNode {
-            node_name: format!("thermo_{id}@localhost"),
-            cookie: random_hex(16),
+            flavor,
+            node_name: format!("{}_{id}@localhost", flavor.release_name()),
+            cookie,
             http_port: free_port(),
             epmd_port,
             epmd,
@@ -249,11 +402,19 @@ impl TestNode {
     }
 
     fn boot(&mut self) {
-        let log = File::create(self.tmp.path().join("daemon.out")).expect("creating daemon.out");
-        let mut cmd = Command::new(self.root.join("bin/thermo"));
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.tmp.path().join("daemon.out"))
+            .expect("opening daemon.out");
+        let mut cmd = Command::new(self.root.join(format!("bin/{}", self.release_name())));
         cmd.arg("daemon")
             .envs(self.env())
-            // Keep relx/erl knobs of the caller's environment out of the node.
+            // Keep relx/mix/erl knobs of the caller's environment out of the
+            // node: what boots is decided by files on disk.
+            .env_remove("RELEASE_VSN")
+            .env_remove("RELEASE_COOKIE")
+            .env_remove("RELEASE_TMP")
             .env_remove("RELX_CONFIG_PATH")
             .env_remove("VMARGS_PATH")
             .env_remove("RELX_REPLACE_OS_VARS")
@@ -268,8 +429,9 @@ impl TestNode {
             .process_group(0);
         self.daemon_script = Some(cmd.spawn().expect("spawning bin/thermo daemon"));
 
-        // The script exits 0 once the node answers distribution (erl_call);
-        // after a failed boot it would poll forever, hence the deadline.
+        // relx's script exits 0 once the node answers distribution
+        // (erl_call), and after a failed boot it would poll forever, hence the
+        // deadline; mix's returns at once, before the node answers.
         let deadline = Instant::now() + BOOT_TIMEOUT;
         let mut script_done = false;
         let mut health = None;
@@ -306,19 +468,45 @@ impl TestNode {
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("/health has no os_pid: {body}"));
         self.os_pid = Some(pid);
-        // `daemon` starts the BEAM under run_erl, which detaches itself: its
-        // parent is our only handle on it.
-        self.run_erl_pid = parent_pid(pid).filter(|&ppid| {
-            cmdline(ppid).is_some_and(|args| {
+        // `daemon` starts the BEAM under run_erl, which detaches itself: the
+        // BEAM's ancestry is our only handle on it (relx: the parent; mix:
+        // the grandparent, through `sh -c` without exec).
+        let mut ancestor = parent_pid(pid);
+        self.run_erl_pid = None;
+        for _ in 0..3 {
+            let Some(ppid) = ancestor else { break };
+            if cmdline(ppid).is_some_and(|args| {
                 args.first().is_some_and(|a| a.ends_with("run_erl"))
                     && args.iter().any(|a| self.in_tmp(a))
-            })
-        });
+            }) {
+                self.run_erl_pid = Some(ppid);
+                break;
+            }
+            ancestor = parent_pid(ppid);
+        }
     }
 
-    /// Environment of the node: what `bin/thermo` needs to start or talk to
+    /// Environment of the node: what `bin/REL` needs to start or talk to
     /// this node (also for starting it again, as beamup does).
     pub fn env(&self) -> Vec<(String, String)> {
+        if self.flavor == Flavor::Mix {
+            let alive = self.node_name.split('@').next().expect("name@host");
+            return vec![
+                // Short names: a long-names node (RELEASE_DISTRIBUTION=name)
+                // refuses to connect to NAME@localhost ("Hostname localhost
+                // is illegal"), which breaks `bin/thermex rpc` and `stop`.
+                ("RELEASE_NODE".into(), self.node_name.clone()),
+                ("RELEASE_DISTRIBUTION".into(), "sname".into()),
+                ("THERMEX_HTTP_PORT".into(), self.http_port.to_string()),
+                ("ERL_EPMD_PORT".into(), self.epmd_port.to_string()),
+                // Pipes, logs and the rendered sys.config inside our temp dir.
+                (
+                    "RELEASE_TMP".into(),
+                    format!("{}/release-tmp-{alive}", self.tmp_str()),
+                ),
+                ("ELIXIR_ERL_OPTIONS".into(), "-start_epmd false".into()),
+            ];
+        }
         let pipe_dir = format!("{}/pipes/", self.tmp_str()); // run_erl wants the slash
         vec![
             ("NODE_NAME".into(), self.node_name.clone()),
@@ -328,6 +516,81 @@ impl TestNode {
             ("THERMO_START_EPMD".into(), "false".into()),
             ("PIPE_DIR".into(), pipe_dir),
         ]
+    }
+
+    pub fn flavor(&self) -> Flavor {
+        self.flavor
+    }
+    pub fn release_name(&self) -> &'static str {
+        self.flavor.release_name()
+    }
+
+    /// A shell command line (for `sh -c`, as agent.toml's `[node] start`)
+    /// that starts this node from disk: `env K=V... ROOT/bin/REL daemon`.
+    pub fn start_command(&self) -> String {
+        self.script_command("daemon")
+    }
+
+    /// Like [`start_command`](Self::start_command), for `bin/REL stop`.
+    pub fn stop_command(&self) -> String {
+        self.script_command("stop")
+    }
+
+    fn script_command(&self, verb: &str) -> String {
+        let mut words = vec!["env".to_string()];
+        words.extend(
+            self.env()
+                .iter()
+                .map(|(k, v)| shell_quote(&format!("{k}={v}"))),
+        );
+        words.push(shell_quote(&format!(
+            "{}/bin/{}",
+            self.root.display(),
+            self.release_name()
+        )));
+        words.push(verb.into());
+        words.join(" ")
+    }
+
+    /// Power loss: kills every process of this node with SIGKILL (BEAMs,
+    /// run_erl, scripts; not the private epmd, which stands for the
+    /// system's), then boots it again from disk with `bin/REL daemon`, waits
+    /// for `/health` and records the new OS pid. Returns the version
+    /// `/health` reports.
+    pub fn restart_from_disk(&mut self) -> String {
+        if let Some(mut script) = self.daemon_script.take() {
+            let _ = killpg(Pid::from_raw(script.id() as i32), Signal::SIGKILL);
+            let _ = script.wait();
+        }
+        let epmd = self.epmd_pid();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            // epmd runs from the root's ERTS, so it matches too.
+            let left: Vec<i32> = self
+                .our_processes()
+                .into_iter()
+                .filter(|&pid| pid != epmd)
+                .collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "processes {left:?} survived SIGKILL for 5 s"
+            );
+            for pid in left {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        self.os_pid = None;
+        self.run_erl_pid = None;
+        self.boot();
+        let (_, body) = self.health().expect("/health answered at boot");
+        body["version"]
+            .as_str()
+            .unwrap_or_else(|| panic!("/health has no version: {body}"))
+            .to_string()
     }
 
     pub fn root(&self) -> &Path {
@@ -445,9 +708,22 @@ impl TestNode {
     fn diagnostics(&self) -> String {
         let mut out = String::new();
         let daemon_out = fs::read_to_string(self.tmp.path().join("daemon.out")).unwrap_or_default();
-        out.push_str(&format!("--- bin/thermo daemon output:\n{daemon_out}\n"));
-        if let Ok(entries) = fs::read_dir(self.root.join("log")) {
-            let mut logs: Vec<PathBuf> = entries.filter_map(|e| Some(e.ok()?.path())).collect();
+        out.push_str(&format!(
+            "--- bin/{} daemon output:\n{daemon_out}\n",
+            self.release_name()
+        ));
+        let mut logs: Vec<PathBuf> = Vec::new();
+        for dir in std::iter::once(self.root.join("log")).chain(
+            self.env()
+                .into_iter()
+                .filter(|(k, _)| k == "RELEASE_TMP")
+                .map(|(_, v)| Path::new(&v).join("log")),
+        ) {
+            if let Ok(entries) = fs::read_dir(dir) {
+                logs.extend(entries.filter_map(|e| Some(e.ok()?.path())));
+            }
+        }
+        {
             logs.sort();
             for log in logs {
                 let text = fs::read_to_string(&log).unwrap_or_default();
@@ -559,7 +835,9 @@ fn start_epmd(root: &Path) -> (Child, u16) {
                 .is_some_and(|n| n.to_string_lossy().starts_with("erts-"))
         })
         .map(|erts| erts.join("bin/epmd"))
-        .expect("the base release includes ERTS");
+        // A release without ERTS runs on the system's.
+        .or_else(|| on_path("epmd"))
+        .expect("epmd: neither in the release's ERTS nor on PATH");
     // The free port can be taken by someone else before epmd binds it.
     for _ in 0..5 {
         let port = free_port();
@@ -584,6 +862,18 @@ fn start_epmd(root: &Path) -> (Child, u16) {
         }
     }
     panic!("could not start a private epmd");
+}
+
+/// `s` as one word for sh.
+fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./=:@%+,".contains(&b))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    }
 }
 
 fn free_port() -> u16 {
