@@ -84,6 +84,13 @@ pub fn create(
         ));
     }
     let info = release::inspect(release_tar)?;
+    // What every device checks, checked before anything is signed: the
+    // tar stream of an indexed tarball is this one's.
+    let input = File::open(release_tar).ctx(release_tar, "open")?;
+    crate::tarrules::check_stream(input).map_err(|detail| Error::UnsafeRelease {
+        path: release_tar.to_path_buf(),
+        detail,
+    })?;
     let mut repacked = None;
     let mut parts = Vec::new();
     let release_tar = if opts.indexed {

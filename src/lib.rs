@@ -32,6 +32,7 @@ pub mod signed;
 pub mod staging;
 pub mod state;
 pub mod tarindex;
+pub mod tarrules;
 pub mod transfer;
 pub mod unpack;
 pub mod version;

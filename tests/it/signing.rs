@@ -598,3 +598,88 @@ fn bundle_refuses_what_is_not_a_release_and_writes_nothing() {
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
 }
+
+/// Bundle time and the device apply one rule set: every hostile tarball
+/// a device refuses, `beamup bundle` refuses too, indexed and with
+/// `--keep-tarball`, naming the entry and the rule in the device's words,
+/// and writes no bundle. Each case is also unpacked (signed by hand, as a
+/// compromised build server could) to show the device refuses it alike.
+#[test]
+fn bundle_refuses_what_a_device_refuses_case_by_case() {
+    use crate::install::{Entry, hostile_cases, hostile_tarball, signed_bundle_of};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    crate::support::device::keys_and_root(dir);
+    let mut cases = hostile_cases("lib/thermo-1.1.0/../../../x", "/tmp/beamup-bundle-escaped");
+    cases.extend([
+        (
+            "absolute-symlink",
+            vec![Entry::Symlink("lib/thermo-1.1.0/priv", "/etc")],
+            "symlink lib/thermo-1.1.0/priv -> /etc points outside the release (absolute target)",
+        ),
+        (
+            "same-file-twice",
+            vec![
+                Entry::File("lib/thermo-1.1.0/priv/x", b"1".to_vec()),
+                Entry::File("lib/thermo-1.1.0/priv/x", b"2".to_vec()),
+            ],
+            "lib/thermo-1.1.0/priv/x appears twice",
+        ),
+        (
+            "beneath-a-file",
+            vec![
+                Entry::File("lib/thermo-1.1.0/priv/x", b"1".to_vec()),
+                Entry::File("lib/thermo-1.1.0/priv/x/y", b"2".to_vec()),
+            ],
+            "would be written beneath the file lib/thermo-1.1.0/priv/x",
+        ),
+        (
+            // Linked elsewhere, the symlink's relative target would resolve
+            // outside the release.
+            "hardlink-to-symlink",
+            vec![
+                Entry::Symlink("lib/thermo-1.1.0/priv/a/b", "../../../../bin"),
+                Entry::Hardlink("lib/thermo-1.1.0/b", "lib/thermo-1.1.0/priv/a/b"),
+            ],
+            "hard link lib/thermo-1.1.0/b -> lib/thermo-1.1.0/priv/a/b points to a symlink",
+        ),
+    ]);
+    for (name, entries, needle) in cases {
+        let tarball = hostile_tarball(&entries);
+        let release = format!("{name}.tar.gz");
+        fs::write(dir.join(&release), &tarball).unwrap();
+        for extra in [&[][..], &["--keep-tarball"][..]] {
+            let out = format!("{name}.bundle");
+            let mut args = vec!["bundle", "--release", &release, "--key", "keys/k.key"];
+            args.extend(["--out", &out]);
+            args.extend(extra);
+            let run = beamup(dir, &args);
+            run.fails(exit::UNSAFE_TARBALL as i32, needle);
+            assert!(
+                run.stderr
+                    .contains(&format!("{release}: release tarball refused"))
+                    && run
+                        .stderr
+                        .contains("so it was not signed (rebuild the release"),
+                "{name} {extra:?}: {}",
+                run.stderr
+            );
+            assert!(!dir.join(&out).exists(), "{name} {extra:?}: bundle written");
+        }
+        let signed = signed_bundle_of(dir, &format!("{name}-signed.bundle"), &tarball, 1 << 20);
+        let run = beamup(
+            dir,
+            &[
+                "unpack",
+                signed.to_str().unwrap(),
+                "--root",
+                "root.json",
+                "--out",
+                "fresh",
+            ],
+        );
+        run.fails(exit::UNSAFE_TARBALL as i32, needle);
+        assert!(!dir.join("fresh").exists(), "{name}: unpack left files");
+    }
+    assert!(!Path::new("/tmp/beamup-bundle-escaped").exists());
+}
