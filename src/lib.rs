@@ -27,6 +27,7 @@ pub mod policy;
 pub mod protocol;
 pub mod release;
 pub mod root;
+pub mod sequence;
 pub mod serve;
 pub mod signed;
 pub mod staging;
