@@ -46,8 +46,8 @@ pub struct BundleOptions {
     pub chunk_size: u32,
     pub expires_in: Duration,
     pub targets: Vec<String>,
-    /// Defaults to the creation time in seconds since the epoch, which grows
-    /// with every bundle a signer makes.
+    /// Defaults to [`crate::sequence::issue`]: milliseconds since the epoch
+    /// times 1024 plus per-machine bits, strictly increasing per user.
     pub sequence: Option<u64>,
     pub allow_downgrade: bool,
     pub now: SystemTime,
@@ -84,6 +84,13 @@ pub fn create(
         ));
     }
     let info = release::inspect(release_tar)?;
+    // What every device checks, checked before anything is signed: the
+    // tar stream of an indexed tarball is this one's.
+    let input = File::open(release_tar).ctx(release_tar, "open")?;
+    crate::tarrules::check_stream(input).map_err(|detail| Error::UnsafeRelease {
+        path: release_tar.to_path_buf(),
+        detail,
+    })?;
     let mut repacked = None;
     let mut parts = Vec::new();
     let release_tar = if opts.indexed {
@@ -102,6 +109,10 @@ pub fn create(
     let size = file.metadata().ctx(release_tar, "stat")?.len();
     let digests = hash_stream(&mut file, size, opts.chunk_size).ctx(release_tar, "read")?;
     let created = opts.now;
+    let sequence = match opts.sequence {
+        Some(s) => s,
+        None => crate::sequence::issue(created)?,
+    };
     let manifest = Manifest {
         kind: manifest::MANIFEST_TYPE.into(),
         format: manifest::FORMAT,
@@ -125,11 +136,7 @@ pub fn create(
         target: opts.targets.clone(),
         created_at: manifest::format_time(created),
         expires_at: manifest::format_time(created + opts.expires_in),
-        sequence: opts.sequence.unwrap_or_else(|| {
-            created
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs())
-        }),
+        sequence,
         allow_downgrade: opts.allow_downgrade,
     };
     manifest.validate()?;

@@ -339,8 +339,10 @@ pub struct BundleArgs {
     /// Who may install it: any, fleet:NAME, group:NAME or device:ID (repeat).
     #[arg(long = "target", value_name = "SCOPE", default_value = "any", value_parser = parse_scope)]
     targets: Vec<String>,
-    /// Sequence number (default: now, in seconds since the epoch).
-    #[arg(long)]
+    /// Sequence number, at most 2^53 - 1 (default: milliseconds since the
+    /// epoch x 1024 + random per-machine bits, above the last one this user
+    /// issued).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=crate::sequence::MAX))]
     sequence: Option<u64>,
     /// Bytes per verified chunk for transports.
     #[arg(long, value_name = "BYTES", default_value_t = manifest::DEFAULT_CHUNK_SIZE)]

@@ -151,6 +151,14 @@ pub enum Error {
     )]
     UnsafeTarball { detail: String },
 
+    /// Bundle time: an entry breaks a rule every device applies
+    /// (`tarrules`), so the release is not signed.
+    #[error(
+        "{}: release tarball refused: {detail}; every device would refuse it, so it was not signed (rebuild the release without that entry: only files, directories and links, link targets relative and inside the release, hard links to an earlier file of their own unit)",
+        path.display()
+    )]
+    UnsafeRelease { path: PathBuf, detail: String },
+
     #[error("refused: {reason}")]
     Refused { reason: String },
 
@@ -210,7 +218,7 @@ impl Error {
             Error::TooLarge { .. } => TOO_LARGE,
             Error::WrongTarget { .. } => WRONG_TARGET,
             Error::InvalidManifest { .. } => INVALID_MANIFEST,
-            Error::UnsafeTarball { .. } => UNSAFE_TARBALL,
+            Error::UnsafeTarball { .. } | Error::UnsafeRelease { .. } => UNSAFE_TARBALL,
             Error::Refused { .. } => REFUSED,
             Error::NoSpace { .. } => NO_SPACE,
             Error::Node { .. } => NODE,
@@ -246,7 +254,7 @@ impl Error {
             Error::TooLarge { .. } => "too_large",
             Error::WrongTarget { .. } => "wrong_target",
             Error::InvalidManifest { .. } => "invalid_manifest",
-            Error::UnsafeTarball { .. } => "unsafe_tarball",
+            Error::UnsafeTarball { .. } | Error::UnsafeRelease { .. } => "unsafe_tarball",
             Error::Refused { .. } => "refused",
             Error::NoSpace { .. } => "no_space",
             Error::Node { .. } => "node",

@@ -27,10 +27,7 @@ use crate::bundle::Bundle;
 
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::{Manifest, Part};
-
-/// Most entries a release tarball may have (OTP releases have thousands).
-const MAX_ENTRIES: u64 = 500_000;
-const MAX_PATH: usize = 4096;
+use crate::tarrules::{Rules, top_of};
 
 /// What an unpack will create, decided before it starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -88,27 +85,27 @@ fn tops_of_stream(m: &Manifest, tarball: impl Read) -> Result<std::collections::
     let unsafe_tar = |detail: String| Error::UnsafeTarball { detail };
     let mut gz = MultiGzDecoder::new(io::BufReader::with_capacity(PIPE_BLOCK, tarball));
     let mut tops = std::collections::BTreeSet::new();
-    let (mut declared, mut seen) = (0u64, 0u64);
+    let mut rules = Rules::new(m.tarball.unpacked_size);
     {
         let mut archive = tar::Archive::new(&mut gz);
         for entry in archive.entries().map_err(|e| stream_error(&e))? {
             let entry = entry.map_err(|e| stream_error(&e))?;
-            seen += 1;
-            if seen > MAX_ENTRIES {
-                return Err(unsafe_tar(format!("more than {MAX_ENTRIES} entries")));
-            }
-            let Some(rel) = safe_relative_path(&entry.path_bytes()).map_err(unsafe_tar)? else {
+            let kind = entry.header().entry_type();
+            let link = entry.link_name_bytes();
+            // As the unpack of all of it will check it.
+            let Some(c) = rules
+                .check(
+                    &entry.path_bytes(),
+                    kind,
+                    link.as_deref(),
+                    entry.size(),
+                    &|_| true,
+                )
+                .map_err(unsafe_tar)?
+            else {
                 continue;
             };
-            declared = declared.saturating_add(entry.size());
-            if declared > m.tarball.unpacked_size {
-                return Err(unsafe_tar(format!(
-                    "it unpacks to more than the {} bytes its manifest declares (at {})",
-                    m.tarball.unpacked_size,
-                    rel.display()
-                )));
-            }
-            tops.extend(top_of(&rel));
+            tops.extend(top_of(&c.rel));
         }
     }
     // The rest: tar end blocks and the gzip trailer, then whatever follows
@@ -313,88 +310,30 @@ impl Read for ChannelReader {
 fn extract(root: &Path, plan: &Plan, m: &Manifest, mut tarball: ChannelReader) -> Result<Unpacked> {
     let unsafe_tar = |detail: String| Error::UnsafeTarball { detail };
     let tops: HashSet<&Path> = plan.creates.iter().map(PathBuf::as_path).collect();
-    let mut links: HashSet<PathBuf> = HashSet::new();
+    let creates = |top: &Path| tops.contains(top);
+    let mut rules = Rules::new(m.tarball.unpacked_size);
     let mut stats = Unpacked::default();
-    let mut declared_total = 0u64;
-    let mut entries_seen = 0u64;
     {
         let mut archive = tar::Archive::new(&mut tarball);
         let entries = archive.entries().map_err(|e| stream_error(&e))?;
         for entry in entries {
             let mut entry = entry.map_err(|e| stream_error(&e))?;
-            entries_seen += 1;
-            if entries_seen > MAX_ENTRIES {
-                return Err(unsafe_tar(format!("more than {MAX_ENTRIES} entries")));
-            }
+            let kind = entry.header().entry_type();
             let raw = entry.path_bytes().into_owned();
-            let Some(rel) = safe_relative_path(&raw).map_err(unsafe_tar)? else {
+            let link = entry.link_name_bytes().map(|l| l.into_owned());
+            // Every entry is checked, extracted or not.
+            let Some(checked) = rules
+                .check(&raw, kind, link.as_deref(), entry.size(), &creates)
+                .map_err(unsafe_tar)?
+            else {
                 continue; // the archive's own "./" entry
             };
-            let shown = rel.display().to_string();
-            declared_total = declared_total.saturating_add(entry.size());
-            if declared_total > m.tarball.unpacked_size {
-                return Err(unsafe_tar(format!(
-                    "it unpacks to more than the {} bytes its manifest declares (at {shown})",
-                    m.tarball.unpacked_size
-                )));
-            }
-            let kind = entry.header().entry_type();
-            let link_target = if kind.is_symlink() || kind.is_hard_link() {
-                let t = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| unsafe_tar(format!("{shown}: link without a target")))?
-                    .into_owned();
-                Some(
-                    String::from_utf8(t)
-                        .map_err(|_| unsafe_tar(format!("{shown}: link target is not UTF-8")))?,
-                )
-            } else {
-                None
-            };
-            // Checks that apply to every entry, extracted or not.
-            match kind {
-                tar::EntryType::Regular
-                | tar::EntryType::Continuous
-                | tar::EntryType::Directory => {}
-                tar::EntryType::Symlink => {
-                    let t = link_target.as_deref().unwrap_or_default();
-                    check_symlink_target(&rel, t)
-                        .map_err(|e| unsafe_tar(format!("symlink {shown} -> {t} {e}")))?;
-                }
-                tar::EntryType::Link => {
-                    let t = link_target.as_deref().unwrap_or_default();
-                    let target =
-                        safe_relative_path(t.as_bytes())
-                            .ok()
-                            .flatten()
-                            .ok_or_else(|| {
-                                unsafe_tar(format!(
-                                    "hard link {shown} -> {t} points outside the release"
-                                ))
-                            })?;
-                    if top_of(&target).is_none_or(|top| !tops.contains(top.as_path())) {
-                        return Err(unsafe_tar(format!(
-                            "hard link {shown} -> {t} points outside what this release adds"
-                        )));
-                    }
-                }
-                other => {
-                    return Err(unsafe_tar(format!(
-                        "{shown} is a {} (only files, directories and links inside the release are allowed)",
-                        describe(other)
-                    )));
-                }
-            }
-            let Some(top) = top_of(&rel) else { continue };
-            if !tops.contains(top.as_path()) {
+            if !checked.created {
                 continue;
             }
-            if let Some(l) = rel.ancestors().skip(1).find(|a| links.contains(*a)) {
-                return Err(unsafe_tar(format!(
-                    "{shown} would be written through the symlink {}",
-                    l.display()
-                )));
-            }
+            let rel = checked.rel;
+            let link_target = checked.link;
+            let shown = rel.display().to_string();
             let dest = root.join(&rel);
             if let Some(parent) = dest.parent() {
                 fs::create_dir_all(parent).ctx(parent, "create directory")?;
@@ -409,7 +348,6 @@ fn extract(root: &Path, plan: &Plan, m: &Manifest, mut tarball: ChannelReader) -
                     let t = link_target.as_deref().unwrap_or_default();
                     std::os::unix::fs::symlink(t, &dest)
                         .map_err(|e| exists_or_io(e, &dest, &shown))?;
-                    links.insert(rel.clone());
                 }
                 tar::EntryType::Link => {
                     let t = link_target.as_deref().unwrap_or_default();
@@ -477,81 +415,6 @@ fn stream_error(e: &io::Error) -> Error {
     Error::UnsafeTarball {
         detail: format!("the compressed tar stream is truncated or corrupt ({e})"),
     }
-}
-
-fn describe(t: tar::EntryType) -> &'static str {
-    match t {
-        tar::EntryType::Char => "character device",
-        tar::EntryType::Block => "block device",
-        tar::EntryType::Fifo => "FIFO",
-        _ => "special entry",
-    }
-}
-
-/// The top-level unit an entry belongs to: `lib/X`, `releases/X`, `bin/X`
-/// or, for anything else, its first component (e.g. `erts-13.1.5`).
-pub(crate) fn top_of(rel: &Path) -> Option<PathBuf> {
-    let mut c = rel.components();
-    let first = c.next()?.as_os_str();
-    if first == "lib" || first == "releases" || first == "bin" {
-        let second = c.next()?.as_os_str();
-        Some(Path::new(first).join(second))
-    } else {
-        Some(PathBuf::from(first))
-    }
-}
-
-/// A tar path as a plain relative path: no leading `/`, no `..`, no `.`
-/// components other than leading `./`. `Ok(None)` for the archive root.
-pub(crate) fn safe_relative_path(raw: &[u8]) -> std::result::Result<Option<PathBuf>, String> {
-    let s = std::str::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_string())?;
-    let shown = || s.chars().take(200).collect::<String>();
-    if s.len() > MAX_PATH {
-        return Err(format!("entry name of {} bytes", s.len()));
-    }
-    if s.starts_with('/') {
-        return Err(format!("{} is an absolute path", shown()));
-    }
-    let mut s = s;
-    while let Some(rest) = s.strip_prefix("./") {
-        s = rest;
-    }
-    let mut out = PathBuf::new();
-    for part in s.split('/') {
-        match part {
-            "" => {}
-            "." => return Err(format!("{} has a '.' component", shown())),
-            ".." => return Err(format!("{} climbs out with '..'", shown())),
-            p if p.contains('\0') => return Err("an entry name contains NUL".into()),
-            p => out.push(p),
-        }
-    }
-    Ok((!out.as_os_str().is_empty() && s != ".").then_some(out))
-}
-
-/// A symlink's target must be relative and, resolved from the link's
-/// directory, stay inside the release root.
-fn check_symlink_target(link: &Path, target: &str) -> std::result::Result<(), &'static str> {
-    if target.is_empty() {
-        return Err("has an empty target");
-    }
-    if target.starts_with('/') {
-        return Err("points outside the release (absolute target)");
-    }
-    let mut depth: i64 = link.components().count() as i64 - 1;
-    for part in target.split('/') {
-        match part {
-            "" | "." => {}
-            ".." => {
-                depth -= 1;
-                if depth < 0 {
-                    return Err("points outside the release");
-                }
-            }
-            _ => depth += 1,
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -661,46 +524,5 @@ mod tests {
         let mut plain = m.clone();
         plain.tarball.parts.clear();
         assert!(chunks_read(&plain, &plan).iter().all(|&n| n));
-    }
-
-    #[test]
-    fn relative_paths() {
-        let ok = |s: &str| safe_relative_path(s.as_bytes()).unwrap();
-        assert_eq!(
-            ok("./lib/a-1/ebin/a.beam"),
-            Some(PathBuf::from("lib/a-1/ebin/a.beam"))
-        );
-        assert_eq!(ok("lib/a-1/"), Some(PathBuf::from("lib/a-1")));
-        assert_eq!(ok("./"), None);
-        for bad in ["/etc/passwd", "../x", "lib/../../x", "lib/./x", "a/../../b"] {
-            assert!(safe_relative_path(bad.as_bytes()).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn symlink_targets() {
-        let link = Path::new("lib/a-1/priv/link");
-        assert!(check_symlink_target(link, "../ebin/a.beam").is_ok());
-        assert!(check_symlink_target(link, "../../../bin/x").is_ok()); // root level
-        assert!(check_symlink_target(link, "../../../../etc/passwd").is_err());
-        assert!(check_symlink_target(link, "/etc/passwd").is_err());
-        assert!(check_symlink_target(Path::new("x"), "..").is_err());
-    }
-
-    #[test]
-    fn tops() {
-        assert_eq!(
-            top_of(Path::new("lib/a-1/ebin/x")),
-            Some(PathBuf::from("lib/a-1"))
-        );
-        assert_eq!(
-            top_of(Path::new("releases/1.1.0/relup")),
-            Some(PathBuf::from("releases/1.1.0"))
-        );
-        assert_eq!(
-            top_of(Path::new("erts-13.1.5/bin/beam.smp")),
-            Some(PathBuf::from("erts-13.1.5"))
-        );
-        assert_eq!(top_of(Path::new("releases")), None);
     }
 }

@@ -11,8 +11,8 @@
 //!
 //! The tar bytes are copied as they are, header blocks included: the
 //! repacked stream inflates to the original archive up to its end blocks.
-//! Entries are checked on the way (the same path rules as the device's
-//! unpack), so a signer does not sign what every device would refuse.
+//! Entry names are checked on the way (`tarrules`, as the device does);
+//! `bundle::create` checks every rule before this runs.
 
 use std::io::{self, Read, Write};
 
@@ -22,7 +22,7 @@ use flate2::write::GzEncoder;
 
 use crate::error::{Error, Result};
 use crate::manifest::Part;
-use crate::staging;
+use crate::tarrules;
 
 const BLOCK: usize = 512;
 
@@ -100,14 +100,13 @@ pub fn index(input: impl Read, out: impl Write, what: &str) -> Result<Vec<Part>>
         let name = long_name
             .take()
             .unwrap_or_else(|| h.path_bytes().into_owned());
-        let rel = staging::safe_relative_path(&name).map_err(|why| {
-            bad(format!(
-                "{why}; every device would refuse this release, so it is not signed"
-            ))
+        let rel = tarrules::safe_relative_path(&name).map_err(|detail| Error::UnsafeRelease {
+            path: what.into(),
+            detail,
         })?;
         let unit = rel
             .as_deref()
-            .and_then(staging::top_of)
+            .and_then(tarrules::top_of)
             .map(|p| p.to_string_lossy().into_owned())
             .filter(|u| crate::manifest::is_unit_path(u))
             .unwrap_or_default();

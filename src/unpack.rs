@@ -72,7 +72,8 @@ pub struct Report {
     pub manifest: Manifest,
     pub signed_by: Vec<String>,
     pub root_version: u64,
-    /// Top-level paths created, relative to the directory, sorted.
+    /// Top-level paths created (and there), relative to the directory,
+    /// sorted.
     pub created: Vec<PathBuf>,
     /// Units of the release that were there already and were left as they
     /// are (staging only: shared libraries, the same ERTS).
@@ -126,7 +127,14 @@ pub fn unpack(req: &Request) -> Result<Report> {
     };
     match place(dir, made.as_deref(), mode, &bundle, &m, &mut plan) {
         Ok(u) => {
-            let mut created = plan.creates;
+            // The plan lists what the release may add; a mix release has
+            // no bin/REL-VSN, so report what is there now (nothing of the
+            // plan existed before).
+            let mut created: Vec<PathBuf> = plan
+                .creates
+                .into_iter()
+                .filter(|p| dir.join(p).symlink_metadata().is_ok())
+                .collect();
             created.sort();
             let mut present: Vec<PathBuf> = units(&m)
                 .into_iter()

@@ -598,3 +598,186 @@ fn bundle_refuses_what_is_not_a_release_and_writes_nothing() {
         .collect();
     assert!(stray.is_empty(), "{stray:?}");
 }
+
+/// Bundle time and the device apply one rule set: every hostile tarball
+/// a device refuses, `beamup bundle` refuses too, indexed and with
+/// `--keep-tarball`, naming the entry and the rule in the device's words,
+/// and writes no bundle. Each case is also unpacked (signed by hand, as a
+/// compromised build server could) to show the device refuses it alike.
+#[test]
+fn bundle_refuses_what_a_device_refuses_case_by_case() {
+    use crate::install::{Entry, hostile_cases, hostile_tarball, signed_bundle_of};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    crate::support::device::keys_and_root(dir);
+    let mut cases = hostile_cases("lib/thermo-1.1.0/../../../x", "/tmp/beamup-bundle-escaped");
+    cases.extend([
+        (
+            "absolute-symlink",
+            vec![Entry::Symlink("lib/thermo-1.1.0/priv", "/etc")],
+            "symlink lib/thermo-1.1.0/priv -> /etc points outside the release (absolute target)",
+        ),
+        (
+            "same-file-twice",
+            vec![
+                Entry::File("lib/thermo-1.1.0/priv/x", b"1".to_vec()),
+                Entry::File("lib/thermo-1.1.0/priv/x", b"2".to_vec()),
+            ],
+            "lib/thermo-1.1.0/priv/x appears twice",
+        ),
+        (
+            "beneath-a-file",
+            vec![
+                Entry::File("lib/thermo-1.1.0/priv/x", b"1".to_vec()),
+                Entry::File("lib/thermo-1.1.0/priv/x/y", b"2".to_vec()),
+            ],
+            "would be written beneath the file lib/thermo-1.1.0/priv/x",
+        ),
+        (
+            // Linked elsewhere, the symlink's relative target would resolve
+            // outside the release.
+            "hardlink-to-symlink",
+            vec![
+                Entry::Symlink("lib/thermo-1.1.0/priv/a/b", "../../../../bin"),
+                Entry::Hardlink("lib/thermo-1.1.0/b", "lib/thermo-1.1.0/priv/a/b"),
+            ],
+            "hard link lib/thermo-1.1.0/b -> lib/thermo-1.1.0/priv/a/b points to a symlink",
+        ),
+    ]);
+    for (name, entries, needle) in cases {
+        let tarball = hostile_tarball(&entries);
+        let release = format!("{name}.tar.gz");
+        fs::write(dir.join(&release), &tarball).unwrap();
+        for extra in [&[][..], &["--keep-tarball"][..]] {
+            let out = format!("{name}.bundle");
+            let mut args = vec!["bundle", "--release", &release, "--key", "keys/k.key"];
+            args.extend(["--out", &out]);
+            args.extend(extra);
+            let run = beamup(dir, &args);
+            run.fails(exit::UNSAFE_TARBALL as i32, needle);
+            assert!(
+                run.stderr
+                    .contains(&format!("{release}: release tarball refused"))
+                    && run
+                        .stderr
+                        .contains("so it was not signed (rebuild the release"),
+                "{name} {extra:?}: {}",
+                run.stderr
+            );
+            assert!(!dir.join(&out).exists(), "{name} {extra:?}: bundle written");
+        }
+        let signed = signed_bundle_of(dir, &format!("{name}-signed.bundle"), &tarball, 1 << 20);
+        let run = beamup(
+            dir,
+            &[
+                "unpack",
+                signed.to_str().unwrap(),
+                "--root",
+                "root.json",
+                "--out",
+                "fresh",
+            ],
+        );
+        run.fails(exit::UNSAFE_TARBALL as i32, needle);
+        assert!(!dir.join("fresh").exists(), "{name}: unpack left files");
+    }
+    assert!(!Path::new("/tmp/beamup-bundle-escaped").exists());
+}
+
+/// `beamup bundle` with `XDG_STATE_HOME` in `state`, printing its manifest.
+fn bundle_in(f: &Fixture, state: &Path, out: &str, extra: &[&str]) -> Run {
+    let output = Command::new(crate::cli::bin())
+        .args([
+            "bundle",
+            "--release",
+            "thermo-1.1.0.tar.gz",
+            "--key",
+            "keys/a.key",
+        ])
+        .args(["--key", "keys/b.key", "--out", out])
+        .args(extra)
+        .current_dir(&f.dir)
+        .env("XDG_STATE_HOME", state)
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    Run {
+        code: output.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn sequence_of(run: &Run) -> u64 {
+    run.ok();
+    run.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("sequence    "))
+        .unwrap_or_else(|| panic!("no sequence in {}", run.stdout))
+        .parse()
+        .unwrap()
+}
+
+/// Bundles made back to back (a CI job bundling several versions in one
+/// second), also concurrently, get distinct, increasing default sequences,
+/// above the seconds the old default used and exact in JSON; a device that
+/// committed one accepts the next. `--sequence` still wins.
+#[test]
+fn default_sequences_never_collide_and_keep_growing() {
+    let f = Fixture::new();
+    let state = f.dir.join("state");
+    let mut seqs: Vec<u64> = (0..4)
+        .map(|i| sequence_of(&bundle_in(&f, &state, &format!("s{i}.bundle"), &[])))
+        .collect();
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    assert!(seqs[0] > secs * 1000, "{seqs:?}");
+    assert!(*seqs.last().unwrap() < 1 << 53, "{seqs:?}");
+    // Concurrent runs of one user: distinct, all above the earlier ones.
+    let concurrent: Vec<u64> = std::thread::scope(|s| {
+        let f = &f;
+        let state = &state;
+        let runs: Vec<_> = (0..3)
+            .map(|i| s.spawn(move || bundle_in(f, state, &format!("c{i}.bundle"), &[])))
+            .collect();
+        runs.into_iter()
+            .map(|r| sequence_of(&r.join().unwrap()))
+            .collect()
+    });
+    let mut all = concurrent.clone();
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 3, "{concurrent:?}");
+    assert!(
+        all[0] > *seqs.last().unwrap(),
+        "{seqs:?} then {concurrent:?}"
+    );
+    seqs.extend(all);
+
+    // The manifest carries it exactly, and a device whose last committed
+    // sequence is one bundle's accepts the next (and refuses it replayed).
+    let run = f.verify("s1.bundle", &["--json"]);
+    run.ok();
+    let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(v["manifest"]["sequence"].as_u64(), Some(seqs[1]));
+    f.verify("s1.bundle", &["--last-sequence", &seqs[0].to_string()])
+        .ok();
+    f.verify("s1.bundle", &["--last-sequence", &seqs[1].to_string()])
+        .fails(
+            exit::REPLAYED as i32,
+            "is not greater than the last accepted",
+        );
+
+    // An explicit sequence wins, and is bounded to what JSON reads exactly.
+    assert_eq!(
+        sequence_of(&bundle_in(&f, &state, "x.bundle", &["--sequence", "7"])),
+        7
+    );
+    let run = bundle_in(&f, &state, "y.bundle", &["--sequence", "9007199254740992"]);
+    assert_eq!(run.code, exit::USAGE as i32, "{}", run.stderr);
+    let next = sequence_of(&bundle_in(&f, &state, "z.bundle", &[]));
+    assert!(next > *seqs.last().unwrap(), "{next} after {seqs:?}");
+}

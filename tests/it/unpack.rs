@@ -559,3 +559,117 @@ fn tampered_hostile_and_unauthorised_bundles_write_nothing() {
     assert!(!Path::new("/tmp/beamup-unpack-escaped").exists());
     assert!(!p.join("x").exists());
 }
+
+/// A release tarball in `mix release`'s layout, written to `dir/name`: one
+/// `bin/meter` for every version (no `bin/meter-VSN`), `releases/COOKIE`,
+/// `releases/start_erl.data`, no `releases/RELEASES`.
+fn mix_tarball(dir: &Path, name: &str, vsn: &str) -> PathBuf {
+    let path = dir.join(name);
+    let gz = flate2::write::GzEncoder::new(
+        fs::File::create(&path).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(gz);
+    let rel = format!(
+        "{{release,{{\"meter\",\"{vsn}\"}},{{erts,\"13.1.5\"}},[{{kernel,\"8.5.3\"}},{{stdlib,\"4.2\"}},{{elixir,\"1.14.0\"}},{{meter,\"{vsn}\"}}]}}.\n"
+    );
+    let start_erl = format!("13.1.5 {vsn}");
+    let files: Vec<(String, &[u8], u32)> = vec![
+        ("bin/meter".into(), b"#!/bin/sh\n", 0o755),
+        (format!("releases/{vsn}/meter.rel"), rel.as_bytes(), 0o644),
+        (format!("releases/{vsn}/start.boot"), b"boot", 0o644),
+        (format!("releases/{vsn}/env.sh"), b"#!/bin/sh\n", 0o755),
+        ("releases/COOKIE".into(), b"cookie", 0o644),
+        (
+            "releases/start_erl.data".into(),
+            start_erl.as_bytes(),
+            0o644,
+        ),
+        ("lib/kernel-8.5.3/ebin/kernel.app".into(), b"k", 0o644),
+        ("lib/stdlib-4.2/ebin/stdlib.app".into(), b"s", 0o644),
+        ("lib/elixir-1.14.0/ebin/elixir.app".into(), b"e", 0o644),
+        (format!("lib/meter-{vsn}/ebin/meter.app"), b"m", 0o644),
+    ];
+    for (p, data, mode) in files {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(mode);
+        tar.append_data(&mut h, p, data).unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap();
+    path
+}
+
+/// A mix release has no `bin/REL-VSN`: `unpack` must not claim to have
+/// created one, when provisioning or when staging beside an installed
+/// version, in its human output or its JSON.
+#[test]
+fn unpack_of_a_mix_release_reports_only_what_it_created() {
+    let s = Signer::new();
+    let p = s.path();
+    for vsn in ["0.1.0", "0.2.0"] {
+        mix_tarball(p, &format!("meter-{vsn}.tar.gz"), vsn);
+        beamup(
+            p,
+            &[
+                "bundle",
+                "--release",
+                &format!("meter-{vsn}.tar.gz"),
+                "--key",
+                "keys/k.key",
+                "--out",
+                &format!("meter-{vsn}.bundle"),
+            ],
+        )
+        .ok();
+    }
+    let dir = p.join("meter");
+    let (run, doc) = s.unpack(&p.join("meter-0.1.0.bundle"), &dir, &[]);
+    run.ok();
+    assert_eq!(doc["mode"], "provision", "{doc:#}");
+    let created = strings(&doc["created"]);
+    assert_eq!(
+        created,
+        [
+            "bin/meter",
+            "lib/elixir-1.14.0",
+            "lib/kernel-8.5.3",
+            "lib/meter-0.1.0",
+            "lib/stdlib-4.2",
+            "releases/0.1.0",
+            "releases/COOKIE",
+            "releases/start_erl.data",
+        ]
+    );
+    for c in &created {
+        assert!(dir.join(c).symlink_metadata().is_ok(), "{c} does not exist");
+    }
+
+    // Staging 0.2.0 beside it, with the human output this time.
+    let bundle = p.join("meter-0.2.0.bundle");
+    let run = beamup(
+        p,
+        &[
+            "unpack",
+            bundle.to_str().unwrap(),
+            "--root",
+            "root.json",
+            "--out",
+            "meter",
+        ],
+    );
+    run.ok();
+    let created: Vec<&str> = run
+        .stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("created     "))
+        .collect();
+    assert_eq!(
+        created,
+        ["lib/meter-0.2.0/", "releases/0.2.0/"],
+        "{}",
+        run.stdout
+    );
+    assert!(!dir.join("bin/meter-0.2.0").exists());
+    assert!(!run.stdout.contains("bin/meter-"), "{}", run.stdout);
+}
