@@ -9,4 +9,5 @@ mod mqtt;
 mod otp_release;
 mod signing;
 mod support;
+mod systemd;
 mod unpack;
