@@ -83,6 +83,9 @@ impl AtomicFile {
 
     pub fn commit(mut self) -> Result<()> {
         let file = self.file.take().expect("file present until commit");
+        if self.overwrite {
+            keep_owner(&file, &self.tmp, &self.dest)?;
+        }
         file.sync_all().ctx(&self.tmp, "fsync")?;
         drop(file);
         if !self.overwrite {
@@ -119,6 +122,26 @@ impl Drop for AtomicFile {
         if self.file.is_some() {
             let _ = fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// A file that replaces another keeps the replaced file's owner and group:
+/// beamup running as root must not take `bin/REL` or `start_erl.data` away
+/// from the release's user, whose node rewrites them (`make_permanent`).
+/// Without the privilege to give a file away (not root, or no `CAP_CHOWN`)
+/// the new file stays the writer's, as any file it creates.
+fn keep_owner(file: &File, tmp: &Path, dest: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(old) = fs::symlink_metadata(dest) else {
+        return Ok(());
+    };
+    let new = file.metadata().ctx(tmp, "stat")?;
+    if (old.uid(), old.gid()) == (new.uid(), new.gid()) {
+        return Ok(());
+    }
+    match std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid())) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+        r => r.ctx(tmp, "chown to the replaced file's owner"),
     }
 }
 
@@ -161,4 +184,28 @@ pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
         });
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn a_replaced_file_keeps_its_owner_when_the_writer_may_give_it_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("start_erl.data");
+        fs::write(&path, "13.1.5 1.0.0\n").unwrap();
+        let nobody = 65534;
+        let privileged = std::os::unix::fs::chown(&path, Some(nobody), Some(nobody)).is_ok();
+        write_atomic(&path, 0o644, true, b"13.1.5 1.1.0\n").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"13.1.5 1.1.0\n");
+        let meta = fs::metadata(&path).unwrap();
+        if privileged {
+            assert_eq!((meta.uid(), meta.gid()), (nobody, nobody));
+        } else {
+            // Unprivileged: the writer's own file, and no error.
+            assert_eq!(meta.uid(), nix::unistd::geteuid().as_raw());
+        }
+    }
 }

@@ -27,6 +27,7 @@ use crate::error::{Error, IoContext, Result};
 use crate::eterm::{self, Term};
 use crate::fsutil::{self, AtomicFile};
 use crate::release::{Rel, parse_rel};
+use crate::releases_file;
 
 /// `.rel` and `.appup` files are small; anything larger is not one.
 const TERM_FILE_LIMIT: u64 = 1024 * 1024;
@@ -550,18 +551,7 @@ fn tarball_members(dir: &Path, to: &Rel, layout: Layout) -> Result<Vec<Member>> 
 
 /// A `releases/RELEASES` naming `to` alone as permanent, as relx writes it.
 pub fn releases_file(to: &Rel) -> String {
-    let libs: Vec<String> = to
-        .apps
-        .iter()
-        .map(|(a, v)| format!("{{{a},{v:?},{:?}}}", format!("./lib/{a}-{v}")))
-        .collect();
-    format!(
-        "%% coding: utf-8\n[{{release,{:?},{:?},{:?},[{}],permanent}}].\n",
-        to.name,
-        to.version,
-        to.erts,
-        libs.join(",")
-    )
+    releases_file::format_releases(&[releases_file::entry_of(to, "permanent")])
 }
 
 fn write_tarball(dir: &Path, to: &Rel, layout: Layout, out: &Path, overwrite: bool) -> Result<()> {

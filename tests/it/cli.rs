@@ -86,13 +86,16 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_beamup")
 }
 
-/// Runs `beamup ARGS` in `dir`.
+/// Runs `beamup ARGS` in `dir`. Per-user state (the last bundle sequence
+/// number) is kept in `dir/.state`, not in the home directory of whoever
+/// runs the tests.
 pub fn beamup(dir: &Path, args: &[&str]) -> Run {
     finish(
         Command::new(bin())
             .args(args)
             .current_dir(dir)
             .env_remove("RUST_LOG")
+            .env("XDG_STATE_HOME", dir.join(".state"))
             .output()
             .expect("run beamup"),
     )
@@ -103,7 +106,9 @@ pub fn beamup(dir: &Path, args: &[&str]) -> Run {
 /// a large machine.
 pub fn beamup_with_memory_cap(dir: &Path, cap_bytes: u64, args: &[&str]) -> Run {
     let mut cmd = Command::new(bin());
-    cmd.args(args).current_dir(dir);
+    cmd.args(args)
+        .current_dir(dir)
+        .env("XDG_STATE_HOME", dir.join(".state"));
     unsafe {
         cmd.pre_exec(move || {
             nix::sys::resource::setrlimit(

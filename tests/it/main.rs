@@ -12,4 +12,5 @@ mod relup;
 mod shapes;
 mod signing;
 mod support;
+mod systemd;
 mod unpack;

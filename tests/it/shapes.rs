@@ -171,11 +171,12 @@ fn tampered_and_hostile_bundles_change_nothing(flavor: Flavor) {
     let mut d = Device::new_flavor(flavor);
     let before = boot_files(&d);
     let good = fs::read(d.bundle("1.1.0")).unwrap();
-    // Tampered near the end of the tarball: found while unpacking, after
-    // the journal started and files were created.
+    // Tampered inside the new application's part of the tarball: found
+    // while unpacking, after the journal started and files were created.
+    let rel = d.node.release_name().to_string();
     let mut bytes = good.clone();
-    let n = bytes.len();
-    bytes[n - 5000] ^= 1;
+    let at = offset_in_unit(&good, &format!("lib/{rel}-1.1.0"));
+    bytes[at] ^= 1;
     let tampered = d.path().join("tampered.bundle");
     fs::write(&tampered, &bytes).unwrap();
     d.install(&tampered, &[])
@@ -184,7 +185,6 @@ fn tampered_and_hostile_bundles_change_nothing(flavor: Flavor) {
 
     // The real 1.1.0 tarball with a symlink out of the release at its end:
     // refused half-way through the unpack.
-    let rel = d.node.release_name().to_string();
     let hostile = with_entry_appended(
         releases_for(flavor).tarball("1.1.0"),
         &format!("lib/{rel}-1.1.0/priv/etc"),
@@ -210,6 +210,37 @@ fn tampered_and_hostile_bundles_change_nothing(flavor: Flavor) {
     // And the good bundle still installs.
     d.install(&d.bundle("1.1.0"), &[]).ok();
     d.assert_boots_permanent();
+}
+
+/// The offset in a bundle file of a byte in the middle of the tarball part
+/// of `unit` (bundle layout: a tar of `manifest.json`, then
+/// `release.tar.gz`).
+fn offset_in_unit(bundle: &[u8], unit: &str) -> usize {
+    let mut members = tar::Archive::new(bundle);
+    let mut manifest = None;
+    let mut tarball_at = None;
+    for e in members.entries().unwrap() {
+        let mut e = e.unwrap();
+        match e.path().unwrap().to_str().unwrap() {
+            "manifest.json" => {
+                let mut text = String::new();
+                e.read_to_string(&mut text).unwrap();
+                manifest = Some(serde_json::from_str::<Value>(&text).unwrap());
+            }
+            "release.tar.gz" => tarball_at = Some(e.raw_file_position() as usize),
+            _ => {}
+        }
+    }
+    let manifest = manifest.expect("manifest.json");
+    let part = manifest["signed"]["tarball"]["parts"]
+        .as_array()
+        .expect("an indexed bundle")
+        .iter()
+        .find(|p| p["unit"] == unit)
+        .unwrap_or_else(|| panic!("no part {unit}"))
+        .clone();
+    tarball_at.expect("release.tar.gz")
+        + (part["offset"].as_u64().unwrap() + part["size"].as_u64().unwrap() / 2) as usize
 }
 
 /// The gzip tar at `path` with one more entry, a symlink, before its end.
@@ -285,7 +316,10 @@ fn signed_raw_bundle(d: &Device, tarball: &Path) -> PathBuf {
     let mut out = crate::cli::tar_header("manifest.json", env.len() as u64).to_vec();
     out.extend_from_slice(&env);
     out.resize(out.len().div_ceil(512) * 512, 0);
-    out.extend_from_slice(&crate::cli::tar_header("release.tar.gz", bytes.len() as u64));
+    out.extend_from_slice(&crate::cli::tar_header(
+        "release.tar.gz",
+        bytes.len() as u64,
+    ));
     out.extend_from_slice(&bytes);
     out.resize(out.len().div_ceil(512) * 512, 0);
     out.extend_from_slice(&[0; 1024]);
@@ -305,7 +339,12 @@ fn killed_at(flavor: Flavor, vsn: &str, point: &str, expect: &str) {
     let rec = beamup(d.path(), &["recover", "--config", "agent.toml", "--json"]);
     let o: Value = serde_json::from_str(&rec.stdout).unwrap_or(Value::Null);
     if expect == "1.0.0" {
-        assert_eq!(rec.code, exit::ROLLED_BACK as i32, "{point}: {}", rec.stderr);
+        assert_eq!(
+            rec.code,
+            exit::ROLLED_BACK as i32,
+            "{point}: {}",
+            rec.stderr
+        );
         assert_eq!(o["interrupted"], true, "{point}: {o:#}");
         d.assert_settled_on("1.0.0", &[vsn]);
         assert_eq!(boot_files(&d), before, "{point}: the base changed");

@@ -306,8 +306,17 @@ pub fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, [u8; 32]>) {
         if meta.is_dir() {
             out.insert(rel, [0; 32]);
             walk(root, &p, out);
-        } else {
+        } else if meta.file_type().is_symlink() {
+            let target = fs::read_link(&p).unwrap();
+            out.insert(
+                rel,
+                Sha256::digest(target.as_os_str().as_encoded_bytes()).into(),
+            );
+        } else if meta.is_file() {
             out.insert(rel, Sha256::digest(fs::read(&p).unwrap_or_default()).into());
+        } else {
+            // A FIFO or socket of a running node (run_erl's pipes): never read.
+            out.insert(rel, [1; 32]);
         }
     }
 }

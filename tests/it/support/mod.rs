@@ -3,4 +3,5 @@
 
 pub mod device;
 pub mod mqtt;
+pub mod nspawn;
 pub mod otp;

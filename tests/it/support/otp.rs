@@ -409,9 +409,8 @@ impl TestNode {
             .expect("opening daemon.out");
         let mut cmd = Command::new(self.root.join(format!("bin/{}", self.release_name())));
         cmd.arg("daemon")
-            .envs(self.env())
             // Keep relx/mix/erl knobs of the caller's environment out of the
-            // node: what boots is decided by files on disk.
+            // node (what boots is decided by files on disk); then ours.
             .env_remove("RELEASE_VSN")
             .env_remove("RELEASE_COOKIE")
             .env_remove("RELEASE_TMP")
@@ -421,6 +420,7 @@ impl TestNode {
             .env_remove("ERL_FLAGS")
             .env_remove("ERL_AFLAGS")
             .env_remove("ERL_ZFLAGS")
+            .envs(self.env())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup daemon.out"))
             .stderr(log)
