@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::bundle::Bundle;
+use crate::releases_file::{self, OnDisk};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
 use crate::policy::{self, DeviceFacts, Identity};
@@ -228,6 +229,9 @@ fn place(
         }
     };
     let unpacked = staging::unpack(dir, plan, m, bundle)?;
+    if mode == Mode::Provision {
+        write_missing_releases_file(dir, m, plan)?;
+    }
     // "Unpacked" must mean on disk: the next step may be a power cut.
     crate::install::sync_new(dir, &plan.creates)?;
     // And the directories that gained `bin/`, `lib/`, `releases/` or `dir`
@@ -240,6 +244,25 @@ fn place(
         crate::fsutil::sync_dir(parent)?;
     }
     Ok(unpacked)
+}
+
+/// `mix release` and relx without ERTS ship no `releases/RELEASES`;
+/// without one, release_handler on the provisioned device would describe
+/// the booted release with no libraries (see `releases_file`). Written
+/// from the `.rel` of the version that boots, as
+/// `release_handler:create_RELEASES` would, and listed as created.
+fn write_missing_releases_file(dir: &Path, m: &Manifest, plan: &mut Plan) -> Result<()> {
+    let path = Path::new("releases").join("RELEASES");
+    if dir.join(&path).symlink_metadata().is_ok() {
+        return Ok(());
+    }
+    let disk = OnDisk::read(dir, &m.release.name)?;
+    let boots = disk.boots().unwrap_or(&m.release.version).to_string();
+    if let Some(entries) = releases_file::repaired(&disk, &boots) {
+        plan.creates.push(path);
+        releases_file::write_releases(dir, &entries)?;
+    }
+    Ok(())
 }
 
 /// The units the manifest names (libraries and ERTS).

@@ -18,7 +18,7 @@ use crate::install::{
     signed_indexed_bundle_of,
 };
 use crate::support::device::{Device, keys_and_root};
-use crate::support::otp::{TestNode, releases};
+use crate::support::otp::{Flavor, TestNode, releases, releases_for};
 
 /// A signer's directory: one key (`keys/k.key`), a trust root (`root.json`)
 /// and bundles of the built thermo releases.
@@ -638,8 +638,15 @@ fn unpack_of_a_mix_release_reports_only_what_it_created() {
             "lib/stdlib-4.2",
             "releases/0.1.0",
             "releases/COOKIE",
+            "releases/RELEASES",
             "releases/start_erl.data",
         ]
+    );
+    // mix ships no RELEASES: the one written names the release's libraries.
+    let releases = fs::read_to_string(dir.join("releases/RELEASES")).unwrap();
+    assert!(
+        releases.contains(r#"{release,"meter","0.1.0","#) && releases.contains("./lib/kernel-8.5.3"),
+        "{releases}"
     );
     for c in &created {
         assert!(dir.join(c).symlink_metadata().is_ok(), "{c} does not exist");
@@ -672,4 +679,50 @@ fn unpack_of_a_mix_release_reports_only_what_it_created() {
     );
     assert!(!dir.join("bin/meter-0.2.0").exists());
     assert!(!run.stdout.contains("bin/meter-"), "{}", run.stdout);
+}
+
+/// A root provisioned from a real `mix release` bundle boots, and the
+/// RELEASES written for it (mix ships none) is what release_handler reads:
+/// the node lists its release with its libraries, not the empty entry it
+/// makes up without one.
+#[test]
+fn a_provisioned_mix_root_boots_with_a_releases_file_release_handler_reads() {
+    let s = Signer::new();
+    let tarball = releases_for(Flavor::Mix).tarball("1.0.0");
+    let bundle = s.path().join("thermex-1.0.0.bundle");
+    beamup(
+        s.path(),
+        &[
+            "bundle",
+            "--release",
+            tarball.to_str().unwrap(),
+            "--key",
+            "keys/k.key",
+            "--out",
+            bundle.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    let mut report = Value::Null;
+    let node = TestNode::start_flavor_with(Flavor::Mix, |root| {
+        let (run, doc) = s.unpack(&bundle, root, &[]);
+        run.ok();
+        report = doc;
+    });
+    assert_eq!(node.health().unwrap().1["version"], "1.0.0");
+    assert!(
+        strings(&report["created"]).contains(&"releases/RELEASES".to_string()),
+        "{report:#}"
+    );
+    let rpc = std::process::Command::new(node.root().join("bin/thermex"))
+        .args(["rpc", ":release_handler.which_releases() |> IO.inspect()"])
+        .envs(node.env())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&rpc.stdout);
+    assert!(
+        out.contains("~c\"kernel-8.5.3\"") || out.contains("'kernel-8.5.3'"),
+        "which_releases: {out}\n{}",
+        String::from_utf8_lossy(&rpc.stderr)
+    );
 }
