@@ -69,7 +69,11 @@ const NODE_POLL: Duration = Duration::from_secs(60);
 /// The agent's own memory of offers, beside the engine's state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct AgentFile {
-    /// SHA-256 of offer envelopes already decided, newest last.
+    /// SHA-256 of signed offer envelopes already decided, newest last. Only
+    /// offers that verified against the trust root come here (input that
+    /// did not is only counted), so junk cannot push one out; and what was
+    /// decided about a *release* is in the engine's state
+    /// (`DeviceState::settled`), which this list only short-cuts.
     #[serde(default)]
     decided: Vec<String>,
 }
@@ -134,6 +138,9 @@ struct Agent {
     /// A download that finished and waits for the engine.
     ready: Option<Ready>,
     pending_offer: Option<Vec<u8>>,
+    /// The topic of the offer being looked at, for reports of discarded
+    /// ones.
+    offer_topic: String,
     last_event_id: u64,
     shutting_down: bool,
     /// The broker refused our credentials: the agent stops (exit code 31)
@@ -248,6 +255,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             permanent: None,
             phase: PhaseReport::idle(),
             last_outcome: engine.state().last_outcome().map(report),
+            discarded: None,
             updated_at: now_text(),
         },
         status_dirty: true,
@@ -256,6 +264,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         active: None,
         ready: None,
         pending_offer: None,
+        offer_topic: topics.device_offer(&mq.device_id),
         last_event_id: 0,
         shutting_down: false,
         refused: None,
@@ -544,20 +553,43 @@ impl Agent {
     }
 
     /// A rejection decided by the agent (before or instead of an install).
+    /// Without a verified manifest (`m` is `None`) there is no release to
+    /// report on: the input is counted as discarded, and the last outcome
+    /// stays what it was.
     fn rejected(
         &mut self,
         engine: Option<&mut Engine<'static>>,
         m: Option<&Manifest>,
         e: &Error,
     ) -> Result<()> {
-        tracing::warn!("offer rejected: {e}");
         if let Some(engine) = engine
             && let Err(err) = engine.record_rejection(m, e)
         {
             tracing::warn!("recording the rejection: {err}");
         }
+        if m.is_none() {
+            let topic = self.offer_topic.clone();
+            self.discarded(&topic, &format!("offer refused: {e}"));
+            return Ok(());
+        }
+        tracing::warn!("offer rejected: {e}");
         let o = Outcome::rejected(m, &self.cfg.release.name, e.to_string());
         self.outcome_event(&o, m)
+    }
+
+    /// Counts a message dropped before anything in it was believed, in the
+    /// retained state (its `discarded` field, not `last_outcome`). No event
+    /// per message: a flood of junk must not fill the outbox.
+    fn discarded(&mut self, topic: &str, reason: &str) {
+        tracing::warn!("message on {topic} discarded: {reason}");
+        let count = self.status.discarded.as_ref().map_or(0, |d| d.count) + 1;
+        self.status.discarded = Some(protocol::DiscardedReport {
+            count,
+            topic: topic.to_string(),
+            reason: reason.to_string(),
+            at: now_text(),
+        });
+        self.status_dirty = true;
     }
 
     /// Verifies an offer before fetching anything, then starts (or resumes)
@@ -599,8 +631,9 @@ impl Agent {
         let (m, _) = match bundle::verify_envelope(envelope, &root, "offered manifest") {
             Ok(v) => v,
             Err(e) => {
-                self.rejected(Some(engine), None, &e)?;
-                return self.decide(&digest);
+                // Not remembered by digest: only signed offers are, so that
+                // junk cannot push them out.
+                return self.rejected(Some(engine), None, &e);
             }
         };
         if let Some(o) = engine.state().settled(&m.release.version, m.sequence)
@@ -958,9 +991,11 @@ impl Agent {
             mqtt::Event::Message { topic, payload, .. } => match self.topics.parse(&topic) {
                 Some(Topic::Data(id)) if id == self.mq.device_id => self.on_data(&payload)?,
                 Some(Topic::DeviceOffer(id)) if id == self.mq.device_id => {
+                    self.offer_topic = topic;
                     self.offer_received(payload.to_vec(), engine).await?
                 }
                 Some(Topic::GroupOffer(g)) if self.mq.groups.contains(&g) => {
+                    self.offer_topic = topic;
                     self.offer_received(payload.to_vec(), engine).await?
                 }
                 Some(Topic::Command(id)) if id == self.mq.device_id => {
@@ -999,12 +1034,15 @@ impl Agent {
         let cmd: protocol::Command = match serde_json::from_slice(payload) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("command ignored: {e}");
+                let topic = self.topics.command(&self.mq.device_id);
+                self.discarded(&topic, &format!("not a command: {e}"));
                 return Ok(());
             }
         };
         if cmd.v != protocol::VERSION || cmd.cmd != "retry" {
-            tracing::warn!("command {:?} (v{}) not understood; ignored", cmd.cmd, cmd.v);
+            let topic = self.topics.command(&self.mq.device_id);
+            let why = format!("command {:?} (v{}) not understood", cmd.cmd, cmd.v);
+            self.discarded(&topic, &why);
             return Ok(());
         }
         let Some(engine) = engine else {

@@ -966,3 +966,109 @@ fn username_and_password_login() {
     assert!(!log.contains("gw1-Secret-7f3a"), "{log}");
     assert!(!broker.log().contains("gw1-Secret-7f3a"));
 }
+
+/// The signed envelope of a bundle (its `manifest.json`), byte for byte.
+fn envelope_of(bundle: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut a = tar::Archive::new(fs::File::open(bundle).unwrap());
+    let mut first = a.entries().unwrap().next().unwrap().unwrap();
+    assert_eq!(first.path().unwrap().to_str(), Some("manifest.json"));
+    let mut out = Vec::new();
+    first.read_to_end(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn junk_on_the_device_topics_makes_it_forget_neither_a_rollback_nor_its_last_outcome() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"6s\"\nsoak = \"1s\"", "");
+    s.d.node.incr().unwrap();
+    let bundle = s.bundle("1.2.0", &[]);
+    s.serve(&[]);
+    s.start_agent();
+    s.offer(&bundle);
+    s.wait_phase("rolled_back", "1.2.0");
+    let history_before = s.state_file()["history"].clone();
+
+    // Far more junk than any list of decided offers or outcomes holds, on
+    // every topic the device listens to, each message different.
+    let publisher = Sub::new(&s.broker, &[]);
+    for i in 0..150 {
+        let junk = format!("{{\"signed\": {{\"junk\": {i}}}, \"signatures\": []}}");
+        publisher.publish("beamup/acme/device/gw-1/offer", junk.into_bytes(), false);
+        publisher.publish(
+            "beamup/acme/group/canary/offer",
+            format!("not json {i}").into_bytes(),
+            false,
+        );
+        publisher.publish(
+            "beamup/acme/device/gw-1/cmd",
+            format!("{{\"v\": {i}}}").into_bytes(),
+            false,
+        );
+    }
+    let st = s.watch.wait_for("450 discarded", OUTCOME, |m| {
+        m.topic == "beamup/acme/device/gw-1/state" && m.json()["discarded"]["count"] == 450
+    });
+    let st = st.json();
+    assert_eq!(st["last_outcome"]["outcome"], "rolled_back", "{st:#}");
+    assert_eq!(st["last_outcome"]["version"], "1.2.0", "{st:#}");
+
+    // The same signed offer again, byte for byte and re-encoded (another
+    // digest, the same signed manifest): neither is fetched again.
+    let envelope = envelope_of(&bundle);
+    let text = String::from_utf8(envelope.clone()).unwrap();
+    // White space outside the signed value: the signatures still hold.
+    let reencoded = format!("{{ \n  {}\n", text.strip_prefix('{').unwrap());
+    assert_ne!(reencoded.as_bytes(), &envelope[..]);
+    publisher.publish("beamup/acme/device/gw-1/offer", envelope, true);
+    publisher.publish(
+        "beamup/acme/group/canary/offer",
+        reencoded.into_bytes(),
+        true,
+    );
+    let seen = |s: &Setup, needle: &str| s.agent().log().matches(needle).count();
+    let wait_seen = |s: &Setup, needle: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen(s, needle) < n {
+            assert!(Instant::now() < deadline, "{}", s.agent().log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_seen(&s, "was decided before; ignored", 1);
+    wait_seen(&s, "was already rolled back; ignored", 1);
+    // Restarted without its list of offer digests (a short cut only), the
+    // agent still knows from the engine's memory of decided releases: both
+    // retained replays come back and are refused.
+    s.agent.as_mut().unwrap().kill9();
+    fs::remove_file(s.d.path().join("state/agent/agent.json")).unwrap();
+    s.start_agent();
+    wait_seen(&s, "was already rolled back; ignored", 3);
+    std::thread::sleep(Duration::from_secs(2));
+    let downloads = s
+        .events()
+        .iter()
+        .filter(|e| e["phase"] == "downloading" && e["percent"] == 0)
+        .count();
+    assert_eq!(downloads, 1, "the rolled-back release was fetched again");
+    assert_eq!(
+        s.outcomes()
+            .iter()
+            .filter(|o| o["phase"] == "rolled_back")
+            .count(),
+        1
+    );
+    s.d.assert_settled_on("1.0.0", &["1.2.0"]);
+
+    // What operators see is the real last outcome; the junk is counted apart.
+    let state = s.state_file();
+    assert_eq!(state["history"], history_before, "{state:#}");
+    assert!(
+        state["discarded"]["count"].as_u64().unwrap() >= 300,
+        "{state:#}"
+    );
+    assert!(state["discarded"]["recent"].as_array().unwrap().len() <= 10);
+    assert_eq!(s.d.status()["last_outcome"]["outcome"], "rolled_back");
+    let run = s.beamup(&["fleet", "status"]);
+    run.ok();
+    assert!(run.stdout.contains("rolled_back 1.2.0"), "{}", run.stdout);
+}

@@ -283,6 +283,13 @@ impl Sub {
         }
     }
 
+    /// Publishes with QoS 1 (waits only for room in the request queue).
+    pub fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+            .unwrap();
+    }
+
     pub fn messages(&self) -> Vec<Msg> {
         self.msgs.lock().unwrap().clone()
     }
