@@ -65,6 +65,8 @@ const TRACKED_MAX: usize = 10;
 const DECIDED_MAX: usize = 100;
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(250);
 const NODE_POLL: Duration = Duration::from_secs(60);
+/// A connection that lasted this long resets the reconnect backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// The agent's own memory of offers, beside the engine's state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -125,6 +127,8 @@ struct Agent {
     conn: Conn,
     connected: bool,
     backoff: Backoff,
+    /// When the current connection was made.
+    connected_at: Option<Instant>,
     reconnect_at: Option<Instant>,
     max_packet: Option<u32>,
     outbox: Outbox,
@@ -232,7 +236,18 @@ pub async fn run(cfg: Config) -> Result<()> {
         keep_alive: Duration::from_secs(30),
         will: Some((topics.online(&mq.device_id), will)),
     };
-    let conn = Conn::new(&broker, &session)?;
+    // Through the guard, so that an oversize message is dropped instead of
+    // ending the connection on every delivery (mqtt::guard).
+    let socket = dir.join("mqtt.sock");
+    let conn = match Conn::guarded(&broker, &session, &socket) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                "{e}; connecting directly (a message above the packet limit will then end the connection)"
+            );
+            Conn::new(&broker, &session)?
+        }
+    };
     let mut agent = Agent {
         cfg,
         mq,
@@ -240,6 +255,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         conn,
         connected: false,
         backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
+        connected_at: None,
         reconnect_at: None,
         max_packet: None,
         outbox,
@@ -944,8 +960,8 @@ impl Agent {
                     if session_present { "resumed" } else { "new" }
                 );
                 self.connected = true;
+                self.connected_at = Some(Instant::now());
                 self.refused = None;
-                self.backoff.reset();
                 self.max_packet = max_packet;
                 if !session_present {
                     self.tracked.clear();
@@ -1003,6 +1019,14 @@ impl Agent {
                 }
                 _ => tracing::debug!("message on {topic} ignored"),
             },
+            mqtt::Event::Dropped { topic, size } => self.discarded(
+                &topic,
+                &format!(
+                    "a message of {} is larger than the {} this device accepts; dropped unread",
+                    size_text(size),
+                    size_text(u64::from(mqtt::MAX_INCOMING))
+                ),
+            ),
             mqtt::Event::Other => {}
         }
         Ok(())
@@ -1061,6 +1085,16 @@ impl Agent {
     }
 
     fn on_disconnect(&mut self, why: mqtt::ConnError) {
+        // The backoff starts over only after a connection that lasted: one
+        // the broker drops right after CONNACK again and again keeps
+        // growing the delay instead of looping at the shortest one.
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION)
+        {
+            self.backoff.reset();
+        }
         let delay = self.backoff.next_delay();
         if let mqtt::ConnError::Auth(_) = &why {
             tracing::warn!("the broker refused our credentials; stopping once no install runs");
