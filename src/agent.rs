@@ -11,9 +11,11 @@
 //! keeps going (and its outcome is queued) while the broker is away, and
 //! the connection keeps being served while an install soaks.
 //!
-//! Files, under `STATE_DIR/agent/`: `agent.json` (offers already decided),
-//! `last-offer.json` (for a retry command), `download/` (see `transfer`),
-//! `outbox/` (see `outbox`). The install engine's own `state.json` and
+//! Files, under `STATE_DIR/agent/`: `agent.json` (signed offers already
+//! decided, by digest: a short cut; what was decided about a release is
+//! in the engine's `state.json`), `last-offer.json` (for a retry command),
+//! `download/` (see `transfer`), `outbox/` (see `outbox`), `mqtt.sock`
+//! (the connection's guard, see `mqtt::guard`). The install engine's own `state.json` and
 //! lock stay where they are; the agent holds the lock while it runs.
 
 use std::collections::HashMap;

@@ -538,8 +538,25 @@ fn bad_offers_are_rejected_before_any_data_is_requested() {
     let wrong_target = s.bundle("1.1.0", &["--target", "device:gw-2"]);
     let downgrade = s.bundle("1.0.0", &[]);
     std::thread::sleep(Duration::from_millis(1100)); // let `expired` expire
+    // Forged: nothing in it can be believed, so it names no release; it is
+    // discarded (counted in the state), not an outcome.
+    s.offer(&forged);
+    let st = s
+        .watch
+        .wait_for("forged offer discarded", Duration::from_secs(30), |m| {
+            m.topic == "beamup/acme/device/gw-1/state" && m.json()["discarded"]["count"] == 1
+        });
+    let st = st.json();
+    assert!(
+        st["discarded"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not trust"),
+        "{st:#}"
+    );
+    assert!(st["last_outcome"].is_null(), "{st:#}");
+    assert!(s.outcomes().is_empty());
     let cases = [
-        (forged, "does not trust"),
         (expired, "expired at"),
         (wrong_target, "does not include this device (device:gw-1"),
         (downgrade, "not newer than the installed release 1.0.0"),
