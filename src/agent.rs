@@ -11,9 +11,11 @@
 //! keeps going (and its outcome is queued) while the broker is away, and
 //! the connection keeps being served while an install soaks.
 //!
-//! Files, under `STATE_DIR/agent/`: `agent.json` (offers already decided),
-//! `last-offer.json` (for a retry command), `download/` (see `transfer`),
-//! `outbox/` (see `outbox`). The install engine's own `state.json` and
+//! Files, under `STATE_DIR/agent/`: `agent.json` (signed offers already
+//! decided, by digest: a short cut; what was decided about a release is
+//! in the engine's `state.json`), `last-offer.json` (for a retry command),
+//! `download/` (see `transfer`), `outbox/` (see `outbox`), `mqtt.sock`
+//! (the connection's guard, see `mqtt::guard`). The install engine's own `state.json` and
 //! lock stay where they are; the agent holds the lock while it runs.
 
 use std::collections::HashMap;
@@ -65,11 +67,17 @@ const TRACKED_MAX: usize = 10;
 const DECIDED_MAX: usize = 100;
 const STATUS_MIN_INTERVAL: Duration = Duration::from_millis(250);
 const NODE_POLL: Duration = Duration::from_secs(60);
+/// A connection that lasted this long resets the reconnect backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 
 /// The agent's own memory of offers, beside the engine's state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 struct AgentFile {
-    /// SHA-256 of offer envelopes already decided, newest last.
+    /// SHA-256 of signed offer envelopes already decided, newest last. Only
+    /// offers that verified against the trust root come here (input that
+    /// did not is only counted), so junk cannot push one out; and what was
+    /// decided about a *release* is in the engine's state
+    /// (`DeviceState::settled`), which this list only short-cuts.
     #[serde(default)]
     decided: Vec<String>,
 }
@@ -121,6 +129,8 @@ struct Agent {
     conn: Conn,
     connected: bool,
     backoff: Backoff,
+    /// When the current connection was made.
+    connected_at: Option<Instant>,
     reconnect_at: Option<Instant>,
     max_packet: Option<u32>,
     outbox: Outbox,
@@ -134,6 +144,9 @@ struct Agent {
     /// A download that finished and waits for the engine.
     ready: Option<Ready>,
     pending_offer: Option<Vec<u8>>,
+    /// The topic of the offer being looked at, for reports of discarded
+    /// ones.
+    offer_topic: String,
     last_event_id: u64,
     shutting_down: bool,
     /// The broker refused our credentials: the agent stops (exit code 31)
@@ -225,7 +238,18 @@ pub async fn run(cfg: Config) -> Result<()> {
         keep_alive: Duration::from_secs(30),
         will: Some((topics.online(&mq.device_id), will)),
     };
-    let conn = Conn::new(&broker, &session)?;
+    // Through the guard, so that an oversize message is dropped instead of
+    // ending the connection on every delivery (mqtt::guard).
+    let socket = dir.join("mqtt.sock");
+    let conn = match Conn::guarded(&broker, &session, &socket) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                "{e}; connecting directly (a message above the packet limit will then end the connection)"
+            );
+            Conn::new(&broker, &session)?
+        }
+    };
     let mut agent = Agent {
         cfg,
         mq,
@@ -233,6 +257,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         conn,
         connected: false,
         backoff: Backoff::new(Duration::from_millis(250), Duration::from_secs(5)),
+        connected_at: None,
         reconnect_at: None,
         max_packet: None,
         outbox,
@@ -248,6 +273,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             permanent: None,
             phase: PhaseReport::idle(),
             last_outcome: engine.state().last_outcome().map(report),
+            discarded: None,
             updated_at: now_text(),
         },
         status_dirty: true,
@@ -256,6 +282,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         active: None,
         ready: None,
         pending_offer: None,
+        offer_topic: topics.device_offer(&mq.device_id),
         last_event_id: 0,
         shutting_down: false,
         refused: None,
@@ -544,20 +571,43 @@ impl Agent {
     }
 
     /// A rejection decided by the agent (before or instead of an install).
+    /// Without a verified manifest (`m` is `None`) there is no release to
+    /// report on: the input is counted as discarded, and the last outcome
+    /// stays what it was.
     fn rejected(
         &mut self,
         engine: Option<&mut Engine<'static>>,
         m: Option<&Manifest>,
         e: &Error,
     ) -> Result<()> {
-        tracing::warn!("offer rejected: {e}");
         if let Some(engine) = engine
             && let Err(err) = engine.record_rejection(m, e)
         {
             tracing::warn!("recording the rejection: {err}");
         }
+        if m.is_none() {
+            let topic = self.offer_topic.clone();
+            self.discarded(&topic, &format!("offer refused: {e}"));
+            return Ok(());
+        }
+        tracing::warn!("offer rejected: {e}");
         let o = Outcome::rejected(m, &self.cfg.release.name, e.to_string());
         self.outcome_event(&o, m)
+    }
+
+    /// Counts a message dropped before anything in it was believed, in the
+    /// retained state (its `discarded` field, not `last_outcome`). No event
+    /// per message: a flood of junk must not fill the outbox.
+    fn discarded(&mut self, topic: &str, reason: &str) {
+        tracing::warn!("message on {topic} discarded: {reason}");
+        let count = self.status.discarded.as_ref().map_or(0, |d| d.count) + 1;
+        self.status.discarded = Some(protocol::DiscardedReport {
+            count,
+            topic: topic.to_string(),
+            reason: reason.to_string(),
+            at: now_text(),
+        });
+        self.status_dirty = true;
     }
 
     /// Verifies an offer before fetching anything, then starts (or resumes)
@@ -599,8 +649,9 @@ impl Agent {
         let (m, _) = match bundle::verify_envelope(envelope, &root, "offered manifest") {
             Ok(v) => v,
             Err(e) => {
-                self.rejected(Some(engine), None, &e)?;
-                return self.decide(&digest);
+                // Not remembered by digest: only signed offers are, so that
+                // junk cannot push them out.
+                return self.rejected(Some(engine), None, &e);
             }
         };
         if let Some(o) = engine.state().settled(&m.release.version, m.sequence)
@@ -911,8 +962,8 @@ impl Agent {
                     if session_present { "resumed" } else { "new" }
                 );
                 self.connected = true;
+                self.connected_at = Some(Instant::now());
                 self.refused = None;
-                self.backoff.reset();
                 self.max_packet = max_packet;
                 if !session_present {
                     self.tracked.clear();
@@ -958,9 +1009,11 @@ impl Agent {
             mqtt::Event::Message { topic, payload, .. } => match self.topics.parse(&topic) {
                 Some(Topic::Data(id)) if id == self.mq.device_id => self.on_data(&payload)?,
                 Some(Topic::DeviceOffer(id)) if id == self.mq.device_id => {
+                    self.offer_topic = topic;
                     self.offer_received(payload.to_vec(), engine).await?
                 }
                 Some(Topic::GroupOffer(g)) if self.mq.groups.contains(&g) => {
+                    self.offer_topic = topic;
                     self.offer_received(payload.to_vec(), engine).await?
                 }
                 Some(Topic::Command(id)) if id == self.mq.device_id => {
@@ -968,6 +1021,14 @@ impl Agent {
                 }
                 _ => tracing::debug!("message on {topic} ignored"),
             },
+            mqtt::Event::Dropped { topic, size } => self.discarded(
+                &topic,
+                &format!(
+                    "a message of {} is larger than the {} this device accepts; dropped unread",
+                    size_text(size),
+                    size_text(u64::from(mqtt::MAX_INCOMING))
+                ),
+            ),
             mqtt::Event::Other => {}
         }
         Ok(())
@@ -999,12 +1060,15 @@ impl Agent {
         let cmd: protocol::Command = match serde_json::from_slice(payload) {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!("command ignored: {e}");
+                let topic = self.topics.command(&self.mq.device_id);
+                self.discarded(&topic, &format!("not a command: {e}"));
                 return Ok(());
             }
         };
         if cmd.v != protocol::VERSION || cmd.cmd != "retry" {
-            tracing::warn!("command {:?} (v{}) not understood; ignored", cmd.cmd, cmd.v);
+            let topic = self.topics.command(&self.mq.device_id);
+            let why = format!("command {:?} (v{}) not understood", cmd.cmd, cmd.v);
+            self.discarded(&topic, &why);
             return Ok(());
         }
         let Some(engine) = engine else {
@@ -1023,6 +1087,16 @@ impl Agent {
     }
 
     fn on_disconnect(&mut self, why: mqtt::ConnError) {
+        // The backoff starts over only after a connection that lasted: one
+        // the broker drops right after CONNACK again and again keeps
+        // growing the delay instead of looping at the shortest one.
+        if self
+            .connected_at
+            .take()
+            .is_some_and(|t| t.elapsed() >= STABLE_CONNECTION)
+        {
+            self.backoff.reset();
+        }
         let delay = self.backoff.next_delay();
         if let mqtt::ConnError::Auth(_) = &why {
             tracing::warn!("the broker refused our credentials; stopping once no install runs");

@@ -137,7 +137,9 @@ pub async fn status(
     Ok(rows.into_values().collect())
 }
 
-/// The table `beamup fleet status` prints.
+/// The table `beamup fleet status` prints. `DISCARDED` counts the junk a
+/// device dropped (its `discarded` report), which never takes the place of
+/// the last real outcome.
 pub fn table(rows: &[DeviceRow]) -> String {
     let mut lines = vec![[
         "DEVICE".to_string(),
@@ -145,6 +147,7 @@ pub fn table(rows: &[DeviceRow]) -> String {
         "RUNNING".into(),
         "PERMANENT".into(),
         "PHASE".into(),
+        "DISCARDED".into(),
         "LAST OUTCOME".into(),
     ]];
     for r in rows {
@@ -178,10 +181,12 @@ pub fn table(rows: &[DeviceRow]) -> String {
             s.and_then(|s| s.running.clone()).unwrap_or("-".into()),
             s.and_then(|s| s.permanent.clone()).unwrap_or("-".into()),
             phase,
+            s.and_then(|s| s.discarded.as_ref())
+                .map_or("0".to_string(), |d| d.count.to_string()),
             last,
         ]);
     }
-    let widths: Vec<usize> = (0..5)
+    let widths: Vec<usize> = (0..6)
         .map(|i| lines.iter().map(|l| l[i].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -189,7 +194,7 @@ pub fn table(rows: &[DeviceRow]) -> String {
         for (i, w) in widths.iter().enumerate() {
             out.push_str(&format!("{:<w$}  ", l[i]));
         }
-        out.push_str(&l[5]);
+        out.push_str(&l[6]);
         out.push('\n');
     }
     out

@@ -352,8 +352,26 @@ pub struct DeviceStatus {
     /// The release the node boots (release_handler's permanent one).
     pub permanent: Option<String>,
     pub phase: PhaseReport,
+    /// The last outcome about a release: never replaced by input that was
+    /// discarded (see `discarded`).
     pub last_outcome: Option<OutcomeReport>,
+    /// Messages on the device's topics that it dropped before believing
+    /// anything in them (unsigned or malformed offers, unreadable commands,
+    /// messages above its packet limit), counted since the agent started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<DiscardedReport>,
     pub updated_at: String,
+}
+
+/// Input a device dropped: how many, and the latest.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscardedReport {
+    pub count: u64,
+    /// The topic of the latest one.
+    pub topic: String,
+    /// Why the latest one was dropped.
+    pub reason: String,
+    pub at: String,
 }
 
 /// Retained on `.../online`; the last will publishes `online: false`.

@@ -28,6 +28,14 @@ const LOCK_FILE: &str = "lock";
 const STATE_LIMIT: u64 = 16 * 1024 * 1024;
 /// How many past outcomes to keep for `beamup status`.
 const HISTORY: usize = 20;
+/// Distinct kinds of discarded input remembered (repeats are counted, not
+/// stored again).
+const DISCARDED: usize = 10;
+/// Releases remembered as decided. Only an install adds one (a signed,
+/// applicable offer that ran to an outcome), so nothing a device merely
+/// receives can push one out; past this many, the oldest whose sequence the
+/// anti-rollback check refuses anyway go first.
+const DECIDED: usize = 500;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DeviceState {
@@ -35,13 +43,110 @@ pub struct DeviceState {
     pub last_sequence: Option<u64>,
     /// The install in progress, if any: the journal.
     pub current: Option<Journal>,
-    /// Most recent first.
+    /// Most recent first: outcomes of releases (installs, and offers whose
+    /// signed manifest was read). Never input that could not be verified:
+    /// that goes to `discarded`.
     #[serde(default)]
     pub history: Vec<Outcome>,
     /// For each release beamup installed and committed, the paths its
     /// unpack created: the only files pruning that release may delete.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub installed: BTreeMap<String, Vec<PathBuf>>,
+    /// The final word on each release installed (committed, rolled back,
+    /// needs attention), oldest first. Kept apart from `history` so that
+    /// no number of other outcomes makes the device forget a rollback.
+    #[serde(default)]
+    pub decided: Vec<Outcome>,
+    /// Input refused before anything in it could be believed (not signed
+    /// by the trust root, not a manifest): bounded, repeats coalesced.
+    #[serde(default)]
+    pub discarded: Discarded,
+}
+
+/// Bounded record of discarded input.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Discarded {
+    /// How many inputs were discarded in all.
+    pub count: u64,
+    /// Most recent first, at most `DISCARDED`; the same reason again
+    /// counts on the newest entry.
+    pub recent: Vec<DiscardedEntry>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiscardedEntry {
+    pub reason: String,
+    /// Consecutive times this reason was seen.
+    pub count: u64,
+    pub first_at: String,
+    pub last_at: String,
+}
+
+impl Discarded {
+    /// Counts one discarded input: coalesced with the newest entry when the
+    /// reason is the same, otherwise a new entry (the oldest falls out).
+    pub fn add(&mut self, reason: &str, at: &str) {
+        self.count += 1;
+        if let Some(e) = self.recent.first_mut()
+            && e.reason == reason
+        {
+            e.count += 1;
+            e.last_at = at.to_string();
+            return;
+        }
+        self.recent.insert(
+            0,
+            DiscardedEntry {
+                reason: reason.to_string(),
+                count: 1,
+                first_at: at.to_string(),
+                last_at: at.to_string(),
+            },
+        );
+        self.recent.truncate(DISCARDED);
+    }
+}
+
+/// Is this outcome the final word on its release (version and sequence)?
+/// Committed, rolled back for the release's own sake (not because beamup
+/// was interrupted), or left needing attention. Rejections are not final:
+/// the reason may have been passing (the node was down).
+fn is_final(o: &Outcome) -> bool {
+    match o.outcome {
+        OutcomeKind::Committed | OutcomeKind::NeedsAttention => true,
+        OutcomeKind::RolledBack => !o.interrupted,
+        OutcomeKind::Rejected => false,
+    }
+}
+
+/// Was this input refused before a signed manifest could be read from it?
+/// Only a verified manifest names a sequence, so such a rejection has none.
+fn is_unverified(o: &Outcome) -> bool {
+    o.outcome == OutcomeKind::Rejected && o.sequence.is_none()
+}
+
+/// The memory of decided releases after `o`: `o` added when final (once
+/// per version and sequence, the newest word wins), and bounded by
+/// dropping first the oldest decisions that anti-rollback (`last_sequence`)
+/// refuses anyway, then the oldest.
+pub fn remember(
+    mut decided: Vec<Outcome>,
+    o: &Outcome,
+    last_sequence: Option<u64>,
+    cap: usize,
+) -> Vec<Outcome> {
+    if o.sequence.is_none() || !is_final(o) {
+        return decided;
+    }
+    decided.retain(|d| !(d.version == o.version && d.sequence == o.sequence));
+    decided.push(o.clone());
+    while decided.len() > cap {
+        let shadowed = decided
+            .iter()
+            .position(|d| matches!((d.sequence, last_sequence), (Some(s), Some(l)) if s < l));
+        decided.remove(shadowed.unwrap_or(0));
+    }
+    decided
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -237,18 +342,42 @@ impl Store {
 
 impl DeviceState {
     /// Records an outcome: clears the journal, keeps a bounded history, and
-    /// on commit remembers the sequence number.
+    /// on commit remembers the sequence number; a final outcome is
+    /// remembered in `decided` for good. A rejection of input that could not
+    /// be verified is only counted in `discarded`: it says nothing about a
+    /// release and must not push real outcomes out of the history.
     pub fn finish(&mut self, outcome: Outcome) {
+        if outcome.outcome != OutcomeKind::NeedsAttention {
+            self.current = None;
+        }
+        if is_unverified(&outcome) {
+            self.discarded
+                .add(outcome.reason.as_deref().unwrap_or("unknown"), &outcome.at);
+            return;
+        }
         if outcome.outcome == OutcomeKind::Committed
             && let Some(seq) = outcome.sequence
         {
             self.last_sequence = Some(self.last_sequence.map_or(seq, |s| s.max(seq)));
         }
-        if outcome.outcome != OutcomeKind::NeedsAttention {
-            self.current = None;
-        }
+        self.forget_interrupted();
+        self.decided = remember(
+            std::mem::take(&mut self.decided),
+            &outcome,
+            self.last_sequence,
+            DECIDED,
+        );
         self.history.insert(0, outcome);
         self.history.truncate(HISTORY);
+    }
+
+    /// A rollback recorded as final and then marked `interrupted` in the
+    /// history (recovery learns that only after `finish`) is no verdict on
+    /// its release: drop it from `decided`.
+    fn forget_interrupted(&mut self) {
+        let history = &self.history;
+        self.decided
+            .retain(|d| !history.iter().any(|h| h.interrupted && same_outcome(h, d)));
     }
 
     pub fn last_outcome(&self) -> Option<&Outcome> {
@@ -256,31 +385,45 @@ impl DeviceState {
     }
 
     /// The final word on this exact bundle (version and sequence), if there
-    /// is one: committed, rolled back for its own sake (not because beamup
-    /// was interrupted), or left needing attention. Rejections are not
-    /// final: the reason may have been passing (the node was down).
+    /// is one: from the memory of decided releases (which nothing else
+    /// arriving can push out), else from the history (state files written
+    /// before that memory existed).
     pub fn settled(&self, version: &str, sequence: u64) -> Option<&Outcome> {
-        self.history.iter().find(|o| {
-            o.version == version
-                && o.sequence == Some(sequence)
-                && match o.outcome {
-                    OutcomeKind::Committed | OutcomeKind::NeedsAttention => true,
-                    OutcomeKind::RolledBack => !o.interrupted,
-                    OutcomeKind::Rejected => false,
-                }
-        })
+        self.final_word(version, sequence, |_| true)
     }
 
     /// Whether this exact bundle (version and sequence) was rolled back
     /// before; such a bundle is not retried without an explicit request.
     pub fn rolled_back_before(&self, version: &str, sequence: u64) -> Option<&Outcome> {
-        self.history.iter().find(|o| {
-            o.outcome == OutcomeKind::RolledBack
-                && !o.interrupted
-                && o.version == version
-                && o.sequence == Some(sequence)
-        })
+        self.final_word(version, sequence, |k| k == OutcomeKind::RolledBack)
     }
+
+    fn final_word(
+        &self,
+        version: &str,
+        sequence: u64,
+        kind: impl Fn(OutcomeKind) -> bool,
+    ) -> Option<&Outcome> {
+        let matches = |o: &&Outcome| {
+            o.version == version && o.sequence == Some(sequence) && is_final(o) && kind(o.outcome)
+        };
+        self.decided
+            .iter()
+            .rev()
+            .filter(|d| {
+                !self
+                    .history
+                    .iter()
+                    .any(|h| h.interrupted && same_outcome(h, d))
+            })
+            .find(matches)
+            .or_else(|| self.history.iter().find(matches))
+    }
+}
+
+/// The same outcome (of the same install), seen in two places.
+fn same_outcome(a: &Outcome, b: &Outcome) -> bool {
+    a.version == b.version && a.sequence == b.sequence && a.at == b.at
 }
 
 #[cfg(test)]
@@ -315,6 +458,88 @@ mod tests {
         assert!(s.settled("1.1.0", 7).is_some());
         s.finish(outcome(OutcomeKind::Rejected, 11));
         assert!(s.settled("1.1.0", 11).is_none(), "a rejection is not final");
+    }
+
+    #[test]
+    fn no_number_of_later_outcomes_makes_a_device_forget_a_rollback() {
+        let mut s = DeviceState::default();
+        s.finish(outcome(OutcomeKind::Committed, 5));
+        s.finish(outcome(OutcomeKind::RolledBack, 7));
+        for i in 0..1000 {
+            // Signed offers refused by policy, and input that verified not at all.
+            s.finish(outcome(OutcomeKind::Rejected, 100 + i));
+            s.finish(Outcome::rejected(None, "thermo", format!("junk {}", i % 3)));
+        }
+        assert_eq!(s.history.len(), HISTORY);
+        assert!(s.history.iter().all(|o| o.sequence.is_some()));
+        let o = s.rolled_back_before("1.1.0", 7).expect("remembered");
+        assert_eq!(o.outcome, OutcomeKind::RolledBack);
+        assert!(s.settled("1.1.0", 7).is_some());
+        assert_eq!(
+            s.settled("1.1.0", 5).map(|o| o.outcome),
+            Some(OutcomeKind::Committed)
+        );
+        // Junk is counted apart, bounded, and never becomes the last outcome.
+        assert_eq!(s.discarded.count, 1000);
+        assert_eq!(s.discarded.recent.len(), DISCARDED);
+        let only_junk = {
+            let mut t = DeviceState::default();
+            t.finish(outcome(OutcomeKind::RolledBack, 7));
+            for _ in 0..50 {
+                t.finish(Outcome::rejected(None, "thermo", "not signed".into()));
+            }
+            t
+        };
+        assert_eq!(
+            only_junk.last_outcome().map(|o| o.outcome),
+            Some(OutcomeKind::RolledBack)
+        );
+        assert_eq!(only_junk.discarded.recent.len(), 1, "repeats coalesce");
+        assert_eq!(only_junk.discarded.recent[0].count, 50);
+    }
+
+    #[test]
+    fn a_rollback_because_beamup_was_interrupted_is_not_remembered() {
+        let mut s = DeviceState::default();
+        s.finish(outcome(OutcomeKind::RolledBack, 7));
+        // What recovery does after `finish`: the rollback was beamup's.
+        s.history[0].interrupted = true;
+        assert!(s.rolled_back_before("1.1.0", 7).is_none());
+        assert!(s.settled("1.1.0", 7).is_none());
+        s.finish(outcome(OutcomeKind::Rejected, 8));
+        assert!(s.decided.is_empty(), "{:?}", s.decided);
+        assert!(s.rolled_back_before("1.1.0", 7).is_none());
+    }
+
+    #[test]
+    fn the_memory_is_bounded_dropping_what_anti_rollback_refuses_anyway() {
+        let mut decided = Vec::new();
+        decided = remember(decided, &outcome(OutcomeKind::RolledBack, 50), None, 3);
+        for seq in [10, 20, 30] {
+            decided = remember(decided, &outcome(OutcomeKind::Committed, seq), Some(seq), 3);
+        }
+        let seqs: Vec<_> = decided.iter().map(|d| d.sequence.unwrap()).collect();
+        assert_eq!(seqs, [50, 20, 30], "the rollback above every commit stays");
+        // The same release again: one entry, the newest word.
+        decided = remember(decided, &outcome(OutcomeKind::Committed, 50), Some(50), 3);
+        let seqs: Vec<_> = decided.iter().map(|d| d.sequence.unwrap()).collect();
+        assert_eq!(seqs, [20, 30, 50]);
+        // Rejections and interrupted rollbacks are no decision.
+        let before = decided.clone();
+        decided = remember(decided, &outcome(OutcomeKind::Rejected, 60), Some(50), 3);
+        let mut interrupted = outcome(OutcomeKind::RolledBack, 61);
+        interrupted.interrupted = true;
+        decided = remember(decided, &interrupted, Some(50), 3);
+        assert_eq!(decided, before);
+    }
+
+    #[test]
+    fn state_files_without_the_memory_still_answer_from_the_history() {
+        let old = r#"{"last_sequence":null,"current":null,"history":[
+            {"outcome":"rolled_back","release":"thermo","version":"1.1.0","from_version":"1.0.0",
+             "sequence":7,"strategy":"hot","reason":"unhealthy","at":"2026-01-01T00:00:00Z"}]}"#;
+        let s: DeviceState = serde_json::from_str(old).unwrap();
+        assert!(s.rolled_back_before("1.1.0", 7).is_some());
     }
 
     #[test]

@@ -28,10 +28,10 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use crate::bundle::Bundle;
-use crate::releases_file::{self, OnDisk};
 use crate::error::{Error, IoContext, Result};
 use crate::manifest::Manifest;
 use crate::policy::{self, DeviceFacts, Identity};
+use crate::releases_file::{self, OnDisk};
 use crate::root::Root;
 use crate::staging::{self, Plan};
 

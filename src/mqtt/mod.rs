@@ -11,9 +11,11 @@
 //! from the caller, so that a PUBACK names exactly the message it
 //! acknowledges, across rumqttc's own retransmissions after a reconnect.
 
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+mod guard;
 
 use rumqttc::v5;
 
@@ -158,6 +160,12 @@ pub enum Event {
         retain: bool,
     },
     PubAck(u16),
+    /// A message above [`MAX_INCOMING`] that the connection's guard (see
+    /// [`Conn::guarded`]) dropped unread; the broker had its acknowledgement.
+    Dropped {
+        topic: String,
+        size: u64,
+    },
     /// A packet of no interest (pings, acks of subscriptions, our own
     /// outgoing packets).
     Other,
@@ -250,6 +258,8 @@ pub struct Conn {
     url: String,
     /// What we present, for [`ConnError::Auth`].
     credentials: String,
+    /// The guard rumqttc connects through, if any, and what it reports.
+    guard: Option<(guard::Guard, Arc<Mutex<guard::Shared>>)>,
 }
 
 fn tls_config(b: &Broker) -> Result<rustls::ClientConfig> {
@@ -357,13 +367,58 @@ fn password(b: &Broker) -> Result<Option<(String, String)>> {
 }
 
 impl Conn {
+    /// A direct connection: rumqttc to the broker.
     pub fn new(b: &Broker, s: &Session) -> Result<Conn> {
+        Self::open(b, s, None)
+    }
+
+    /// A connection through a guard listening on the Unix socket `socket`
+    /// (in a directory only this user can enter): messages above
+    /// [`MAX_INCOMING`] are dropped as they stream in and reported as
+    /// [`Event::Dropped`], instead of ending the connection on every
+    /// delivery (see `guard`). Must be called within a tokio runtime.
+    pub fn guarded(b: &Broker, s: &Session, socket: &Path) -> Result<Conn> {
+        Self::open(b, s, Some(socket))
+    }
+
+    fn open(b: &Broker, s: &Session, socket: Option<&Path>) -> Result<Conn> {
         let ep = parse_url(&b.url).map_err(Error::Usage)?;
-        let tls = if ep.tls {
-            Some(rumqttc::TlsConfiguration::Rustls(Arc::new(tls_config(b)?)))
+        let rustls_config = if ep.tls {
+            Some(Arc::new(tls_config(b)?))
         } else {
             None
         };
+        let guarded = match socket {
+            Some(path) => {
+                let shared = Arc::new(Mutex::new(guard::Shared::default()));
+                let up = guard::Upstream {
+                    host: ep.host.clone(),
+                    port: ep.port,
+                    tls: rustls_config.clone(),
+                };
+                let g = guard::Guard::start(
+                    path,
+                    up,
+                    MAX_INCOMING as usize,
+                    b.version == Version::V5,
+                    shared.clone(),
+                )
+                .map_err(|e| Error::io(path, "listen on (the MQTT connection's guard)", e))?;
+                Some((g, shared))
+            }
+            None => None,
+        };
+        // Through the guard, rumqttc speaks plain MQTT over the Unix socket;
+        // the guard does TCP and TLS.
+        let (host, port, tls) = match socket {
+            Some(path) => (path.display().to_string(), 0, None),
+            None => (
+                ep.host.clone(),
+                ep.port,
+                rustls_config.map(rumqttc::TlsConfiguration::Rustls),
+            ),
+        };
+        let unix = socket.is_some();
         if let Some(ca) = &b.ca_file
             && !ep.tls
         {
@@ -377,7 +432,7 @@ impl Conn {
         let cap = 256;
         let inner = match b.version {
             Version::V5 => {
-                let mut o = v5::MqttOptions::new(&s.client_id, &ep.host, ep.port);
+                let mut o = v5::MqttOptions::new(&s.client_id, &host, port);
                 o.set_keep_alive(s.keep_alive)
                     .set_clean_start(!s.persistent)
                     .set_max_packet_size(Some(MAX_INCOMING))
@@ -388,6 +443,9 @@ impl Conn {
                 o.set_network_options(network_options());
                 if let Some(tls) = tls {
                     o.set_transport(rumqttc::Transport::tls_with_config(tls));
+                }
+                if unix {
+                    o.set_transport(rumqttc::Transport::Unix);
                 }
                 if let Some((u, p)) = creds {
                     o.set_credentials(u, p);
@@ -408,13 +466,16 @@ impl Conn {
                 }
             }
             Version::V311 => {
-                let mut o = rumqttc::MqttOptions::new(&s.client_id, &ep.host, ep.port);
+                let mut o = rumqttc::MqttOptions::new(&s.client_id, &host, port);
                 o.set_keep_alive(s.keep_alive)
                     .set_clean_session(!s.persistent)
                     .set_max_packet_size(MAX_INCOMING as usize, MAX_OUTGOING as usize)
                     .set_inflight(INFLIGHT);
                 if let Some(tls) = tls {
                     o.set_transport(rumqttc::Transport::tls_with_config(tls));
+                }
+                if unix {
+                    o.set_transport(rumqttc::Transport::Unix);
                 }
                 if let Some((u, p)) = creds {
                     o.set_credentials(u, p);
@@ -439,12 +500,61 @@ impl Conn {
             inner,
             url: b.url.clone(),
             credentials: credentials_hint(b),
+            guard: guarded,
         })
+    }
+
+    /// A message as the caller sees it: a guard's marker is the report of
+    /// a dropped message.
+    fn message(&self, topic: String, payload: bytes::Bytes, retain: bool) -> Event {
+        if let Some((_, shared)) = &self.guard
+            && payload.as_ref() == guard::MARKER
+        {
+            let mut sh = shared.lock().expect("guard lock");
+            let size = match sh.dropped.iter().position(|d| d.topic == topic) {
+                Some(i) => sh.dropped.remove(i).map_or(0, |d| d.size),
+                None => guard::MARKER.len() as u64,
+            };
+            return Event::Dropped { topic, size };
+        }
+        Event::Message {
+            topic,
+            payload,
+            retain,
+        }
+    }
+
+    /// Why the guard could not reach the broker, if that is what failed.
+    fn upstream_error(&self, e: ConnError) -> ConnError {
+        match (&e, &self.guard) {
+            (ConnError::Other(_), Some((_, shared))) => {
+                match shared.lock().expect("guard lock").upstream_error.take() {
+                    Some(why) => ConnError::Other(why),
+                    None => e,
+                }
+            }
+            _ => e,
+        }
     }
 
     /// The next event. After an error the caller should wait (back off)
     /// before polling again, which reconnects.
     pub async fn poll(&mut self) -> std::result::Result<Event, ConnError> {
+        let ev = self
+            .poll_inner()
+            .await
+            .map_err(|e| self.upstream_error(e))?;
+        Ok(match ev {
+            Event::Message {
+                topic,
+                payload,
+                retain,
+            } => self.message(topic, payload, retain),
+            ev => ev,
+        })
+    }
+
+    async fn poll_inner(&mut self) -> std::result::Result<Event, ConnError> {
         let credentials = &self.credentials;
         match &mut self.inner {
             Inner::V5 { el, .. } => {

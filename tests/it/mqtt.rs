@@ -538,8 +538,25 @@ fn bad_offers_are_rejected_before_any_data_is_requested() {
     let wrong_target = s.bundle("1.1.0", &["--target", "device:gw-2"]);
     let downgrade = s.bundle("1.0.0", &[]);
     std::thread::sleep(Duration::from_millis(1100)); // let `expired` expire
+    // Forged: nothing in it can be believed, so it names no release; it is
+    // discarded (counted in the state), not an outcome.
+    s.offer(&forged);
+    let st = s
+        .watch
+        .wait_for("forged offer discarded", Duration::from_secs(30), |m| {
+            m.topic == "beamup/acme/device/gw-1/state" && m.json()["discarded"]["count"] == 1
+        });
+    let st = st.json();
+    assert!(
+        st["discarded"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("does not trust"),
+        "{st:#}"
+    );
+    assert!(st["last_outcome"].is_null(), "{st:#}");
+    assert!(s.outcomes().is_empty());
     let cases = [
-        (forged, "does not trust"),
         (expired, "expired at"),
         (wrong_target, "does not include this device (device:gw-1"),
         (downgrade, "not newer than the installed release 1.0.0"),
@@ -965,4 +982,202 @@ fn username_and_password_login() {
     );
     assert!(!log.contains("gw1-Secret-7f3a"), "{log}");
     assert!(!broker.log().contains("gw1-Secret-7f3a"));
+}
+
+/// The signed envelope of a bundle (its `manifest.json`), byte for byte.
+fn envelope_of(bundle: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut a = tar::Archive::new(fs::File::open(bundle).unwrap());
+    let mut first = a.entries().unwrap().next().unwrap().unwrap();
+    assert_eq!(first.path().unwrap().to_str(), Some("manifest.json"));
+    let mut out = Vec::new();
+    first.read_to_end(&mut out).unwrap();
+    out
+}
+
+#[test]
+fn junk_on_the_device_topics_makes_it_forget_neither_a_rollback_nor_its_last_outcome() {
+    let mut s = Setup::new(Broker::start(), "timeout = \"6s\"\nsoak = \"1s\"", "");
+    s.d.node.incr().unwrap();
+    let bundle = s.bundle("1.2.0", &[]);
+    s.serve(&[]);
+    s.start_agent();
+    s.offer(&bundle);
+    s.wait_phase("rolled_back", "1.2.0");
+    let history_before = s.state_file()["history"].clone();
+
+    // Far more junk than any list of decided offers or outcomes holds, on
+    // every topic the device listens to, each message different.
+    let publisher = Sub::new(&s.broker, &[]);
+    for i in 0..150 {
+        let junk = format!("{{\"signed\": {{\"junk\": {i}}}, \"signatures\": []}}");
+        publisher.publish("beamup/acme/device/gw-1/offer", junk.into_bytes(), false);
+        publisher.publish(
+            "beamup/acme/group/canary/offer",
+            format!("not json {i}").into_bytes(),
+            false,
+        );
+        publisher.publish(
+            "beamup/acme/device/gw-1/cmd",
+            format!("{{\"v\": {i}}}").into_bytes(),
+            false,
+        );
+    }
+    let st = s.watch.wait_for("450 discarded", OUTCOME, |m| {
+        m.topic == "beamup/acme/device/gw-1/state" && m.json()["discarded"]["count"] == 450
+    });
+    let st = st.json();
+    assert_eq!(st["last_outcome"]["outcome"], "rolled_back", "{st:#}");
+    assert_eq!(st["last_outcome"]["version"], "1.2.0", "{st:#}");
+
+    // The same signed offer again, byte for byte and re-encoded (another
+    // digest, the same signed manifest): neither is fetched again.
+    let envelope = envelope_of(&bundle);
+    let text = String::from_utf8(envelope.clone()).unwrap();
+    // White space outside the signed value: the signatures still hold.
+    let reencoded = format!("{{ \n  {}\n", text.strip_prefix('{').unwrap());
+    assert_ne!(reencoded.as_bytes(), &envelope[..]);
+    publisher.publish("beamup/acme/device/gw-1/offer", envelope, true);
+    publisher.publish(
+        "beamup/acme/group/canary/offer",
+        reencoded.into_bytes(),
+        true,
+    );
+    let seen = |s: &Setup, needle: &str| s.agent().log().matches(needle).count();
+    let wait_seen = |s: &Setup, needle: &str, n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen(s, needle) < n {
+            assert!(Instant::now() < deadline, "{}", s.agent().log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_seen(&s, "was decided before; ignored", 1);
+    wait_seen(&s, "was already rolled back; ignored", 1);
+    // Restarted without its list of offer digests (a short cut only), the
+    // agent still knows from the engine's memory of decided releases: both
+    // retained replays come back and are refused.
+    s.agent.as_mut().unwrap().kill9();
+    fs::remove_file(s.d.path().join("state/agent/agent.json")).unwrap();
+    s.start_agent();
+    wait_seen(&s, "was already rolled back; ignored", 3);
+    std::thread::sleep(Duration::from_secs(2));
+    let downloads = s
+        .events()
+        .iter()
+        .filter(|e| e["phase"] == "downloading" && e["percent"] == 0)
+        .count();
+    assert_eq!(downloads, 1, "the rolled-back release was fetched again");
+    assert_eq!(
+        s.outcomes()
+            .iter()
+            .filter(|o| o["phase"] == "rolled_back")
+            .count(),
+        1
+    );
+    s.d.assert_settled_on("1.0.0", &["1.2.0"]);
+
+    // What operators see is the real last outcome; the junk is counted apart.
+    let state = s.state_file();
+    assert_eq!(state["history"], history_before, "{state:#}");
+    assert!(
+        state["discarded"]["count"].as_u64().unwrap() >= 300,
+        "{state:#}"
+    );
+    assert!(state["discarded"]["recent"].as_array().unwrap().len() <= 10);
+    assert_eq!(s.d.status()["last_outcome"]["outcome"], "rolled_back");
+    let run = s.beamup(&["fleet", "status"]);
+    run.ok();
+    assert!(run.stdout.contains("rolled_back 1.2.0"), "{}", run.stdout);
+}
+
+/// An oversize message (above the agent's 16 MiB + 64 KiB packet limit) on
+/// each topic the device subscribes to, retained and not: the agent stays
+/// up and connected and takes a valid offer afterwards.
+fn oversize_messages_leave_the_device_connected(version: &str) {
+    let mut s = Setup::new(
+        Broker::start(),
+        "timeout = \"8s\"\nsoak = \"1s\"",
+        &format!("version = \"{version}\""),
+    );
+    s.d.node.incr().unwrap();
+    s.serve(&[]);
+    s.start_agent();
+    s.watch.wait_for("online", OUTCOME, |m| {
+        m.topic == "beamup/acme/device/gw-1/state" && m.json()["phase"]["name"] == "idle"
+    });
+    let pid = s.agent.as_mut().unwrap().running_pid().expect("running");
+    let connects = |s: &Setup| s.agent().log().matches("connected to mqtt://").count();
+    assert_eq!(connects(&s), 1);
+
+    let publisher = Sub::new(&s.broker, &[]);
+    let huge = vec![b'x'; 17 << 20];
+    publisher.publish("beamup/acme/device/gw-1/offer", huge.clone(), true);
+    publisher.publish("beamup/acme/device/gw-1/cmd", huge.clone(), false);
+    publisher.publish("beamup/acme/group/canary/offer", huge.clone(), false);
+    publisher.publish("beamup/acme/device/gw-1/data", huge, false);
+    std::thread::sleep(Duration::from_secs(6));
+    let agent = s.agent.as_mut().unwrap();
+    assert_eq!(agent.running_pid(), Some(pid), "{}", agent.log());
+    assert!(
+        connects(&s) <= 2,
+        "{} connections in 6 s:\n{}",
+        connects(&s),
+        s.agent().log()
+    );
+    if version == "3.1.1" {
+        // 3.1.1 cannot tell the broker its limit: the agent drops what is
+        // too large itself, and says so.
+        let st = s.watch.wait_for("oversize reported", OUTCOME, |m| {
+            m.topic == "beamup/acme/device/gw-1/state"
+                && m.json()["discarded"]["count"].as_u64() >= Some(4)
+        });
+        let reason = st.json()["discarded"]["reason"].to_string();
+        assert!(reason.contains("larger than"), "{reason}");
+    }
+
+    // Still taking offers: the next valid one is installed.
+    let bundle = s.bundle("1.1.0", &[]);
+    s.offer(&bundle);
+    let st = s.wait_phase("committed", "1.1.0");
+    assert_eq!(st["last_outcome"]["outcome"], "committed", "{st:#}");
+    assert_eq!(s.agent.as_mut().unwrap().running_pid(), Some(pid));
+    assert!(connects(&s) <= 2, "{}", s.agent().log());
+}
+
+#[test]
+fn oversize_messages_leave_an_mqtt_5_device_connected() {
+    oversize_messages_leave_the_device_connected("5");
+}
+
+#[test]
+fn oversize_messages_leave_an_mqtt_3_1_1_device_connected() {
+    oversize_messages_leave_the_device_connected("3.1.1");
+}
+
+#[test]
+fn a_broker_crash_right_after_an_offer_is_acknowledged_keeps_the_offer() {
+    let mut broker = Broker::persistent();
+    let d = Device::new();
+    let bundle = d.bundle("1.1.0");
+    beamup(
+        d.path(),
+        &[
+            "offer",
+            bundle.to_str().unwrap(),
+            "--device",
+            "gw-1",
+            "--broker",
+            &broker.url(),
+            "--fleet",
+            "acme",
+        ],
+    )
+    .ok();
+    // SIGKILL: no save on the way out.
+    std::thread::sleep(Duration::from_millis(100));
+    broker.kill();
+    broker.restart();
+    let sub = Sub::new(&broker, &["beamup/acme/device/gw-1/offer"]);
+    let offer = sub.wait_for("the retained offer", Duration::from_secs(10), |m| m.retain);
+    assert_eq!(offer.payload, envelope_of(&bundle));
 }

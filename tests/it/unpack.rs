@@ -645,7 +645,8 @@ fn unpack_of_a_mix_release_reports_only_what_it_created() {
     // mix ships no RELEASES: the one written names the release's libraries.
     let releases = fs::read_to_string(dir.join("releases/RELEASES")).unwrap();
     assert!(
-        releases.contains(r#"{release,"meter","0.1.0","#) && releases.contains("./lib/kernel-8.5.3"),
+        releases.contains(r#"{release,"meter","0.1.0","#)
+            && releases.contains("./lib/kernel-8.5.3"),
         "{releases}"
     );
     for c in &created {

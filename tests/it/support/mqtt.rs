@@ -36,10 +36,11 @@ impl Broker {
         Self::start_with("")
     }
 
-    /// With persistence: sessions and retained messages survive a graceful
-    /// restart ([`Broker::stop`] then [`Broker::restart`]).
+    /// With persistence as docs/mosquitto/mosquitto.conf sets it: the
+    /// database is saved after every change, so sessions, retained and
+    /// queued messages survive a restart, even a crash ([`Broker::kill`]).
     pub fn persistent() -> Broker {
-        Self::start_with("persistence true\nautosave_interval 1\n")
+        Self::start_with("persistence true\nautosave_on_changes true\nautosave_interval 1\n")
     }
 
     pub fn tls(tls: &Tls) -> Broker {
@@ -283,6 +284,13 @@ impl Sub {
         }
     }
 
+    /// Publishes with QoS 1 (waits only for room in the request queue).
+    pub fn publish(&self, topic: &str, payload: Vec<u8>, retain: bool) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, retain, payload)
+            .unwrap();
+    }
+
     pub fn messages(&self) -> Vec<Msg> {
         self.msgs.lock().unwrap().clone()
     }
@@ -401,6 +409,15 @@ impl Daemon {
                 panic!("still running after {timeout:?}:\n{}", self.log());
             }
             thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The process id, while it runs (`None` once it exited).
+    pub fn running_pid(&mut self) -> Option<u32> {
+        let c = self.child.as_mut()?;
+        match c.try_wait().unwrap() {
+            None => Some(c.id()),
+            Some(_) => None,
         }
     }
 
