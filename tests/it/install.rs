@@ -17,7 +17,7 @@ use crate::support::otp::releases;
 
 #[test]
 fn hot_upgrade_keeps_state_and_commits() {
-    let d = Device::new();
+    let mut d = Device::new();
     for _ in 0..3 {
         d.node.incr().unwrap();
     }
@@ -48,11 +48,12 @@ fn hot_upgrade_keeps_state_and_commits() {
     assert_eq!(st["last_outcome"]["strategy"], "hot");
     // The previous release stays for a manual downgrade.
     assert!(d.node.root().join("releases/1.0.0").exists());
+    d.assert_boots_permanent();
 }
 
 #[test]
 fn unhealthy_release_is_rolled_back_hot_and_the_next_install_succeeds() {
-    let d = Device::new();
+    let mut d = Device::new();
     d.node.incr().unwrap();
     d.node.incr().unwrap();
     let pid = d.node.os_pid();
@@ -90,11 +91,12 @@ fn unhealthy_release_is_rolled_back_hot_and_the_next_install_succeeds() {
     d.install(&plain, &[]).ok();
     assert_eq!(d.version_and_counter(), ("1.1.0".into(), 2));
     d.assert_settled_on("1.1.0", &["1.2.0"]);
+    d.assert_boots_permanent();
 }
 
 #[test]
 fn crashing_code_change_is_recognized_and_rolled_back() {
-    let d = Device::new();
+    let mut d = Device::new();
     d.node.incr().unwrap();
     let run = d.install(&d.bundle("1.3.0"), &[]);
     assert_eq!(
@@ -113,11 +115,12 @@ fn crashing_code_change_is_recognized_and_rolled_back() {
     // The node restarted itself: same release, state gone.
     assert_eq!(d.version_and_counter(), ("1.0.0".into(), 0));
     d.assert_settled_on("1.0.0", &["1.3.0"]);
+    d.assert_boots_permanent();
 }
 
 #[test]
 fn cold_upgrade_restarts_into_the_new_release() {
-    let d = Device::new();
+    let mut d = Device::new();
     let old_pid = d.node.os_pid();
     let run = d.install(&d.bundle("2.0.0"), &[]);
     run.ok();
@@ -135,12 +138,13 @@ fn cold_upgrade_restarts_into_the_new_release() {
         "a cold upgrade restarts"
     );
     d.assert_settled_on("2.0.0", &[]);
+    d.assert_boots_permanent();
 }
 
 #[test]
 fn cold_upgrade_that_fails_its_health_check_restarts_the_old_release() {
     // 2.0.0 itself is healthy; a site-specific check rejects it.
-    let d = Device::with_health(
+    let mut d = Device::with_health(
         "timeout = \"5s\"\nsoak = \"1s\"\ncommand = \"test \\\"$BEAMUP_VERSION\\\" != 2.0.0\"",
     );
     let run = d.install(&d.bundle("2.0.0"), &[]);
@@ -160,11 +164,12 @@ fn cold_upgrade_that_fails_its_health_check_restarts_the_old_release() {
     assert!(run.stdout.contains("command check"), "{}", run.stdout);
     assert_eq!(d.version_and_counter().0, "1.0.0");
     d.assert_settled_on("1.0.0", &["2.0.0"]);
+    d.assert_boots_permanent();
 }
 
 #[test]
 fn hot_only_refuses_a_cold_upgrade_without_touching_anything() {
-    let d = Device::new();
+    let mut d = Device::new();
     let cfg = d.path().join("agent.toml");
     let text = fs::read_to_string(&cfg).unwrap() + "[install]\nstrategy = \"hot-only\"\n";
     fs::write(&cfg, text).unwrap();
@@ -174,11 +179,12 @@ fn hot_only_refuses_a_cold_upgrade_without_touching_anything() {
         "has no relup, so it needs a restart, and [install] strategy is hot-only",
     );
     assert_eq!(d.snapshot(), before);
+    d.assert_boots_permanent();
 }
 
 #[test]
 fn bad_bundles_are_rejected_and_the_release_is_untouched() {
-    let d = Device::new();
+    let mut d = Device::new();
     d.node.incr().unwrap();
     let before = d.snapshot();
     let good = fs::read(d.bundle("1.1.0")).unwrap();
@@ -269,6 +275,7 @@ fn bad_bundles_are_rejected_and_the_release_is_untouched() {
     let st = d.status();
     assert_eq!(st["last_outcome"]["outcome"], "rejected", "{st:#}");
     assert!(st["install_in_progress"].is_null());
+    d.assert_boots_permanent();
 }
 
 /// One entry of a hand-made (hostile) release tarball.
@@ -482,7 +489,7 @@ pub(crate) fn signed_indexed_bundle_of(
 
 #[test]
 fn hostile_tarballs_are_refused_with_the_release_untouched() {
-    let d = Device::new();
+    let mut d = Device::new();
     let before = d.snapshot();
     let outside = d.path().join("outside");
     fs::create_dir(&outside).unwrap();
@@ -537,11 +544,12 @@ fn hostile_tarballs_are_refused_with_the_release_untouched() {
     assert_eq!(fs::read_dir(&outside).unwrap().count(), 0);
     assert_eq!(d.version_and_counter().0, "1.0.0");
     assert!(d.status()["install_in_progress"].is_null());
+    d.assert_boots_permanent();
 }
 
 #[test]
 fn node_killed_during_the_soak_is_rolled_back_by_restart() {
-    let d = Device::with_health("timeout = \"20s\"\nsoak = \"4s\"");
+    let mut d = Device::with_health("timeout = \"20s\"\nsoak = \"4s\"");
     let bundle = d.bundle("1.1.0");
     let child = Command::new(crate::cli::bin())
         .args([
@@ -568,6 +576,7 @@ fn node_killed_during_the_soak_is_rolled_back_by_restart() {
     assert!(stdout.contains("rolled back thermo 1.1.0"), "{stdout}");
     assert_eq!(d.version_and_counter().0, "1.0.0");
     d.assert_settled_on("1.0.0", &["1.1.0"]);
+    d.assert_boots_permanent();
 }
 
 /// Polls state.json until the journal reaches `phase`.
@@ -589,7 +598,7 @@ fn wait_for_phase(d: &Device, phase: &str, within: Duration) {
 /// beamup dies (SIGKILL, as in a power cut) at one step boundary; the next
 /// `beamup recover` leaves the device consistent, on the expected release.
 fn crash_and_recover(point: &str, expect: &str) {
-    let d = Device::new();
+    let mut d = Device::new();
     d.node.incr().unwrap();
     let run = d.install_env(&d.bundle("1.1.0"), &[], &[("BEAMUP_CRASH", point)]);
     assert_eq!(
@@ -623,6 +632,7 @@ fn crash_and_recover(point: &str, expect: &str) {
     }
     // The counter survived wherever the node kept running.
     assert_eq!(d.version_and_counter().1, 1, "{point}");
+    d.assert_boots_permanent();
 }
 
 #[test]
@@ -670,7 +680,7 @@ fn killed_after_committing() {
 /// `beamup recover` leaves the device on the expected release, with what
 /// boots (`bin/thermo`, `start_erl.data`) matching it.
 fn cold_crash_and_recover(point: &str, expect: &str) {
-    let d = Device::new();
+    let mut d = Device::new();
     let run = d.install_env(&d.bundle("2.0.0"), &[], &[("BEAMUP_CRASH", point)]);
     assert_eq!(
         run.code, -1,
@@ -695,6 +705,7 @@ fn cold_crash_and_recover(point: &str, expect: &str) {
     }
     d.assert_settled_on("2.0.0", &[]);
     assert_eq!(d.version_and_counter().0, "2.0.0");
+    d.assert_boots_permanent();
 }
 
 #[test]
