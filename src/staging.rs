@@ -443,9 +443,9 @@ mod tests {
         keep: impl Fn(&Manifest) -> Vec<bool>,
     ) -> (Manifest, Bundle, Vec<u8>) {
         let entries: Vec<(&str, &[u8])> = entries.iter().map(|(p, d)| (*p, &d[..])).collect();
-        let (_, gz) = crate::tarindex::test_tarball(&entries);
+        let (_, gz) = crate::operator::tarindex::test_tarball(&entries);
         let mut tarball = Vec::new();
-        let parts = crate::tarindex::index(&gz[..], &mut tarball, "t").unwrap();
+        let parts = crate::operator::tarindex::index(&gz[..], &mut tarball, "t").unwrap();
         let mut m = crate::manifest::for_tests(&tarball, 4096);
         m.release.version = "2".into();
         m.apps = vec!["a-1".into(), "b-1".into()];

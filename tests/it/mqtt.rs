@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::cli::{Run, beamup};
 use crate::support::device::Device;
 use crate::support::mqtt::{Broker, Daemon, Msg, Sub, make_certs};
+use crate::support::otp::Flavor;
 
 const OUTCOME: Duration = Duration::from_secs(90);
 
@@ -42,7 +43,18 @@ impl Setup {
         mqtt_extra: &str,
         broker_args: Vec<String>,
     ) -> Setup {
-        let d = Device::with_health(health);
+        Self::with_flavor(Flavor::Rebar3, broker, url, health, mqtt_extra, broker_args)
+    }
+
+    fn with_flavor(
+        flavor: Flavor,
+        broker: Broker,
+        url: &str,
+        health: &str,
+        mqtt_extra: &str,
+        broker_args: Vec<String>,
+    ) -> Setup {
+        let d = Device::with_health_flavor(flavor, health);
         d.add_mqtt(url, "gw-1", &["canary"], mqtt_extra);
         fs::create_dir(d.path().join("bundles")).unwrap();
         let watch = if broker_args.is_empty() {
@@ -523,6 +535,45 @@ fn unhealthy_release_is_rolled_back_reported_and_not_retried_until_asked() {
     });
     assert_eq!(downloads(&s), 2);
     s.d.assert_settled_on("1.0.0", &["1.2.0"]);
+}
+
+/// The agent on an Elixir root exactly as `mix release` leaves it: an
+/// unhealthy release offered over MQTT is rolled back hot (same OS
+/// process, state kept), then a cold-only release commits through the
+/// start_erl.data switch, and the root boots it from disk.
+#[test]
+fn the_agent_on_a_mix_root_rolls_back_hot_then_commits_a_cold_upgrade() {
+    let broker = Broker::start();
+    let url = broker.url();
+    let mut s = Setup::with_flavor(
+        Flavor::Mix,
+        broker,
+        &url,
+        "timeout = \"6s\"\nsoak = \"1s\"",
+        "",
+        vec![],
+    );
+    s.d.node.incr().unwrap();
+    let pid = s.d.node.os_pid();
+    let unhealthy = s.bundle("1.2.0", &[]);
+    s.serve(&[]);
+    s.start_agent();
+    s.offer(&unhealthy);
+    let st = s.wait_phase("rolled_back", "1.2.0");
+    assert_eq!(st["running"], "1.0.0", "{st:#}");
+    assert_eq!(s.d.version_and_counter(), ("1.0.0".into(), 1));
+    let (_, body) = s.d.health();
+    assert_eq!(body["os_pid"].as_str().unwrap(), pid.to_string(), "hot");
+    s.d.assert_settled_on("1.0.0", &["1.2.0"]);
+
+    let cold = s.bundle("2.0.0", &[]);
+    s.offer(&cold);
+    let st = s.wait_phase("committed", "2.0.0");
+    assert_eq!(st["permanent"], "2.0.0", "{st:#}");
+    assert_eq!(st["last_outcome"]["strategy"], "cold", "{st:#}");
+    s.d.assert_settled_on("2.0.0", &[]);
+    s.d.assert_boots_permanent();
+    assert_eq!(s.d.version_and_counter().0, "2.0.0");
 }
 
 #[test]

@@ -1,0 +1,422 @@
+//! The operator's commands: keys, bundles, serving and offering releases
+//! over MQTT, the fleet's view, relups. Built with the `operator` feature
+//! (on by default); device builds (`cross/build`) leave it out, so a
+//! device binary carries none of this code.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use clap::{Args, Subcommand};
+
+use super::{load_secret, parse_scope, print_manifest, runtime};
+use crate::bundle;
+use crate::error::{Error, Result};
+use crate::keys;
+use crate::manifest;
+use crate::operator::bundle::{self as make, BundleOptions};
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Generate an Ed25519 key pair: NAME.key (secret, mode 0600) and NAME.pub.
+    Keygen {
+        /// Directory to write the key files into (created with mode 0700).
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// File name stem of the key pair.
+        #[arg(long, default_value = "beamup")]
+        name: String,
+    },
+
+    /// Sign a release tarball into a bundle that devices can verify.
+    Bundle(BundleArgs),
+
+    /// Answer devices' requests for release data from the bundles in a
+    /// directory. Several servers may serve one fleet.
+    Serve {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        /// Directory of bundles (from `beamup bundle`) to serve.
+        #[arg(long, value_name = "DIR")]
+        bundles: PathBuf,
+    },
+
+    /// Offer a signed bundle to a device or a group (a retained message:
+    /// devices that are offline get it when they connect). The bundle must
+    /// also be in the directory of a `beamup serve`.
+    Offer {
+        /// The bundle file.
+        file: PathBuf,
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        #[command(flatten)]
+        to: OfferTarget,
+    },
+
+    /// The fleet's devices as they report themselves.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+
+    /// Make the relup of a built release and the upgrade tarball that
+    /// carries it (`mix release` makes neither; works on rebar3 output too).
+    ///
+    /// Every version must be built, oldest first, into the same release
+    /// directory; each application whose version changed needs an appup in
+    /// the new version's lib/APP-VSN/ebin/. Writes releases/TO/relup there
+    /// and the tarball to --out.
+    ///
+    /// Exit codes: 0 written, 5 --out exists, 32 no relup could be made
+    /// (the message says what is missing and where).
+    Relup(RelupArgs),
+}
+
+impl Command {
+    /// Long-running commands, which log what they do by default.
+    pub fn is_daemon(&self) -> bool {
+        matches!(self, Command::Serve { .. })
+    }
+}
+
+/// Runs an operator command.
+pub fn run(cmd: Command) -> Result<()> {
+    match cmd {
+        Command::Keygen { out, name } => {
+            let k = keys::keygen(&out, &name)?;
+            println!("key id      {}", k.id);
+            println!(
+                "secret key  {} (mode 0600; keep it off devices)",
+                k.secret.display()
+            );
+            println!("public key  {}", k.public.display());
+        }
+
+        Command::Bundle(args) => bundle_command(args)?,
+
+        Command::Serve {
+            broker,
+            fleet,
+            bundles,
+        } => {
+            let opts = crate::operator::serve::ServeOptions {
+                broker: broker.broker()?,
+                prefix: fleet.prefix.clone(),
+                fleet: fleet.fleet.clone(),
+                bundles,
+                max_piece: manifest::MAX_CHUNK_SIZE,
+            };
+            fleet.topics()?;
+            // One thread unless built with `threaded-serve`: reading a
+            // piece of a bundle is a copy from the page cache, and handing
+            // replies between threads cost more CPU than it saved
+            // (benches/transfer.rs).
+            #[cfg(feature = "threaded-serve")]
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            #[cfg(feature = "threaded-serve")]
+            builder.worker_threads(2);
+            #[cfg(not(feature = "threaded-serve"))]
+            let mut builder = tokio::runtime::Builder::new_current_thread();
+            builder
+                .enable_all()
+                .build()
+                .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?
+                .block_on(crate::operator::serve::run(opts))?;
+        }
+
+        Command::Offer {
+            file,
+            broker,
+            fleet,
+            to,
+        } => offer_command(&file, &broker, &fleet, &to)?,
+
+        Command::Fleet(cmd) => fleet_command(cmd)?,
+
+        Command::Relup(args) => relup_command(args)?,
+    }
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct RelupArgs {
+    /// The built release, e.g. _build/prod/rel/NAME.
+    #[arg(long, value_name = "DIR")]
+    release_dir: PathBuf,
+    /// A version the relup upgrades from and downgrades to (repeatable):
+    /// the version(s) devices run.
+    #[arg(long, value_name = "VSN", required = true)]
+    from: Vec<String>,
+    /// The new version.
+    #[arg(long, value_name = "VSN")]
+    to: String,
+    /// The tarball to write, e.g. NAME-VSN.tar.gz.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// Replace an existing --out.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BrokerArgs {
+    /// Broker URL: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
+    #[arg(long, value_name = "URL", env = "BEAMUP_BROKER")]
+    broker: String,
+    /// MQTT protocol version: 5 or 3.1.1.
+    #[arg(long, value_name = "VERSION", default_value = "5")]
+    mqtt_version: String,
+    /// CA certificate(s) (PEM) to verify the broker with (mqtts://).
+    #[arg(long, value_name = "PEM")]
+    ca_file: Option<PathBuf>,
+    /// Client certificate (PEM) for TLS client authentication.
+    #[arg(long, value_name = "PEM", requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, value_name = "PEM", requires = "cert_file")]
+    key_file: Option<PathBuf>,
+    #[arg(long)]
+    username: Option<String>,
+    /// File holding the password.
+    #[arg(long, value_name = "FILE", requires = "username")]
+    password_file: Option<PathBuf>,
+}
+
+impl BrokerArgs {
+    fn broker(&self) -> Result<crate::mqtt::Broker> {
+        crate::mqtt::parse_url(&self.broker).map_err(Error::Usage)?;
+        Ok(crate::mqtt::Broker {
+            url: self.broker.clone(),
+            version: crate::mqtt::Version::parse(&self.mqtt_version).map_err(Error::Usage)?,
+            ca_file: self.ca_file.clone(),
+            cert_file: self.cert_file.clone(),
+            key_file: self.key_file.clone(),
+            username: self.username.clone(),
+            password_file: self.password_file.clone(),
+        })
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct FleetArgs {
+    /// The fleet.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    fleet: String,
+    /// Topic prefix (as in the devices' agent.toml).
+    #[arg(long, value_name = "PREFIX", default_value = "beamup")]
+    prefix: String,
+}
+
+impl FleetArgs {
+    fn topics(&self) -> Result<crate::protocol::Topics> {
+        if !crate::config::is_safe_prefix(&self.prefix) {
+            return Err(Error::Usage(format!(
+                "--prefix {:?} must be names of A-Z a-z 0-9 . _ - separated by /",
+                self.prefix
+            )));
+        }
+        Ok(crate::protocol::Topics::new(&self.prefix, &self.fleet))
+    }
+}
+
+#[derive(Args, Debug, Clone)]
+#[group(required = true, multiple = false)]
+pub struct OfferTarget {
+    /// Offer to this device.
+    #[arg(long, value_name = "ID", value_parser = parse_name)]
+    device: Option<String>,
+    /// Offer to every device of this group.
+    #[arg(long, value_name = "NAME", value_parser = parse_name)]
+    group: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum FleetCommand {
+    /// Each device's retained state: online, running and permanent release,
+    /// phase, last outcome.
+    Status {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        #[arg(long)]
+        json: bool,
+        /// Stop collecting when no state arrived for this long.
+        #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = manifest::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Tell a device to install the last release offered to it again, even
+    /// though it was rolled back.
+    Retry {
+        #[command(flatten)]
+        broker: BrokerArgs,
+        #[command(flatten)]
+        fleet: FleetArgs,
+        #[arg(long, value_name = "ID", value_parser = parse_name)]
+        device: String,
+    },
+}
+
+fn parse_name(s: &str) -> std::result::Result<String, String> {
+    if crate::protocol::is_topic_name(s) {
+        Ok(s.to_string())
+    } else {
+        Err(format!(
+            "{s:?} must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        ))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BundleArgs {
+    /// The release tarball as `rebar3 tar` or `mix release` produced it.
+    #[arg(long, value_name = "REL.tar.gz")]
+    release: PathBuf,
+    /// Secret key to sign with (repeat for a threshold of signers).
+    #[arg(long = "key", value_name = "KEY", required = true)]
+    keys: Vec<PathBuf>,
+    /// How long the bundle stays valid (30d, 12h, ...).
+    #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = manifest::parse_duration)]
+    expires: std::time::Duration,
+    /// Allow installing over a newer or equal release, or a higher sequence.
+    #[arg(long)]
+    allow_downgrade: bool,
+    /// Keep the tarball's bytes as they are. By default it is recompressed
+    /// as one gzip member per application, ERTS and release directory, with
+    /// an index in the manifest, so that a device reads and inflates only
+    /// what it does not have yet (still a valid .tar.gz).
+    #[arg(long)]
+    keep_tarball: bool,
+    /// Who may install it: any, fleet:NAME, group:NAME or device:ID (repeat).
+    #[arg(long = "target", value_name = "SCOPE", default_value = "any", value_parser = parse_scope)]
+    targets: Vec<String>,
+    /// Sequence number, at most 2^53 - 1 (default: milliseconds since the
+    /// epoch x 1024 + random per-machine bits, above the last one this user
+    /// issued).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(..=crate::operator::sequence::MAX))]
+    sequence: Option<u64>,
+    /// Bytes per verified chunk for transports.
+    #[arg(long, value_name = "BYTES", default_value_t = manifest::DEFAULT_CHUNK_SIZE)]
+    chunk_size: u32,
+    /// Where to write the bundle (refuses to overwrite).
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+fn relup_command(args: RelupArgs) -> Result<()> {
+    let report = crate::operator::relup::run(&crate::operator::relup::RelupOptions {
+        release_dir: args.release_dir,
+        from: args.from,
+        to: args.to,
+        out: args.out,
+        overwrite: args.overwrite,
+    })?;
+    for w in &report.warnings {
+        eprintln!("warning: systools: {w}");
+    }
+    println!("release     {}", report.release);
+    for (app, from, to) in &report.changed_apps {
+        println!("changed     {app} {} -> {to}", from.join(", "));
+    }
+    println!("relup       {}", report.relup.display());
+    println!("tarball     {}", report.tarball.display());
+    Ok(())
+}
+
+fn offer_command(file: &Path, b: &BrokerArgs, f: &FleetArgs, to: &OfferTarget) -> Result<()> {
+    let topics = f.topics()?;
+    let bundle = bundle::Bundle::open(file)?;
+    let m = bundle.manifest_unverified()?;
+    let (topic, whom) = match (&to.device, &to.group) {
+        (Some(d), _) => (topics.device_offer(d), format!("device {d}")),
+        (_, Some(g)) => (topics.group_offer(g), format!("group {g}")),
+        _ => unreachable!("clap requires one"),
+    };
+    let broker = b.broker()?;
+    runtime()?.block_on(crate::operator::fleet::publish_once(
+        &broker,
+        &topic,
+        bundle.manifest_bytes().to_vec(),
+        true,
+        std::time::Duration::from_secs(30),
+    ))?;
+    println!(
+        "offered     {} {} (sequence {}) to {whom}",
+        m.release.name, m.release.version, m.sequence
+    );
+    println!("topic       {topic} (retained)");
+    println!(
+        "data        {} bytes in {} chunks, served by `beamup serve` from a directory holding {}",
+        m.tarball.size,
+        m.tarball.chunks.len(),
+        file.file_name()
+            .map_or(String::new(), |n| n.to_string_lossy().into_owned())
+    );
+    Ok(())
+}
+
+fn fleet_command(cmd: FleetCommand) -> Result<()> {
+    match cmd {
+        FleetCommand::Status {
+            broker,
+            fleet,
+            json,
+            wait,
+        } => {
+            let topics = fleet.topics()?;
+            let rows = runtime()?.block_on(crate::operator::fleet::status(
+                &broker.broker()?,
+                &topics,
+                wait,
+                std::time::Duration::from_secs(10).max(wait * 4),
+            ))?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows).expect("json"));
+            } else if rows.is_empty() {
+                println!("no devices have reported in fleet {}", fleet.fleet);
+            } else {
+                print!("{}", crate::operator::fleet::table(&rows));
+            }
+        }
+        FleetCommand::Retry {
+            broker,
+            fleet,
+            device,
+        } => {
+            let topics = fleet.topics()?;
+            let cmd = crate::protocol::Command {
+                v: crate::protocol::VERSION,
+                cmd: "retry".into(),
+            };
+            runtime()?.block_on(crate::operator::fleet::publish_once(
+                &broker.broker()?,
+                &topics.command(&device),
+                serde_json::to_vec(&cmd).expect("json"),
+                false,
+                std::time::Duration::from_secs(30),
+            ))?;
+            println!("sent retry to device {device}");
+        }
+    }
+    Ok(())
+}
+
+fn bundle_command(a: BundleArgs) -> Result<()> {
+    let keys = load_secret(&a.keys)?;
+    let opts = BundleOptions {
+        chunk_size: a.chunk_size,
+        expires_in: a.expires,
+        targets: a.targets,
+        sequence: a.sequence,
+        allow_downgrade: a.allow_downgrade,
+        now: SystemTime::now(),
+        indexed: !a.keep_tarball,
+    };
+    let m = make::create(&a.release, &keys, &opts, &a.out)?;
+    println!("bundle      {}", a.out.display());
+    print_manifest(&m);
+    let ids: Vec<String> = keys.iter().map(|k| k.id()).collect();
+    println!("signed by   {}", ids.join(", "));
+    Ok(())
+}
