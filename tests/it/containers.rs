@@ -284,6 +284,8 @@ fn in_a_pod_the_release_on_the_volume_is_upgraded_in_place_and_boots_permanent_a
         assert!(Instant::now() < deadline, "the agent survived SIGKILL");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // A kubelet would restart it (restartPolicy: Always); podman applies
+    // the policy to a container that exits by itself, not to `podman kill`.
     if pod.status("agent") != "running" {
         podman.ok(&["start", &pod.container("agent")]);
     }
