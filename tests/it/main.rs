@@ -3,6 +3,7 @@
 //! capability, all driving real components.
 
 mod cli;
+mod containers;
 mod dist;
 mod install;
 mod mqtt;

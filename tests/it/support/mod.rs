@@ -5,3 +5,4 @@ pub mod device;
 pub mod mqtt;
 pub mod nspawn;
 pub mod otp;
+pub mod podman;
