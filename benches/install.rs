@@ -106,7 +106,7 @@ fn main() {
     let big_src = big_release(&dir, &rels, 200 * MIB);
     let big_bundle = bundle_of(&dir, &big_src, "big.bundle");
     let manifest = {
-        let root = beamup::root::Root::load(&dir.join("root.json")).unwrap();
+        let root = beamup::trust::root::Root::load(&dir.join("root.json")).unwrap();
         let b = beamup::bundle::Bundle::open(&big_bundle).unwrap();
         b.verify_manifest(&root).unwrap().0
     };

@@ -126,7 +126,7 @@ fn chunks(bundle: &Path) -> Vec<Vec<u8>> {
     b.read_tarball_at(&mut tar, 0).unwrap();
     tar.chunks(CHUNK)
         .enumerate()
-        .map(|(i, c)| beamup::protocol::encode_data(&[7; 32], (i * CHUNK) as u64, c))
+        .map(|(i, c)| beamup::transport::protocol::encode_data(&[7; 32], (i * CHUNK) as u64, c))
         .collect()
 }
 

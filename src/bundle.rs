@@ -25,10 +25,10 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{MAX_MANIFEST_BYTES, Manifest};
-use crate::policy::{self, DeviceFacts};
-use crate::root::Root;
-use crate::signed::{DocKind, Envelope};
+use crate::release::manifest::{MAX_MANIFEST_BYTES, Manifest};
+use crate::release::policy::{self, DeviceFacts};
+use crate::trust::root::Root;
+use crate::trust::signed::{DocKind, Envelope};
 
 pub const MANIFEST_ENTRY: &str = "manifest.json";
 pub const TARBALL_ENTRY: &str = "release.tar.gz";
@@ -608,7 +608,7 @@ mod tests {
     #[test]
     fn chunk_verifier_hands_out_nothing_of_a_bad_chunk() {
         let data: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
-        let m = crate::manifest::for_tests(&data, 4096);
+        let m = crate::release::manifest::for_tests(&data, 4096);
         let mut out = Vec::new();
         ChunkVerifier::new(&data[..], &m, "b".into())
             .read_to_end(&mut out)

@@ -11,8 +11,8 @@ use serde::{Deserialize, Deserializer};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::manifest::is_safe_name;
-use crate::protocol::is_topic_name;
+use crate::release::manifest::is_safe_name;
+use crate::transport::protocol::is_topic_name;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -232,9 +232,10 @@ impl Config {
                     ));
                 }
             }
-            crate::mqtt::parse_url(&m.url).map_err(|e| format!("[mqtt] url: {e}"))?;
+            crate::transport::mqtt::parse_url(&m.url).map_err(|e| format!("[mqtt] url: {e}"))?;
             if let Some(v) = &m.version {
-                crate::mqtt::Version::parse(v).map_err(|e| format!("[mqtt] version: {e}"))?;
+                crate::transport::mqtt::Version::parse(v)
+                    .map_err(|e| format!("[mqtt] version: {e}"))?;
             }
             if !is_safe_prefix(&m.prefix) {
                 return Err(format!(
@@ -278,12 +279,14 @@ impl Config {
     }
 
     /// The device's identity for target scopes, when MQTT names one.
-    pub fn identity(&self) -> Option<crate::policy::Identity> {
-        self.mqtt.as_ref().map(|m| crate::policy::Identity {
-            fleet: Some(m.fleet.clone()),
-            device: Some(m.device_id.clone()),
-            groups: m.groups.clone(),
-        })
+    pub fn identity(&self) -> Option<crate::release::policy::Identity> {
+        self.mqtt
+            .as_ref()
+            .map(|m| crate::release::policy::Identity {
+                fleet: Some(m.fleet.clone()),
+                device: Some(m.device_id.clone()),
+                groups: m.groups.clone(),
+            })
     }
 }
 

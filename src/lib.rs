@@ -1,41 +1,47 @@
 //! beamup: an update agent for devices that run one BEAM release each.
 //!
 //! The library holds everything; `src/main.rs` is a thin command-line shell
-//! over it. See `ARCHITECTURE.md` for the map.
+//! over it. The folders read as the update path, in order (see
+//! `ARCHITECTURE.md` for the map and the dependency rules, checked by
+//! `tests/it/layout.rs`):
+//!
+//! - [`trust`]: keys, signed envelopes, the trust root;
+//! - [`release`]: the manifest, policy, versions, tar rules, release files
+//!   (pure);
+//! - [`transport`]: the MQTT protocol, connection, transfer window,
+//!   download file and outbox;
+//! - [`bundle`]: the container and its streaming verification;
+//! - [`staging`]: unpacking beside the running release; the boot set that
+//!   guards every deletion;
+//! - [`node`]: the release_handler driver (distribution protocol, typed
+//!   calls, the link);
+//! - [`health`]: checks and the soak gate;
+//! - [`engine`]: the install pipeline, its decisions, the journal;
+//! - [`device`]: the agent daemon and `beamup unpack`;
+//! - `operator` (feature `operator`): bundles, serving, offers, the fleet,
+//!   relups;
+//! - [`cli`]: arguments, dispatch, output.
+//!
+//! Beside them: [`config`] (`agent.toml`), [`error`], [`fsutil`],
+//! [`logging`], [`memory`].
 
-pub mod agent;
-pub mod bootset;
 pub mod bundle;
 pub mod cli;
-pub mod config;
-pub mod decide;
-pub mod dist;
-pub mod error;
-pub mod eterm;
-pub mod fsutil;
+pub mod device;
+pub mod engine;
 pub mod health;
-pub mod install;
-pub mod keys;
-pub mod logging;
-pub mod manifest;
-pub mod memory;
-pub mod mqtt;
 pub mod node;
-pub mod nodelink;
 #[cfg(feature = "operator")]
 pub mod operator;
-pub mod outbox;
-pub mod policy;
-pub mod protocol;
 pub mod release;
-pub mod releases_file;
-pub mod root;
-pub mod signed;
 pub mod staging;
-pub mod state;
-pub mod tarrules;
-pub mod transfer;
-pub mod unpack;
-pub mod version;
+pub mod transport;
+pub mod trust;
+
+pub mod config;
+pub mod error;
+pub mod fsutil;
+pub mod logging;
+pub mod memory;
 
 pub use error::{Error, Result};

@@ -4,7 +4,7 @@
 //! what tracing-subscriber's fmt layer did here at a fraction of its size.
 //!
 //! `RUST_LOG` takes `LEVEL` and `target=LEVEL` directives, comma-separated
-//! (`warn,beamup::agent=debug`); the most specific target wins, and a target
+//! (`warn,beamup::device::agent=debug`); the most specific target wins, and a target
 //! that no directive names logs at the bare `LEVEL` (or not at all). No
 //! regular expressions or span filters: a malformed value is ignored in
 //! favour of the default.
@@ -175,12 +175,13 @@ mod tests {
 
     #[test]
     fn directives() {
-        let f = Filter::parse("warn,beamup::agent=debug,beamup::agent::x=off").unwrap();
-        assert!(f.enabled("beamup::install", &Level::WARN));
-        assert!(!f.enabled("beamup::install", &Level::INFO));
-        assert!(f.enabled("beamup::agent", &Level::DEBUG));
-        assert!(!f.enabled("beamup::agent", &Level::TRACE));
-        assert!(!f.enabled("beamup::agent::x", &Level::ERROR));
+        let f =
+            Filter::parse("warn,beamup::device::agent=debug,beamup::device::agent::x=off").unwrap();
+        assert!(f.enabled("beamup::engine::install", &Level::WARN));
+        assert!(!f.enabled("beamup::engine::install", &Level::INFO));
+        assert!(f.enabled("beamup::device::agent", &Level::DEBUG));
+        assert!(!f.enabled("beamup::device::agent", &Level::TRACE));
+        assert!(!f.enabled("beamup::device::agent::x", &Level::ERROR));
         assert_eq!(f.max(), LevelFilter::DEBUG);
 
         let f = Filter::parse("INFO").unwrap();

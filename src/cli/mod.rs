@@ -14,17 +14,17 @@ use serde_json::json;
 
 use crate::bundle;
 use crate::config::Config;
+use crate::engine::install;
+use crate::engine::state::{Outcome, OutcomeKind, Strategy};
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::install;
+use crate::release::manifest::Manifest;
 #[cfg(feature = "operator")]
-use crate::keys::{PublicKey, SecretKey};
-use crate::manifest::Manifest;
+use crate::release::manifest::Scope;
+use crate::release::policy::{DeviceFacts, Identity};
 #[cfg(feature = "operator")]
-use crate::manifest::Scope;
-use crate::policy::{DeviceFacts, Identity};
-use crate::root::{ROOT_FILE_LIMIT, Root};
-use crate::state::{Outcome, OutcomeKind, Strategy};
+use crate::trust::keys::{PublicKey, SecretKey};
+use crate::trust::root::{ROOT_FILE_LIMIT, Root};
 
 #[cfg(feature = "operator")]
 mod operator;
@@ -246,7 +246,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
                     detail: "the agent needs an [mqtt] table (url, device_id, fleet)".into(),
                 });
             }
-            runtime()?.block_on(crate::agent::run(cfg))?;
+            runtime()?.block_on(crate::device::agent::run(cfg))?;
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -407,7 +407,7 @@ fn verify_command(a: VerifyArgs) -> Result<ExitCode> {
 }
 
 fn unpack_command(a: UnpackArgs) -> Result<ExitCode> {
-    let result = crate::unpack::unpack(&crate::unpack::Request {
+    let result = crate::device::unpack::unpack(&crate::device::unpack::Request {
         bundle: &a.bundle,
         trust_root: &a.root,
         dir: &a.out,
@@ -453,8 +453,8 @@ fn unpack_command(a: UnpackArgs) -> Result<ExitCode> {
         r.root_version
     );
     let how = match r.mode {
-        crate::unpack::Mode::Provision => "the whole release",
-        crate::unpack::Mode::Stage => "beside the installed release",
+        crate::device::unpack::Mode::Provision => "the whole release",
+        crate::device::unpack::Mode::Stage => "beside the installed release",
     };
     println!(
         "unpacked    {} files, {} bytes into {dir} ({how})",
@@ -471,7 +471,7 @@ fn unpack_command(a: UnpackArgs) -> Result<ExitCode> {
         );
     }
     match r.mode {
-        crate::unpack::Mode::Provision => {
+        crate::device::unpack::Mode::Provision => {
             if !m.includes_erts {
                 println!(
                     "note        the release has no ERTS: the device needs Erlang/OTP with ERTS {}",
@@ -483,7 +483,7 @@ fn unpack_command(a: UnpackArgs) -> Result<ExitCode> {
                 m.release.name
             );
         }
-        crate::unpack::Mode::Stage => println!(
+        crate::device::unpack::Mode::Stage => println!(
             "next        the installed release is unchanged; `beamup install {} --config agent.toml` \
              with the node running switches to {} (hot or cold, health-gated)",
             a.bundle.display(),
@@ -647,10 +647,10 @@ fn recover_command(config: &Path, json: bool) -> Result<ExitCode> {
 
 fn status_command(config: &Path, json: bool) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let state = crate::state::Store::peek(&cfg.state.dir)?;
+    let state = crate::engine::state::Store::peek(&cfg.state.dir)?;
     let rt = runtime()?;
     let node = rt.block_on(async {
-        let mut link = crate::nodelink::NodeLink::new(&cfg)?;
+        let mut link = crate::node::link::NodeLink::new(&cfg)?;
         link.call_timeout = link.call_timeout.min(std::time::Duration::from_secs(5));
         Ok::<_, Error>(link.running().await.map_err(|e| e.to_string()))
     })?;

@@ -11,9 +11,9 @@ use clap::{Args, Subcommand};
 use super::{load_secret, parse_scope, print_manifest, runtime};
 use crate::bundle;
 use crate::error::{Error, Result};
-use crate::keys;
-use crate::manifest;
 use crate::operator::bundle::{self as make, BundleOptions};
+use crate::release::manifest;
+use crate::trust::keys;
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
@@ -184,11 +184,12 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
-    fn broker(&self) -> Result<crate::mqtt::Broker> {
-        crate::mqtt::parse_url(&self.broker).map_err(Error::Usage)?;
-        Ok(crate::mqtt::Broker {
+    fn broker(&self) -> Result<crate::transport::mqtt::Broker> {
+        crate::transport::mqtt::parse_url(&self.broker).map_err(Error::Usage)?;
+        Ok(crate::transport::mqtt::Broker {
             url: self.broker.clone(),
-            version: crate::mqtt::Version::parse(&self.mqtt_version).map_err(Error::Usage)?,
+            version: crate::transport::mqtt::Version::parse(&self.mqtt_version)
+                .map_err(Error::Usage)?,
             ca_file: self.ca_file.clone(),
             cert_file: self.cert_file.clone(),
             key_file: self.key_file.clone(),
@@ -209,14 +210,17 @@ pub struct FleetArgs {
 }
 
 impl FleetArgs {
-    fn topics(&self) -> Result<crate::protocol::Topics> {
+    fn topics(&self) -> Result<crate::transport::protocol::Topics> {
         if !crate::config::is_safe_prefix(&self.prefix) {
             return Err(Error::Usage(format!(
                 "--prefix {:?} must be names of A-Z a-z 0-9 . _ - separated by /",
                 self.prefix
             )));
         }
-        Ok(crate::protocol::Topics::new(&self.prefix, &self.fleet))
+        Ok(crate::transport::protocol::Topics::new(
+            &self.prefix,
+            &self.fleet,
+        ))
     }
 }
 
@@ -259,7 +263,7 @@ pub enum FleetCommand {
 }
 
 fn parse_name(s: &str) -> std::result::Result<String, String> {
-    if crate::protocol::is_topic_name(s) {
+    if crate::transport::protocol::is_topic_name(s) {
         Ok(s.to_string())
     } else {
         Err(format!(
@@ -385,8 +389,8 @@ fn fleet_command(cmd: FleetCommand) -> Result<()> {
             device,
         } => {
             let topics = fleet.topics()?;
-            let cmd = crate::protocol::Command {
-                v: crate::protocol::VERSION,
+            let cmd = crate::transport::protocol::Command {
+                v: crate::transport::protocol::VERSION,
                 cmd: "retry".into(),
             };
             runtime()?.block_on(crate::operator::fleet::publish_once(

@@ -15,10 +15,10 @@ use crate::bundle::{
 };
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::AtomicFile;
-use crate::keys::SecretKey;
-use crate::manifest::{self, Manifest, ReleaseRef, TarballRef};
-use crate::release;
-use crate::signed::{DocKind, Envelope};
+use crate::release::manifest::{self, Manifest, ReleaseRef, TarballRef};
+use crate::release::metadata;
+use crate::trust::keys::SecretKey;
+use crate::trust::signed::{DocKind, Envelope};
 
 /// How to make a bundle.
 #[derive(Clone, Debug)]
@@ -63,11 +63,11 @@ pub fn create(
             "at least one signing key (--key) is needed".into(),
         ));
     }
-    let info = release::inspect(release_tar)?;
+    let info = metadata::inspect(release_tar)?;
     // What every device checks, checked before anything is signed: the
     // tar stream of an indexed tarball is this one's.
     let input = File::open(release_tar).ctx(release_tar, "open")?;
-    crate::tarrules::check_stream(input).map_err(|detail| Error::UnsafeRelease {
+    crate::release::tarrules::check_stream(input).map_err(|detail| Error::UnsafeRelease {
         path: release_tar.to_path_buf(),
         detail,
     })?;

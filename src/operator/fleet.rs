@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::mqtt::{self, Broker, Conn, Qos, Session};
-use crate::protocol::{DeviceStatus, Online, Topic, Topics};
+use crate::transport::mqtt::{self, Broker, Conn, Qos, Session};
+use crate::transport::protocol::{DeviceStatus, Online, Topic, Topics};
 
 fn session(role: &str) -> Result<Session> {
     let mut id = [0u8; 6];

@@ -24,10 +24,10 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 
 use crate::error::{Error, IoContext, Result};
-use crate::eterm::{self, Term};
 use crate::fsutil::{self, AtomicFile};
-use crate::release::{Rel, parse_rel};
-use crate::releases_file;
+use crate::release::eterm::{self, Term};
+use crate::release::metadata::{Rel, parse_rel};
+use crate::release::releases_file;
 
 /// `.rel` and `.appup` files are small; anything larger is not one.
 const TERM_FILE_LIMIT: u64 = 1024 * 1024;

@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 
 use crate::bundle::Bundle;
 use crate::error::{Error, Result};
-use crate::mqtt::{self, Backoff, Broker, Client, Conn, Qos, Session};
-use crate::protocol::{self, ChunkRequest, Topic, Topics};
+use crate::transport::mqtt::{self, Backoff, Broker, Client, Conn, Qos, Session};
+use crate::transport::protocol::{self, ChunkRequest, Topic, Topics};
 
 #[derive(Clone, Debug)]
 pub struct ServeOptions {
@@ -208,7 +208,7 @@ async fn worker(
                 continue;
             }
         };
-        let Some(id) = crate::manifest::parse_digest(&req.bundle) else {
+        let Some(id) = crate::release::manifest::parse_digest(&req.bundle) else {
             continue;
         };
         if req.v != protocol::VERSION {

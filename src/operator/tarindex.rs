@@ -1,5 +1,5 @@
 //! Writing an indexed release tarball: the same tar stream, recompressed as
-//! one gzip member per top-level unit (see [`crate::manifest::Part`]).
+//! one gzip member per top-level unit (see [`crate::release::manifest::Part`]).
 //!
 //! An upgrade usually adds one or two applications and a `releases/VSN/`
 //! directory to a release whose ERTS, `kernel` and `stdlib` the device
@@ -21,8 +21,8 @@ use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 
 use crate::error::{Error, Result};
-use crate::manifest::Part;
-use crate::tarrules;
+use crate::release::manifest::Part;
+use crate::release::tarrules;
 
 const BLOCK: usize = 512;
 
@@ -108,7 +108,7 @@ pub fn index(input: impl Read, out: impl Write, what: &str) -> Result<Vec<Part>>
             .as_deref()
             .and_then(tarrules::top_of)
             .map(|p| p.to_string_lossy().into_owned())
-            .filter(|u| crate::manifest::is_unit_path(u))
+            .filter(|u| crate::release::manifest::is_unit_path(u))
             .unwrap_or_default();
         if member.as_ref().is_none_or(|(u, _, _)| *u != unit) {
             finish(&mut member, &mut out, &mut parts).map_err(stream)?;

@@ -10,8 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use beamup::dist::{ConnectOptions, Connection, DistError, Term, epmd};
-use beamup::node::{self, NodeError, ReleaseStatus};
+use beamup::node::calls::{self, NodeError, ReleaseStatus};
+use beamup::node::dist::{ConnectOptions, Connection, DistError, Term, epmd};
 use tokio::time::Instant;
 
 const STARTUP: Duration = Duration::from_secs(30);
@@ -203,7 +203,7 @@ async fn rpc_round_trip_and_typed_calls() {
 
     // The node's own OS pid: erl execs into the emulator, so it is the
     // child we spawned.
-    assert_eq!(node::os_getpid(&c, CALL).await.unwrap(), n.pid());
+    assert_eq!(calls::os_getpid(&c, CALL).await.unwrap(), n.pid());
 
     // We are hidden: not in nodes(), but in nodes(hidden).
     let visible = c.rpc("erlang", "nodes", vec![], CALL).await.unwrap();
@@ -214,9 +214,9 @@ async fn rpc_round_trip_and_typed_calls() {
         .unwrap();
     assert_eq!(hidden, Term::List(vec![Term::atom(c.local_node())]));
 
-    let apps = node::which_applications(&c, CALL).await.unwrap();
+    let apps = calls::which_applications(&c, CALL).await.unwrap();
     assert!(apps.iter().any(|a| a.name == "kernel"), "{apps:?}");
-    let (name, vsn) = node::script_id(&c, CALL).await.unwrap();
+    let (name, vsn) = calls::script_id(&c, CALL).await.unwrap();
     assert!(!name.is_empty() && !vsn.is_empty());
 
     // A function that raises is a typed badrpc, rendered as Erlang text.
@@ -237,7 +237,7 @@ async fn rpc_round_trip_and_typed_calls() {
     assert!(e.to_string().contains("undef"), "{e}");
 
     // Plain `erl` boots without sasl: release_handler is absent, typed.
-    let e = node::which_releases(&c, CALL).await.unwrap_err();
+    let e = calls::which_releases(&c, CALL).await.unwrap_err();
     assert!(matches!(e, NodeError::ReleaseHandlerNotRunning), "{e:?}");
 }
 
@@ -245,7 +245,7 @@ async fn rpc_round_trip_and_typed_calls() {
 async fn which_releases_on_the_otp_system_release() {
     let n = TestNode::start(&["-boot", "start_sasl", "-sasl", "errlog_type", "error"]).await;
     let c = n.connect().await;
-    let rels = node::which_releases(&c, CALL).await.unwrap();
+    let rels = calls::which_releases(&c, CALL).await.unwrap();
     assert_eq!(rels.len(), 1, "{rels:?}");
     let r = &rels[0];
     assert_eq!(r.name, "Erlang/OTP");
@@ -253,19 +253,19 @@ async fn which_releases_on_the_otp_system_release() {
     assert!(r.libs.iter().any(|l| l.starts_with("kernel-")), "{r:?}");
 
     // The reply shapes of the error paths, from the real release_handler.
-    let e = node::install_release(&c, "0.0-none", CALL)
+    let e = calls::install_release(&c, "0.0-none", CALL)
         .await
         .unwrap_err();
     assert!(
         matches!(e, NodeError::NoSuchRelease { ref vsn } if vsn == "0.0-none"),
         "{e:?}"
     );
-    let e = node::set_removed(&c, &r.vsn, CALL).await.unwrap_err();
+    let e = calls::set_removed(&c, &r.vsn, CALL).await.unwrap_err();
     assert!(
         matches!(e, NodeError::Permanent { ref vsn } if *vsn == r.vsn),
         "{e:?}"
     );
-    let e = node::make_permanent(&c, "0.0-none", CALL)
+    let e = calls::make_permanent(&c, "0.0-none", CALL)
         .await
         .unwrap_err();
     assert!(matches!(e, NodeError::NoSuchRelease { .. }), "{e:?}");

@@ -365,7 +365,9 @@ pub(crate) fn hostile_tarball(entries: &[Entry]) -> Vec<u8> {
 /// The same entries as an indexed tarball whose index claims every hostile
 /// entry for `lib/thermo-1.1.0`, a part the device unpacks: what a
 /// compromised signer could produce.
-pub(crate) fn hostile_indexed_tarball(entries: &[Entry]) -> (Vec<u8>, Vec<beamup::manifest::Part>) {
+pub(crate) fn hostile_indexed_tarball(
+    entries: &[Entry],
+) -> (Vec<u8>, Vec<beamup::release::manifest::Part>) {
     let mut groups: Vec<(&str, Vec<u8>)> =
         vec![("releases/1.1.0", vec![]), ("lib/thermo-1.1.0", vec![])];
     for e in hostile_entries(entries) {
@@ -380,7 +382,7 @@ pub(crate) fn hostile_indexed_tarball(entries: &[Entry]) -> (Vec<u8>, Vec<beamup
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         gz.write_all(&tar).unwrap();
         let member = gz.finish().unwrap();
-        parts.push(beamup::manifest::Part {
+        parts.push(beamup::release::manifest::Part {
             unit: unit.into(),
             offset: out.len() as u64,
             size: member.len() as u64,
@@ -439,10 +441,10 @@ pub(crate) fn signed_indexed_bundle_of(
     dir: &Path,
     name: &str,
     tarball: &[u8],
-    parts: Vec<beamup::manifest::Part>,
+    parts: Vec<beamup::release::manifest::Part>,
     unpacked: u64,
 ) -> PathBuf {
-    use beamup::manifest::*;
+    use beamup::release::manifest::*;
     let digests =
         beamup::bundle::hash_stream(&mut &tarball[..], tarball.len() as u64, DEFAULT_CHUNK_SIZE)
             .unwrap();
@@ -472,9 +474,10 @@ pub(crate) fn signed_indexed_bundle_of(
         sequence: 1,
         allow_downgrade: false,
     };
-    let key = beamup::keys::SecretKey::load(&dir.join("keys/k.key")).unwrap();
+    let key = beamup::trust::keys::SecretKey::load(&dir.join("keys/k.key")).unwrap();
     let env =
-        beamup::signed::Envelope::sign(beamup::signed::DocKind::Manifest, &m, &[key]).to_bytes();
+        beamup::trust::signed::Envelope::sign(beamup::trust::signed::DocKind::Manifest, &m, &[key])
+            .to_bytes();
     let mut out = tar_header("manifest.json", env.len() as u64).to_vec();
     out.extend_from_slice(&env);
     out.resize(out.len().div_ceil(512) * 512, 0);

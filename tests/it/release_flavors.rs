@@ -166,7 +166,7 @@ fn mix_tarballs_have_the_layout_mix_gives_them() {
             ["1.1.0", "1.2.0", "1.3.0"].contains(&vsn),
             "relup in {vsn}"
         );
-        let info = beamup::release::inspect(releases.tarball(vsn)).unwrap();
+        let info = beamup::release::metadata::inspect(releases.tarball(vsn)).unwrap();
         assert_eq!(
             (info.name.as_str(), info.version.as_str()),
             ("thermex", vsn)

@@ -60,7 +60,7 @@ fn a_mix_relup_hot_upgrades_a_running_thermex_node() {
         run.stdout
     );
     assert!(rel.join("releases/1.1.0/relup").is_file());
-    let info = beamup::release::inspect(&out).unwrap();
+    let info = beamup::release::metadata::inspect(&out).unwrap();
     assert_eq!(info.upgrade_from, ["1.0.0"]);
     assert_eq!(info.downgrade_to, ["1.0.0"]);
 
@@ -145,7 +145,10 @@ fn an_existing_output_is_not_overwritten_unless_asked() {
     let mut with = args.to_vec();
     with.push("--overwrite");
     beamup(work.path(), &with).ok();
-    assert_eq!(beamup::release::inspect(&out).unwrap().version, "1.2.0");
+    assert_eq!(
+        beamup::release::metadata::inspect(&out).unwrap().version,
+        "1.2.0"
+    );
 }
 
 /// A relx release directory with 1.0.0 and 1.1.0 built into it, as
@@ -186,7 +189,7 @@ fn rebar3_output_gets_a_relup_and_a_tarball_as_rebar3_tar_makes() {
         ],
     )
     .ok();
-    let info = beamup::release::inspect(&out).unwrap();
+    let info = beamup::release::metadata::inspect(&out).unwrap();
     assert_eq!(
         (info.name.as_str(), info.version.as_str()),
         ("thermo", "1.1.0")

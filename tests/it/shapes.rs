@@ -276,8 +276,8 @@ fn with_entry_appended(path: &Path, name: &str, target: &str) -> Vec<u8> {
 /// `beamup bundle` would write for the real release but without its
 /// checks on the entries.
 fn signed_raw_bundle(d: &Device, tarball: &Path) -> PathBuf {
-    use beamup::manifest::*;
-    let info = beamup::release::inspect(tarball).unwrap();
+    use beamup::release::manifest::*;
+    let info = beamup::release::metadata::inspect(tarball).unwrap();
     let bytes = fs::read(tarball).unwrap();
     let digests =
         beamup::bundle::hash_stream(&mut &bytes[..], bytes.len() as u64, DEFAULT_CHUNK_SIZE)
@@ -310,9 +310,10 @@ fn signed_raw_bundle(d: &Device, tarball: &Path) -> PathBuf {
         sequence: 1,
         allow_downgrade: false,
     };
-    let key = beamup::keys::SecretKey::load(&d.path().join("keys/k.key")).unwrap();
+    let key = beamup::trust::keys::SecretKey::load(&d.path().join("keys/k.key")).unwrap();
     let env =
-        beamup::signed::Envelope::sign(beamup::signed::DocKind::Manifest, &m, &[key]).to_bytes();
+        beamup::trust::signed::Envelope::sign(beamup::trust::signed::DocKind::Manifest, &m, &[key])
+            .to_bytes();
     let mut out = crate::cli::tar_header("manifest.json", env.len() as u64).to_vec();
     out.extend_from_slice(&env);
     out.resize(out.len().div_ceil(512) * 512, 0);

@@ -526,18 +526,21 @@ fn absurd_sizes_are_refused_without_allocating() {
 
     // A correctly signed manifest claiming a 1 TB tarball: the signer is
     // trusted, the claim still is not.
-    let keys: Vec<beamup::keys::SecretKey> = ["a", "b"]
+    let keys: Vec<beamup::trust::keys::SecretKey> = ["a", "b"]
         .iter()
-        .map(|k| beamup::keys::SecretKey::load(&f.dir.join(format!("keys/{k}.key"))).unwrap())
+        .map(|k| {
+            beamup::trust::keys::SecretKey::load(&f.dir.join(format!("keys/{k}.key"))).unwrap()
+        })
         .collect();
     let bundle = beamup::bundle::Bundle::open(&f.bundle).unwrap();
-    let root = beamup::root::Root::load(&f.dir.join("root.json")).unwrap();
+    let root = beamup::trust::root::Root::load(&f.dir.join("root.json")).unwrap();
     let (mut m, _) = bundle.verify_manifest(&root).unwrap();
     m.tarball.size = 1_000_000_000_000;
     m.tarball.chunk_size = 16 << 20;
     m.tarball.chunks = vec!["00".repeat(32); 1_000_000_000_000u64.div_ceil(16 << 20) as usize];
     let env =
-        beamup::signed::Envelope::sign(beamup::signed::DocKind::Manifest, &m, &keys).to_bytes();
+        beamup::trust::signed::Envelope::sign(beamup::trust::signed::DocKind::Manifest, &m, &keys)
+            .to_bytes();
     let mut forged = tar_header("manifest.json", env.len() as u64).to_vec();
     forged.extend_from_slice(&env);
     forged.resize(forged.len().div_ceil(512) * 512, 0);

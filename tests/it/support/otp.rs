@@ -161,10 +161,15 @@ fn mix_build() -> &'static Built {
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
         // The upgrade tarballs are made by `beamup relup`: a change to it
         // rebuilds them.
-        let relup_sources: Vec<PathBuf> = ["src/relup.rs", "src/release.rs", "src/eterm.rs"]
-            .iter()
-            .map(|p| manifest.join(p))
-            .collect();
+        let relup_sources: Vec<PathBuf> = [
+            "src/operator/relup.rs",
+            "src/release.rs",
+            "src/releases_file.rs",
+            "src/eterm.rs",
+        ]
+        .iter()
+        .map(|p| manifest.join(p))
+        .collect();
         build_cached(
             &manifest.join("tests/mix"),
             "mix-cache",

@@ -251,7 +251,7 @@ impl Outcome {
     /// A bundle or offer refused before anything changed; `m` when its
     /// manifest was read far enough to name the release.
     pub fn rejected(
-        m: Option<&crate::manifest::Manifest>,
+        m: Option<&crate::release::manifest::Manifest>,
         release: &str,
         reason: String,
     ) -> Outcome {
@@ -263,7 +263,7 @@ impl Outcome {
             sequence: m.map(|m| m.sequence),
             strategy: None,
             reason: Some(reason),
-            at: crate::manifest::format_time(std::time::SystemTime::now()),
+            at: crate::release::manifest::format_time(std::time::SystemTime::now()),
             interrupted: false,
         }
     }

@@ -16,9 +16,9 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
-use crate::eterm::{self, Term};
 use crate::fsutil;
-use crate::release::{self, Rel};
+use crate::release::eterm::{self, Term};
+use crate::release::metadata::{self, Rel};
 
 /// Metadata files are small; anything larger is not one.
 const FILE_LIMIT: u64 = 4 * 1024 * 1024;
@@ -86,7 +86,7 @@ impl OnDisk {
             let Some(text) = read_text(&path)? else {
                 continue;
             };
-            let rel = release::parse_rel(&text).map_err(|e| invalid(&path, e))?;
+            let rel = metadata::parse_rel(&text).map_err(|e| invalid(&path, e))?;
             if rel.name == name && rel.version == v {
                 out.rels.push(rel);
             }

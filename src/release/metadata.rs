@@ -11,7 +11,7 @@ use std::path::Path;
 use flate2::read::GzDecoder;
 
 use crate::error::{Error, IoContext, Result};
-use crate::eterm::{self, Term};
+use crate::release::eterm::{self, Term};
 
 /// Release metadata files are small; anything larger is not one.
 const META_FILE_LIMIT: u64 = 4 * 1024 * 1024;

@@ -16,7 +16,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::dist::{Connection, DistError, Term};
+use crate::node::dist::{Connection, DistError, Term};
 
 /// Longest rendering of a term inside an error message.
 const MAX_TEXT: usize = 2000;

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::decide::Running;
-use crate::dist::{ConnectOptions, Connection, DistError, Term};
+use crate::engine::decide::Running;
 use crate::error::{Error, Result};
-use crate::node::{self, NodeError, Release, ReleaseStatus};
+use crate::node::calls::{self, NodeError, Release, ReleaseStatus};
+use crate::node::dist::{ConnectOptions, Connection, DistError, Term};
 
 pub struct NodeLink {
     name: String,
@@ -84,7 +84,7 @@ impl NodeLink {
     pub async fn which_releases(&mut self) -> std::result::Result<Vec<Release>, NodeError> {
         let t = self.call_timeout;
         let conn = self.conn().await?;
-        node::which_releases(conn, t).await
+        calls::which_releases(conn, t).await
     }
 
     pub async fn set_unpacked(
@@ -92,30 +92,30 @@ impl NodeLink {
         rel_file: &std::path::Path,
     ) -> std::result::Result<String, NodeError> {
         let t = self.call_timeout;
-        node::set_unpacked(self.conn().await?, rel_file, &[], t).await
+        calls::set_unpacked(self.conn().await?, rel_file, &[], t).await
     }
 
     pub async fn install_release(
         &mut self,
         vsn: &str,
-    ) -> std::result::Result<node::Installed, NodeError> {
+    ) -> std::result::Result<calls::Installed, NodeError> {
         let t = self.call_timeout;
-        node::install_release(self.conn().await?, vsn, t).await
+        calls::install_release(self.conn().await?, vsn, t).await
     }
 
     pub async fn make_permanent(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
         let t = self.call_timeout;
-        node::make_permanent(self.conn().await?, vsn, t).await
+        calls::make_permanent(self.conn().await?, vsn, t).await
     }
 
     pub async fn set_removed(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
         let t = self.call_timeout;
-        node::set_removed(self.conn().await?, vsn, t).await
+        calls::set_removed(self.conn().await?, vsn, t).await
     }
 
     pub async fn reload_release_handler(&mut self) -> std::result::Result<(), NodeError> {
         let t = self.call_timeout;
-        node::reload_release_handler(self.conn().await?, t).await
+        calls::reload_release_handler(self.conn().await?, t).await
     }
 
     /// What the node runs and has as permanent, and its ERTS version.
@@ -124,9 +124,9 @@ impl NodeLink {
         let conn = self.conn().await?;
         // Four independent questions, in flight together on one connection.
         let (releases, script, apps, erts) = tokio::join!(
-            node::which_releases(conn, t),
-            node::script_id(conn, t),
-            node::which_applications(conn, t),
+            calls::which_releases(conn, t),
+            calls::script_id(conn, t),
+            calls::which_applications(conn, t),
             conn.rpc("erlang", "system_info", vec![Term::atom("version")], t),
         );
         let (_, booted) = script?;
@@ -147,7 +147,7 @@ impl NodeLink {
     pub async fn os_pid(&mut self) -> Option<u32> {
         let t = self.call_timeout;
         let conn = self.conn().await.ok()?;
-        node::os_getpid(conn, t).await.ok()
+        calls::os_getpid(conn, t).await.ok()
     }
 
     /// Whether the node answers at all (EPMD, handshake and an rpc).

@@ -30,20 +30,20 @@ use tokio::sync::mpsc;
 
 use crate::bundle;
 use crate::config::{Config, MqttConfig};
+use crate::engine::install::{self, Engine, InstallOptions};
+use crate::engine::state::{Outcome, OutcomeKind};
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::install::{self, Engine, InstallOptions};
-use crate::manifest::{self, Manifest};
-use crate::mqtt::{self, Backoff, Broker, Conn, Qos, Session};
-use crate::outbox::{Entry, Outbox};
-use crate::protocol::{
+use crate::release::manifest::{self, Manifest};
+use crate::staging;
+use crate::transport::mqtt::{self, Backoff, Broker, Conn, Qos, Session};
+use crate::transport::outbox::{Entry, Outbox};
+use crate::transport::protocol::{
     self, ChunkRequest, DataReply, DeviceStatus, Online, OutcomeReport, PhaseName, PhaseReport,
     Topic, Topics,
 };
-use crate::root::Root;
-use crate::staging;
-use crate::state::{Outcome, OutcomeKind};
-use crate::transfer::{Download, Received};
+use crate::transport::transfer::{Download, Received};
+use crate::trust::root::Root;
 
 /// Requests of tarball pieces in flight at once.
 pub const WINDOW: usize = 64;
@@ -1316,7 +1316,7 @@ fn size_text(bytes: u64) -> String {
 /// Requests for pieces: runs of adjacent pieces of the same size become one
 /// request (fewer messages for the broker and the servers), up to
 /// `MAX_PIECES_PER_REQUEST`.
-fn group_requests(bundle: &str, pieces: &[crate::transfer::Piece]) -> Vec<ChunkRequest> {
+fn group_requests(bundle: &str, pieces: &[crate::transport::transfer::Piece]) -> Vec<ChunkRequest> {
     let mut out: Vec<ChunkRequest> = Vec::new();
     for p in pieces {
         if let Some(last) = out.last_mut() {
@@ -1348,7 +1348,7 @@ fn group_requests(bundle: &str, pieces: &[crate::transfer::Piece]) -> Vec<ChunkR
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transfer::Piece;
+    use crate::transport::transfer::Piece;
 
     #[test]
     fn adjacent_pieces_share_a_request() {

@@ -37,7 +37,7 @@ pub const SERVE_SHARE_GROUP: &str = "beamup-serve";
 /// A device id, fleet or group as a topic level: a safe name without `+`
 /// (an MQTT wildcard).
 pub fn is_topic_name(s: &str) -> bool {
-    crate::manifest::is_safe_name(s) && !s.contains('+')
+    crate::release::manifest::is_safe_name(s) && !s.contains('+')
 }
 
 /// Topic names under `PREFIX/FLEET`.

@@ -6,8 +6,8 @@
 //! straight line that asks, then acts.
 
 use crate::config;
-use crate::manifest::Manifest;
-use crate::state::{Journal, Phase, Strategy};
+use crate::engine::state::{Journal, Phase, Strategy};
+use crate::release::manifest::Manifest;
 
 /// What the running node told us about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -143,7 +143,7 @@ mod tests {
     use super::*;
 
     fn manifest(version: &str, from: &[&str], erts: &str) -> Manifest {
-        let mut m = crate::manifest::for_tests(b"x", 4096);
+        let mut m = crate::release::manifest::for_tests(b"x", 4096);
         m.release.name = "thermo".into();
         m.release.version = version.into();
         m.erts = erts.into();

@@ -27,7 +27,7 @@ use sha2::{Digest, Sha256};
 use crate::bundle::{Bundle, Frame};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-use crate::manifest::Manifest;
+use crate::release::manifest::Manifest;
 
 /// A piece of the tarball to request: never spans two chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -970,10 +970,14 @@ mod tests {
     /// data.
     fn test_manifest(size: usize, chunk_size: u32) -> (Manifest, Vec<u8>, Vec<u8>) {
         let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
-        let m = crate::manifest::for_tests(&data, chunk_size);
-        let key = crate::keys::SecretKey::generate().unwrap();
-        let envelope =
-            crate::signed::Envelope::sign(crate::signed::DocKind::Manifest, &m, &[key]).to_bytes();
+        let m = crate::release::manifest::for_tests(&data, chunk_size);
+        let key = crate::trust::keys::SecretKey::generate().unwrap();
+        let envelope = crate::trust::signed::Envelope::sign(
+            crate::trust::signed::DocKind::Manifest,
+            &m,
+            &[key],
+        )
+        .to_bytes();
         (m, envelope, data)
     }
 

@@ -27,9 +27,9 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
-use crate::decide::Running;
+use crate::engine::decide::Running;
 use crate::error::{IoContext, Result};
-use crate::releases_file::OnDisk;
+use crate::release::releases_file::OnDisk;
 
 /// Paths of a release root that must not be deleted.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -158,8 +158,8 @@ pub fn remove(root: &Path, created: &[PathBuf], keep: &Protected) -> Result<Vec<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::release::Rel;
-    use crate::releases_file::{Entry, entry_of};
+    use crate::release::metadata::Rel;
+    use crate::release::releases_file::{Entry, entry_of};
 
     fn rel(vsn: &str, erts: &str, apps: &[(&str, &str)]) -> Rel {
         Rel {

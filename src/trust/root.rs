@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::keys::{PublicKey, SecretKey};
-use crate::signed::{DocKind, Envelope, Trust};
+use crate::trust::keys::{PublicKey, SecretKey};
+use crate::trust::signed::{DocKind, Envelope, Trust};
 
 const ROOT_TYPE: &str = "beamup-root";
 /// A root lists a handful of keys; anything near this is not a root.

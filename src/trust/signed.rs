@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
-use crate::keys::{PublicKey, SecretKey};
+use crate::trust::keys::{PublicKey, SecretKey};
 
 /// Most signatures an envelope may carry; each costs a verification, and a
 /// hostile file could otherwise carry millions.

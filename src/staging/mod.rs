@@ -13,6 +13,8 @@
 //! entries that are skipped, and the compressed stream is hashed again on the
 //! way through, so a bundle swapped after verification is caught.
 
+pub mod bootset;
+
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::{self, Read};
@@ -26,8 +28,8 @@ use flate2::read::MultiGzDecoder;
 use crate::bundle::Bundle;
 
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::{Manifest, Part};
-use crate::tarrules::{Rules, top_of};
+use crate::release::manifest::{Manifest, Part};
+use crate::release::tarrules::{Rules, top_of};
 
 /// What an unpack will create, decided before it starts.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,7 +214,7 @@ pub struct Unpacked {
 /// Unpacks the bundle's release tarball into `root`, creating only the
 /// paths in `plan`. Every byte is checked against the manifest's chunk
 /// digests before it reaches the decompressor. A plain tarball is read to
-/// its end; an indexed one (see [`crate::manifest::Part`]) only in the parts
+/// its end; an indexed one (see [`crate::release::manifest::Part`]) only in the parts
 /// whose unit the plan creates: the rest is neither read nor inflated. On
 /// error, whatever was created is left for the caller to [`remove`] (the
 /// journal lists it).
@@ -446,7 +448,7 @@ mod tests {
         let (_, gz) = crate::operator::tarindex::test_tarball(&entries);
         let mut tarball = Vec::new();
         let parts = crate::operator::tarindex::index(&gz[..], &mut tarball, "t").unwrap();
-        let mut m = crate::manifest::for_tests(&tarball, 4096);
+        let mut m = crate::release::manifest::for_tests(&tarball, 4096);
         m.release.version = "2".into();
         m.apps = vec!["a-1".into(), "b-1".into()];
         m.tarball.unpacked_size = 1 << 30;
@@ -459,9 +461,13 @@ mod tests {
                 c.fill(0);
             }
         }
-        let key = crate::keys::SecretKey::generate().unwrap();
-        let envelope =
-            crate::signed::Envelope::sign(crate::signed::DocKind::Manifest, &m, &[key]).to_bytes();
+        let key = crate::trust::keys::SecretKey::generate().unwrap();
+        let envelope = crate::trust::signed::Envelope::sign(
+            crate::trust::signed::DocKind::Manifest,
+            &m,
+            &[key],
+        )
+        .to_bytes();
         let frame = crate::bundle::Frame::new(&envelope, masked.len() as u64, 0);
         let path = dir.join("partial.bundle");
         fs::write(&path, [&frame.head[..], &masked, &frame.tail].concat()).unwrap();

@@ -29,11 +29,11 @@ use std::time::SystemTime;
 
 use crate::bundle::Bundle;
 use crate::error::{Error, IoContext, Result};
-use crate::manifest::Manifest;
-use crate::policy::{self, DeviceFacts, Identity};
-use crate::releases_file::{self, OnDisk};
-use crate::root::Root;
+use crate::release::manifest::Manifest;
+use crate::release::policy::{self, DeviceFacts, Identity};
+use crate::release::releases_file::{self, OnDisk};
 use crate::staging::{self, Plan};
+use crate::trust::root::Root;
 
 /// What to unpack where.
 #[derive(Clone, Debug)]
@@ -212,7 +212,7 @@ fn place(
     m: &Manifest,
     plan: &mut Plan,
 ) -> Result<staging::Unpacked> {
-    crate::install::check_space(dir, m.tarball.unpacked_size)?;
+    crate::engine::install::check_space(dir, m.tarball.unpacked_size)?;
     let own = staging::plan(dir, &m.release.name, m);
     *plan = match mode {
         Mode::Stage => own,
@@ -233,7 +233,7 @@ fn place(
         write_missing_releases_file(dir, m, plan)?;
     }
     // "Unpacked" must mean on disk: the next step may be a power cut.
-    crate::install::sync_new(dir, &plan.creates)?;
+    crate::engine::install::sync_new(dir, &plan.creates)?;
     // And the directories that gained `bin/`, `lib/`, `releases/` or `dir`
     // itself.
     crate::fsutil::sync_dir(dir)?;

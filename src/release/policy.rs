@@ -9,8 +9,8 @@
 use std::time::SystemTime;
 
 use crate::error::{Error, Result};
-use crate::manifest::{Manifest, Scope};
-use crate::version;
+use crate::release::manifest::{Manifest, Scope};
+use crate::release::version;
 
 /// Who this device is, for target scopes.
 #[derive(Clone, Debug, Default)]
@@ -103,7 +103,7 @@ mod tests {
     use std::time::Duration;
 
     fn manifest(version: &str, sequence: u64, target: &[&str]) -> Manifest {
-        let mut m = crate::manifest::for_tests(b"x", 4096);
+        let mut m = crate::release::manifest::for_tests(b"x", 4096);
         m.release.name = "thermo".into();
         m.release.version = version.into();
         m.erts = "13.1.5".into();

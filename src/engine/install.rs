@@ -17,21 +17,21 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use crate::bootset::{self, Protected};
 use crate::bundle::Bundle;
 use crate::config::Config;
-use crate::decide::{self, NodeSeen, Recovery, Running};
+use crate::engine::decide::{self, NodeSeen, Recovery, Running};
+use crate::engine::state::{DeviceState, Journal, Outcome, OutcomeKind, Phase, Store, Strategy};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 use crate::health::{self, Gate, Verdict};
-use crate::manifest::{self, Manifest};
-use crate::node::{NodeError, ReleaseStatus};
-use crate::nodelink::NodeLink;
-use crate::policy::{self, DeviceFacts};
-use crate::releases_file::{self, OnDisk};
-use crate::root::Root;
+use crate::node::calls::{NodeError, ReleaseStatus};
+use crate::node::link::NodeLink;
+use crate::release::manifest::{self, Manifest};
+use crate::release::policy::{self, DeviceFacts};
+use crate::release::releases_file::{self, OnDisk};
+use crate::staging::bootset::{self, Protected};
 use crate::staging::{self, Plan};
-use crate::state::{DeviceState, Journal, Outcome, OutcomeKind, Phase, Store, Strategy};
+use crate::trust::root::Root;
 
 /// Where progress goes: the terminal for `beamup install`, MQTT for the
 /// agent.

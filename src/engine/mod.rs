@@ -1,0 +1,8 @@
+//! The install engine: the pipeline from a verified bundle to a committed
+//! or rolled-back release (`install`), its pure decisions (`decide`:
+//! strategy, recovery, restoring the boot), and the persisted state with
+//! the journal of the install in progress (`state`).
+
+pub mod decide;
+pub mod install;
+pub mod state;
