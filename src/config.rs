@@ -7,11 +7,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Deserializer};
+use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::fsutil;
+pub use crate::health::HealthConfig;
 use crate::release::manifest::is_safe_name;
+use crate::transport::mqtt::Broker;
 use crate::transport::protocol::is_topic_name;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -49,36 +51,17 @@ pub struct NodeConfig {
     /// EPMD port; defaults to `ERL_EPMD_PORT` or 4369.
     pub epmd_port: Option<u16>,
     /// Timeout of each call to the node.
-    #[serde(default = "default_call_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_call_timeout",
+        deserialize_with = "crate::durations::deserialize"
+    )]
     pub call_timeout: Duration,
     /// How long a started node may take to answer.
-    #[serde(default = "default_start_timeout", deserialize_with = "duration")]
+    #[serde(
+        default = "default_start_timeout",
+        deserialize_with = "crate::durations::deserialize"
+    )]
     pub start_timeout: Duration,
-}
-
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthConfig {
-    /// `http://host:port/path`: healthy when it answers 200.
-    pub http: Option<String>,
-    /// `host:port`: healthy when it accepts a connection.
-    pub tcp: Option<String>,
-    /// Shell command: healthy when it exits 0. `BEAMUP_VERSION` is set to
-    /// the version being checked.
-    pub command: Option<String>,
-    /// The HTTP body must name the new version.
-    #[serde(default)]
-    pub expect_version: bool,
-    /// How long the release has to become healthy and stay healthy for the
-    /// soak window.
-    #[serde(default = "default_health_timeout", deserialize_with = "duration")]
-    pub timeout: Duration,
-    /// How long it must stay healthy, continuously, before commit.
-    #[serde(default = "default_soak", deserialize_with = "duration")]
-    pub soak: Duration,
-    /// Time between checks.
-    #[serde(default = "default_interval", deserialize_with = "duration")]
-    pub interval: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -139,22 +122,6 @@ fn default_call_timeout() -> Duration {
 }
 fn default_start_timeout() -> Duration {
     Duration::from_secs(60)
-}
-fn default_health_timeout() -> Duration {
-    Duration::from_secs(30)
-}
-fn default_soak() -> Duration {
-    Duration::from_secs(5)
-}
-fn default_interval() -> Duration {
-    Duration::from_millis(500)
-}
-
-fn duration<'de, D: Deserializer<'de>>(d: D) -> std::result::Result<Duration, D::Error> {
-    let s = String::deserialize(d)?;
-    humantime::parse_duration(&s).map_err(|e| {
-        serde::de::Error::custom(format!("{s:?} is not a duration like \"10s\" ({e})"))
-    })
 }
 
 const CONFIG_LIMIT: u64 = 1024 * 1024;
@@ -278,6 +245,21 @@ impl Config {
         })
     }
 
+    /// What the node link needs: names, the cookie (read now), timeouts,
+    /// commands.
+    pub fn link_settings(&self) -> Result<crate::node::link::LinkSettings> {
+        Ok(crate::node::link::LinkSettings {
+            name: self.node.name.clone(),
+            cookie: self.cookie()?,
+            epmd_port: self.epmd_port(),
+            call_timeout: self.node.call_timeout,
+            start_timeout: self.node.start_timeout,
+            start: self.node.start.clone(),
+            stop: self.node.stop.clone(),
+            root: self.release.root.clone(),
+        })
+    }
+
     /// The device's identity for target scopes, when MQTT names one.
     pub fn identity(&self) -> Option<crate::release::policy::Identity> {
         self.mqtt
@@ -312,6 +294,26 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     match table {
         Some(t) => format!("line {line} in {t}: {msg}"),
         None => format!("line {line}: {msg}"),
+    }
+}
+
+impl MqttConfig {
+    /// The broker connection these settings describe.
+    pub fn broker(&self) -> Result<Broker> {
+        let m = self;
+        let version = match &m.version {
+            None => crate::transport::mqtt::Version::V5,
+            Some(v) => crate::transport::mqtt::Version::parse(v).map_err(Error::Usage)?,
+        };
+        Ok(Broker {
+            url: m.url.clone(),
+            version,
+            ca_file: m.ca_file.clone(),
+            cert_file: m.cert_file.clone(),
+            key_file: m.key_file.clone(),
+            username: m.username.clone(),
+            password_file: m.password_file.clone(),
+        })
     }
 }
 

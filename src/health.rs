@@ -10,10 +10,57 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::config::HealthConfig;
+use serde::Deserialize;
 
 /// Most of a health response we read; a health endpoint is small.
 const MAX_RESPONSE: usize = 64 * 1024;
+
+/// `[health]` of agent.toml: the checks, the soak window and the timeout.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// `http://host:port/path`: healthy when it answers 200.
+    pub http: Option<String>,
+    /// `host:port`: healthy when it accepts a connection.
+    pub tcp: Option<String>,
+    /// Shell command: healthy when it exits 0. `BEAMUP_VERSION` is set to
+    /// the version being checked.
+    pub command: Option<String>,
+    /// The HTTP body must name the new version.
+    #[serde(default)]
+    pub expect_version: bool,
+    /// How long the release has to become healthy and stay healthy for the
+    /// soak window.
+    #[serde(
+        default = "default_health_timeout",
+        deserialize_with = "crate::durations::deserialize"
+    )]
+    pub timeout: Duration,
+    /// How long it must stay healthy, continuously, before commit.
+    #[serde(
+        default = "default_soak",
+        deserialize_with = "crate::durations::deserialize"
+    )]
+    pub soak: Duration,
+    /// Time between checks.
+    #[serde(
+        default = "default_interval",
+        deserialize_with = "crate::durations::deserialize"
+    )]
+    pub interval: Duration,
+}
+
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_soak() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_interval() -> Duration {
+    Duration::from_millis(500)
+}
 
 /// Where an `http://host:port/path` check goes.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -39,6 +39,7 @@ pub mod transport;
 pub mod trust;
 
 pub mod config;
+pub mod durations;
 pub mod error;
 pub mod fsutil;
 pub mod logging;

@@ -650,7 +650,7 @@ fn status_command(config: &Path, json: bool) -> Result<ExitCode> {
     let state = crate::engine::state::Store::peek(&cfg.state.dir)?;
     let rt = runtime()?;
     let node = rt.block_on(async {
-        let mut link = crate::node::link::NodeLink::new(&cfg)?;
+        let mut link = crate::node::link::NodeLink::new(cfg.link_settings()?);
         link.call_timeout = link.call_timeout.min(std::time::Duration::from_secs(5));
         Ok::<_, Error>(link.running().await.map_err(|e| e.to_string()))
     })?;

@@ -36,7 +36,7 @@ use crate::error::{Error, Result};
 use crate::fsutil;
 use crate::release::manifest::{self, Manifest};
 use crate::staging;
-use crate::transport::mqtt::{self, Backoff, Broker, Conn, Qos, Session};
+use crate::transport::mqtt::{self, Backoff, Conn, Qos, Session};
 use crate::transport::outbox::{Entry, Outbox};
 use crate::transport::protocol::{
     self, ChunkRequest, DataReply, DeviceStatus, Online, OutcomeReport, PhaseName, PhaseReport,
@@ -215,7 +215,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mq: &'static MqttConfig = cfg.mqtt.as_ref().ok_or_else(|| {
         Error::Usage("the agent needs an [mqtt] table in agent.toml (url, device_id, fleet)".into())
     })?;
-    let broker = Broker::from_config(mq)?;
+    let broker = mq.broker()?;
     let (ptx, mut prx) = mpsc::unbounded_channel();
     let progress: &'static ProgressTx = Box::leak(Box::new(ProgressTx(ptx)));
     let mut engine = Engine::open(cfg, progress)?;

@@ -7,17 +7,8 @@
 
 use crate::config;
 use crate::engine::state::{Journal, Phase, Strategy};
+pub use crate::node::link::Running;
 use crate::release::manifest::Manifest;
-
-/// What the running node told us about itself.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Running {
-    /// The release version release_handler has as permanent.
-    pub permanent: String,
-    /// The version the node is executing (`current`, else the permanent one).
-    pub current: String,
-    pub erts: String,
-}
 
 /// How to install a release on a running node, or why not.
 pub fn strategy(

@@ -82,7 +82,7 @@ impl<'a> Engine<'a> {
     /// Takes the state-dir lock and sets up the node link.
     pub fn open(cfg: &'a Config, progress: &'a dyn Progress) -> Result<Engine<'a>> {
         let (store, state) = Store::open(&cfg.state.dir)?;
-        let node = NodeLink::new(cfg)?;
+        let node = NodeLink::new(cfg.link_settings()?);
         Ok(Engine {
             cfg,
             store,

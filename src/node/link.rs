@@ -9,11 +9,36 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
-use crate::engine::decide::Running;
-use crate::error::{Error, Result};
+use crate::error::Error;
 use crate::node::calls::{self, NodeError, Release, ReleaseStatus};
 use crate::node::dist::{ConnectOptions, Connection, DistError, Term};
+
+/// What the running node told us about itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Running {
+    /// The release version release_handler has as permanent.
+    pub permanent: String,
+    /// The version the node is executing (`current`, else the permanent one).
+    pub current: String,
+    pub erts: String,
+}
+
+/// How to reach, start and stop the node (from `[node]` and `[release]`
+/// of agent.toml, the cookie already read).
+#[derive(Clone, Debug)]
+pub struct LinkSettings {
+    /// `name@host`.
+    pub name: String,
+    pub cookie: String,
+    pub epmd_port: u16,
+    pub call_timeout: Duration,
+    pub start_timeout: Duration,
+    /// Shell commands (`sh -c`, in `root`).
+    pub start: String,
+    pub stop: String,
+    /// The release root.
+    pub root: PathBuf,
+}
 
 pub struct NodeLink {
     name: String,
@@ -31,22 +56,22 @@ pub struct NodeLink {
 const POLL: Duration = Duration::from_millis(100);
 
 impl NodeLink {
-    pub fn new(cfg: &Config) -> Result<NodeLink> {
-        Ok(NodeLink {
-            name: cfg.node.name.clone(),
-            cookie: cfg.cookie()?,
+    pub fn new(s: LinkSettings) -> NodeLink {
+        NodeLink {
             opts: ConnectOptions {
-                epmd_port: cfg.epmd_port(),
-                connect_timeout: Duration::from_secs(5).min(cfg.node.call_timeout),
+                epmd_port: s.epmd_port,
+                connect_timeout: Duration::from_secs(5).min(s.call_timeout),
                 ..ConnectOptions::default()
             },
-            call_timeout: cfg.node.call_timeout,
-            start_timeout: cfg.node.start_timeout,
-            start_cmd: cfg.node.start.clone(),
-            stop_cmd: cfg.node.stop.clone(),
-            root: cfg.release.root.clone(),
+            name: s.name,
+            cookie: s.cookie,
+            call_timeout: s.call_timeout,
+            start_timeout: s.start_timeout,
+            start_cmd: s.start,
+            stop_cmd: s.stop,
+            root: s.root,
             conn: None,
-        })
+        }
     }
 
     pub fn name(&self) -> &str {

@@ -27,8 +27,8 @@ use std::collections::BTreeSet;
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 
-use crate::engine::decide::Running;
 use crate::error::{IoContext, Result};
+use crate::node::link::Running;
 use crate::release::releases_file::OnDisk;
 
 /// Paths of a release root that must not be deleted.

@@ -6,6 +6,7 @@ mod cli;
 mod containers;
 mod dist;
 mod install;
+mod layout;
 mod mqtt;
 mod otp_release;
 mod release_flavors;

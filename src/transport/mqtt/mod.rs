@@ -19,7 +19,6 @@ mod guard;
 
 use rumqttc::v5;
 
-use crate::config::MqttConfig;
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 
@@ -59,24 +58,6 @@ pub struct Broker {
     pub key_file: Option<PathBuf>,
     pub username: Option<String>,
     pub password_file: Option<PathBuf>,
-}
-
-impl Broker {
-    pub fn from_config(m: &MqttConfig) -> Result<Broker> {
-        let version = match &m.version {
-            None => Version::V5,
-            Some(v) => Version::parse(v).map_err(Error::Usage)?,
-        };
-        Ok(Broker {
-            url: m.url.clone(),
-            version,
-            ca_file: m.ca_file.clone(),
-            cert_file: m.cert_file.clone(),
-            key_file: m.key_file.clone(),
-            username: m.username.clone(),
-            password_file: m.password_file.clone(),
-        })
-    }
 }
 
 /// A parsed `mqtt://host:port` or `mqtts://host:port` URL.
