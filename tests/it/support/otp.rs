@@ -163,9 +163,9 @@ fn mix_build() -> &'static Built {
         // rebuilds them.
         let relup_sources: Vec<PathBuf> = [
             "src/operator/relup.rs",
-            "src/release.rs",
-            "src/releases_file.rs",
-            "src/eterm.rs",
+            "src/release/metadata.rs",
+            "src/release/releases_file.rs",
+            "src/release/eterm.rs",
         ]
         .iter()
         .map(|p| manifest.join(p))
