@@ -531,7 +531,9 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))
+        .map_err(|e| Error::Internal {
+            detail: format!("cannot start the async runtime: {e}"),
+        })
 }
 
 /// Progress of an install on stderr, one line per phase, for the person at

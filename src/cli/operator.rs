@@ -121,7 +121,9 @@ pub fn run(cmd: Command) -> Result<()> {
             builder
                 .enable_all()
                 .build()
-                .map_err(|e| Error::Usage(format!("cannot start the async runtime: {e}")))?
+                .map_err(|e| Error::Internal {
+                    detail: format!("cannot start the async runtime: {e}"),
+                })?
                 .block_on(crate::operator::serve::run(opts))?;
         }
 

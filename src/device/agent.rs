@@ -326,9 +326,13 @@ pub async fn run(cfg: Config) -> Result<()> {
     let watchdog = sd_notify::watchdog_enabled();
     let mut last_ping = Instant::now();
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::Usage(format!("cannot handle SIGTERM: {e}")))?;
+        .map_err(|e| Error::Internal {
+            detail: format!("cannot handle SIGTERM: {e}"),
+        })?;
     let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| Error::Usage(format!("cannot handle SIGINT: {e}")))?;
+        .map_err(|e| Error::Internal {
+            detail: format!("cannot handle SIGINT: {e}"),
+        })?;
     let mut last_tick = Instant::now();
     let mut engine: Option<Engine<'static>> = Some(engine);
     let mut installing: Option<InstallFuture> = None;

@@ -3,7 +3,7 @@
 //!
 //! Each call is an rpc plus a pure decoding function from the reply term to
 //! Rust types. The decoders know the reply shapes OTP 25's sasl documents
-//! and produces (see `shared/notes/otp-release-handler.md`); anything else
+//! and produces (see `tests/otp/README.md`, where they were observed); anything else
 //! becomes [`NodeError::UnexpectedReply`] or [`NodeError::Other`] with the
 //! term as Erlang text, never a silent success.
 //!

@@ -14,7 +14,9 @@ use crate::transport::protocol::{DeviceStatus, Online, Topic, Topics};
 
 fn session(role: &str) -> Result<Session> {
     let mut id = [0u8; 6];
-    getrandom::fill(&mut id).map_err(|e| Error::Usage(format!("getrandom: {e}")))?;
+    getrandom::fill(&mut id).map_err(|e| Error::Internal {
+        detail: format!("no OS randomness: {e}"),
+    })?;
     Ok(Session {
         client_id: format!("beamup-{role}-{}", hex::encode(id)),
         persistent: false,

@@ -93,7 +93,9 @@ pub fn issue(now: SystemTime) -> Result<u64> {
         Some(b) => b.machine % (1 << LOW_BITS),
         None => {
             let mut r = [0u8; 2];
-            getrandom::fill(&mut r).map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
+            getrandom::fill(&mut r).map_err(|e| Error::Internal {
+                detail: format!("no OS randomness: {e}"),
+            })?;
             u64::from(u16::from_le_bytes(r)) % (1 << LOW_BITS)
         }
     };

@@ -128,7 +128,9 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     crate::memory::tune_allocator();
     let topics = Topics::new(&opts.prefix, &opts.fleet);
     let mut id = [0u8; 6];
-    getrandom::fill(&mut id).map_err(|e| Error::Usage(format!("getrandom: {e}")))?;
+    getrandom::fill(&mut id).map_err(|e| Error::Internal {
+        detail: format!("no OS randomness: {e}"),
+    })?;
     let session = Session {
         client_id: format!("beamup-serve-{}", hex::encode(id)),
         persistent: false,
@@ -148,7 +150,9 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
 
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::Usage(format!("cannot handle SIGTERM: {e}")))?;
+        .map_err(|e| Error::Internal {
+            detail: format!("cannot handle SIGTERM: {e}"),
+        })?;
     let filter = topics.request_filter(true);
     loop {
         tokio::select! {

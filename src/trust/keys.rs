@@ -103,7 +103,9 @@ impl fmt::Debug for SecretKey {
 impl SecretKey {
     pub fn generate() -> Result<Self> {
         let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| Error::Usage(format!("no OS randomness: {e}")))?;
+        getrandom::fill(&mut seed).map_err(|e| Error::Internal {
+            detail: format!("no OS randomness: {e}"),
+        })?;
         let signing = SigningKey::from_bytes(&seed);
         seed.fill(0);
         Ok(SecretKey { signing })

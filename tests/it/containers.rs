@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cli::beamup;
+use crate::support::cli::beamup;
 use crate::support::device::keys_and_root;
 use crate::support::mqtt::{Broker, Daemon, Sub};
 use crate::support::otp::releases;

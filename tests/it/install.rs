@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use beamup::error::exit;
 use serde_json::Value;
 
-use crate::cli::{beamup, tar_header};
+use crate::support::cli::{beamup, tar_header};
 use crate::support::device::Device;
 use crate::support::otp::releases;
 
@@ -554,7 +554,7 @@ fn hostile_tarballs_are_refused_with_the_release_untouched() {
 fn node_killed_during_the_soak_is_rolled_back_by_restart() {
     let mut d = Device::with_health("timeout = \"20s\"\nsoak = \"4s\"");
     let bundle = d.bundle("1.1.0");
-    let child = Command::new(crate::cli::bin())
+    let child = Command::new(crate::support::cli::bin())
         .args([
             "install",
             bundle.to_str().unwrap(),

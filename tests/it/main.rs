@@ -1,18 +1,33 @@
 //! The integration tests: one binary (link time adds up, and the OTP test
 //! releases are built once per run, see `support::otp`), one module per
-//! capability, all driving real components.
+//! capability, all driving real components. Helpers that hold no tests
+//! live in `support/`.
 
-mod cli;
+/// Real nodes booted in podman from `containers/pod.yaml`: provisioning,
+/// a hot upgrade over MQTT, restarts that boot the permanent release.
 mod containers;
+/// The distribution protocol against real `erl` nodes and `epmd`.
 mod dist;
+/// `beamup install` on the thermo (rebar3) release: hot, cold, rollbacks,
+/// hostile bundles, beamup killed at every step, each ending with the node
+/// restarted from disk.
 mod install;
+/// The source layout's dependency rules (ARCHITECTURE.md).
 mod layout;
+/// The agent, `serve`, `offer` and `fleet` against a real mosquitto.
 mod mqtt;
+/// The thermo fixture itself.
 mod otp_release;
+/// Every release shape's fixture (rebar3, rebar3 without ERTS, mix).
 mod release_flavors;
+/// `beamup relup` on mix and rebar3 output, checked by release_handler.
 mod relup;
+/// The install suite on a mix root and a relx root without ERTS.
 mod shapes;
+/// Keys, roots, bundles and verification on real files.
 mod signing;
 mod support;
+/// The units under a real systemd in systemd-nspawn.
 mod systemd;
+/// `beamup unpack`: provisioning and staging without a node.
 mod unpack;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use beamup::error::exit;
 use serde_json::Value;
 
-use crate::cli::{Run, beamup};
+use crate::support::cli::{Run, beamup};
 use crate::support::device::Device;
 use crate::support::mqtt::{Broker, Daemon, Msg, Sub, make_certs};
 use crate::support::otp::Flavor;

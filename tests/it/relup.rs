@@ -5,7 +5,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use crate::cli::beamup;
+use crate::support::cli::beamup;
 use crate::support::otp::{Flavor, TestNode, releases_for};
 
 fn copy_dir(from: &Path, to: &Path) {

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use beamup::error::exit;
 use serde_json::Value;
 
-use crate::cli::beamup;
+use crate::support::cli::beamup;
 use crate::support::device::Device;
 use crate::support::otp::{Flavor, releases_for};
 
@@ -314,10 +314,10 @@ fn signed_raw_bundle(d: &Device, tarball: &Path) -> PathBuf {
     let env =
         beamup::trust::signed::Envelope::sign(beamup::trust::signed::DocKind::Manifest, &m, &[key])
             .to_bytes();
-    let mut out = crate::cli::tar_header("manifest.json", env.len() as u64).to_vec();
+    let mut out = crate::support::cli::tar_header("manifest.json", env.len() as u64).to_vec();
     out.extend_from_slice(&env);
     out.resize(out.len().div_ceil(512) * 512, 0);
-    out.extend_from_slice(&crate::cli::tar_header(
+    out.extend_from_slice(&crate::support::cli::tar_header(
         "release.tar.gz",
         bytes.len() as u64,
     ));

@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::cli::{Run, beamup, beamup_with_memory_cap, fake_release, tar_header};
+use crate::support::cli::{Run, beamup, beamup_with_memory_cap, fake_release, tar_header};
 use beamup::error::exit;
 
 /// Three signers a, b, c in a 2-of-3 root, one outsider d, a release
@@ -689,7 +689,7 @@ fn bundle_refuses_what_a_device_refuses_case_by_case() {
 
 /// `beamup bundle` with `XDG_STATE_HOME` in `state`, printing its manifest.
 fn bundle_in(f: &Fixture, state: &Path, out: &str, extra: &[&str]) -> Run {
-    let output = Command::new(crate::cli::bin())
+    let output = Command::new(crate::support::cli::bin())
         .args([
             "bundle",
             "--release",

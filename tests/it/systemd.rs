@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::cli::beamup;
+use crate::support::cli::beamup;
 use crate::support::device::keys_and_root;
 use crate::support::mqtt::{Broker, Daemon, Sub};
 use crate::support::nspawn::Machine;
@@ -97,7 +97,7 @@ groups = ["canary"]
             url = broker.url()
         );
         let root_json = op.path().join("root.json");
-        let beamup_bin = PathBuf::from(crate::cli::bin());
+        let beamup_bin = PathBuf::from(crate::support::cli::bin());
         let units = repo().join("systemd");
         let m = Machine::boot(
             &[

@@ -12,11 +12,11 @@ use beamup::error::exit;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::cli::{Run, beamup};
 use crate::install::{
     Entry, hostile_cases, hostile_indexed_tarball, hostile_tarball, signed_bundle_of,
     signed_indexed_bundle_of,
 };
+use crate::support::cli::{Run, beamup};
 use crate::support::device::{Device, keys_and_root};
 use crate::support::otp::{Flavor, TestNode, releases, releases_for};
 

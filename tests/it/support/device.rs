@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::cli::{Run, beamup};
+use crate::support::cli::{Run, beamup};
 use crate::support::otp::{Flavor, TestNode, releases_for};
 
 /// A device: a running base node, a trust root with one key, a state dir
@@ -167,7 +167,7 @@ dir = "{dir}/state"
     }
 
     pub fn install_env(&self, bundle: &Path, extra: &[&str], env: &[(&str, &str)]) -> Run {
-        let mut cmd = Command::new(crate::cli::bin());
+        let mut cmd = Command::new(crate::support::cli::bin());
         cmd.args([
             "install",
             bundle.to_str().unwrap(),

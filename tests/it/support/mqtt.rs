@@ -343,7 +343,7 @@ impl Daemon {
             .append(true)
             .open(&log)
             .unwrap();
-        let mut cmd = Command::new(crate::cli::bin());
+        let mut cmd = Command::new(crate::support::cli::bin());
         cmd.args(args)
             .current_dir(dir)
             .env("RUST_LOG", "beamup=debug,info")

@@ -114,7 +114,7 @@ impl Podman {
 
     fn build_image(&self) {
         let rootfs = rootfs();
-        let beamup = PathBuf::from(crate::cli::bin());
+        let beamup = PathBuf::from(crate::support::cli::bin());
         let catatonit = PathBuf::from("/usr/bin/catatonit");
         let mut h = Sha256::new();
         // The rootfs cache is named by the hash of what made it.
