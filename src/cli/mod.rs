@@ -541,13 +541,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 struct TerminalProgress;
 
 impl install::Progress for TerminalProgress {
-    fn phase(&self, phase: &str, detail: &str) {
-        if matches!(
-            phase,
-            "rejected" | "committed" | "rolled back" | "failed, needs attention"
-        ) {
+    fn phase(&self, step: install::Step, detail: &str) {
+        if let install::Step::Finished(_) = step {
             return; // the outcome line that follows says it all
         }
+        let phase = step.name();
         if detail.is_empty() {
             eprintln!("beamup: {phase}");
         } else {

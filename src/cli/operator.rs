@@ -393,7 +393,7 @@ fn fleet_command(cmd: FleetCommand) -> Result<()> {
             let topics = fleet.topics()?;
             let cmd = crate::transport::protocol::Command {
                 v: crate::transport::protocol::VERSION,
-                cmd: "retry".into(),
+                cmd: crate::transport::protocol::CommandKind::Retry,
             };
             runtime()?.block_on(crate::operator::fleet::publish_once(
                 &broker.broker()?,

@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::bundle;
 use crate::config::{Config, MqttConfig};
-use crate::engine::install::{self, Engine, InstallOptions};
+use crate::engine::install::{self, Engine, InstallOptions, Step};
 use crate::engine::state::{Outcome, OutcomeKind};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -39,8 +39,8 @@ use crate::staging;
 use crate::transport::mqtt::{self, Backoff, Conn, Qos, Session};
 use crate::transport::outbox::{Entry, Outbox};
 use crate::transport::protocol::{
-    self, ChunkRequest, DataReply, DeviceStatus, Online, OutcomeReport, PhaseName, PhaseReport,
-    Topic, Topics,
+    self, ChunkRequest, CommandKind, DataReply, DeviceStatus, EventKind, Online, OutcomeReport,
+    PhaseName, PhaseReport, Topic, Topics,
 };
 use crate::transport::transfer::{Download, Received};
 use crate::trust::root::Root;
@@ -83,11 +83,24 @@ struct AgentFile {
 }
 
 /// Engine progress steps, sent from inside the install to the main loop.
-struct ProgressTx(mpsc::UnboundedSender<(String, String)>);
+struct ProgressTx(mpsc::UnboundedSender<(Step, String)>);
 
 impl install::Progress for ProgressTx {
-    fn phase(&self, phase: &str, detail: &str) {
-        let _ = self.0.send((phase.to_string(), detail.to_string()));
+    fn phase(&self, step: Step, detail: &str) {
+        let _ = self.0.send((step, detail.to_string()));
+    }
+}
+
+/// The phase a device reports for an engine step.
+fn phase_of(step: Step) -> PhaseName {
+    match step {
+        Step::Verifying => PhaseName::Verifying,
+        Step::Unpacking => PhaseName::Unpacking,
+        Step::Installing | Step::Restarting | Step::Committing => PhaseName::Installing,
+        Step::Soaking => PhaseName::Soaking,
+        Step::RollingBack => PhaseName::RollingBack,
+        Step::Recovering => PhaseName::Recovering,
+        Step::Finished(kind) => outcome_phase(kind),
     }
 }
 
@@ -170,15 +183,6 @@ fn now_text() -> String {
     manifest::format_time(SystemTime::now())
 }
 
-fn outcome_name(k: OutcomeKind) -> &'static str {
-    match k {
-        OutcomeKind::Committed => "committed",
-        OutcomeKind::RolledBack => "rolled_back",
-        OutcomeKind::Rejected => "rejected",
-        OutcomeKind::NeedsAttention => "needs_attention",
-    }
-}
-
 fn outcome_phase(k: OutcomeKind) -> PhaseName {
     match k {
         OutcomeKind::Committed => PhaseName::Committed,
@@ -190,7 +194,7 @@ fn outcome_phase(k: OutcomeKind) -> PhaseName {
 
 fn report(o: &Outcome) -> OutcomeReport {
     OutcomeReport {
-        outcome: outcome_name(o.outcome).into(),
+        outcome: o.outcome.wire_name().into(),
         release: o.release.clone(),
         version: o.version.clone(),
         sequence: o.sequence,
@@ -310,7 +314,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         Err(e) => tracing::error!("recovery failed: {e}"),
     }
     while let Ok((step, detail)) = prx.try_recv() {
-        agent.on_progress(&step, &detail)?;
+        agent.on_progress(step, &detail)?;
     }
     agent.status.phase = PhaseReport::idle();
     agent.refresh_node(&mut engine).await;
@@ -379,7 +383,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             _ = tokio::time::sleep_until(reconnect_at.into()), if !can_poll => {
                 agent.reconnect_at = None;
             }
-            Some((step, detail)) = prx.recv() => agent.on_progress(&step, &detail)?,
+            Some((step, detail)) = prx.recv() => agent.on_progress(step, &detail)?,
             (e, result, digest, m) = async { installing.as_mut().expect("guarded").await }, if installing.is_some() => {
                 installing = None;
                 let mut e = e;
@@ -504,7 +508,7 @@ impl Agent {
     #[allow(clippy::too_many_arguments)]
     fn event(
         &mut self,
-        kind: &str,
+        kind: EventKind,
         phase: PhaseName,
         release: Option<String>,
         version: Option<String>,
@@ -516,7 +520,7 @@ impl Agent {
             v: protocol::VERSION,
             id: self.next_event_id(),
             device: self.mq.device_id.clone(),
-            kind: kind.into(),
+            kind,
             phase,
             release,
             version,
@@ -529,7 +533,7 @@ impl Agent {
             topic: self.topics.events(&self.mq.device_id),
             payload: serde_json::to_string(&e).expect("json"),
             retain: false,
-            keep: kind == "outcome",
+            keep: kind == EventKind::Outcome,
         })?;
         self.flush_outbox();
         Ok(())
@@ -542,7 +546,7 @@ impl Agent {
         percent: Option<u8>,
     ) -> Result<()> {
         self.event(
-            "progress",
+            EventKind::Progress,
             phase,
             Some(m.release.name.clone()),
             Some(m.release.version.clone()),
@@ -564,7 +568,7 @@ impl Agent {
         };
         self.status_dirty = true;
         self.event(
-            "outcome",
+            EventKind::Outcome,
             outcome_phase(o.outcome),
             Some(o.release.clone()),
             Some(o.version.clone()),
@@ -1069,7 +1073,7 @@ impl Agent {
                 return Ok(());
             }
         };
-        if cmd.v != protocol::VERSION || cmd.cmd != "retry" {
+        if cmd.v != protocol::VERSION || cmd.cmd != CommandKind::Retry {
             let topic = self.topics.command(&self.mq.device_id);
             let why = format!("command {:?} (v{}) not understood", cmd.cmd, cmd.v);
             self.discarded(&topic, &why);
@@ -1117,11 +1121,9 @@ impl Agent {
         }
     }
 
-    fn on_progress(&mut self, step: &str, detail: &str) -> Result<()> {
-        let Some(phase) = PhaseName::from_engine(step) else {
-            return Ok(());
-        };
-        tracing::info!("{step}: {detail}");
+    fn on_progress(&mut self, step: Step, detail: &str) -> Result<()> {
+        let phase = phase_of(step);
+        tracing::info!("{}: {detail}", step.name());
         let keep = (
             self.status.phase.release.clone(),
             self.status.phase.version.clone(),
@@ -1143,7 +1145,7 @@ impl Agent {
                 | PhaseName::NeedsAttention
         ) {
             self.event(
-                "progress",
+                EventKind::Progress,
                 phase,
                 keep.0,
                 keep.1,
@@ -1353,6 +1355,20 @@ fn group_requests(bundle: &str, pieces: &[crate::transport::transfer::Piece]) ->
 mod tests {
     use super::*;
     use crate::transport::transfer::Piece;
+
+    #[test]
+    fn engine_steps_are_reported_as_the_protocol_s_phases() {
+        assert_eq!(phase_of(Step::Soaking), PhaseName::Soaking);
+        assert_eq!(phase_of(Step::Restarting), PhaseName::Installing);
+        assert_eq!(
+            phase_of(Step::Finished(OutcomeKind::RolledBack)),
+            PhaseName::RolledBack
+        );
+        assert_eq!(
+            phase_of(Step::Finished(OutcomeKind::NeedsAttention)),
+            PhaseName::NeedsAttention
+        );
+    }
 
     #[test]
     fn adjacent_pieces_share_a_request() {

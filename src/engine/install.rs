@@ -33,16 +33,48 @@ use crate::staging::bootset::{self, Protected};
 use crate::staging::{self, Plan};
 use crate::trust::root::Root;
 
+/// A step of an install as it is reported while it happens.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    Verifying,
+    Unpacking,
+    Installing,
+    Restarting,
+    Soaking,
+    Committing,
+    RollingBack,
+    Recovering,
+    /// The outcome, just before the engine returns it.
+    Finished(OutcomeKind),
+}
+
+impl Step {
+    /// How the step is shown to a person (`beamup: soaking: ...`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Step::Verifying => "verifying",
+            Step::Unpacking => "unpacking",
+            Step::Installing => "installing",
+            Step::Restarting => "restarting",
+            Step::Soaking => "soaking",
+            Step::Committing => "committing",
+            Step::RollingBack => "rolling_back",
+            Step::Recovering => "recovering",
+            Step::Finished(kind) => kind.name(),
+        }
+    }
+}
+
 /// Where progress goes: the terminal for `beamup install`, MQTT for the
 /// agent.
 pub trait Progress: Send + Sync {
-    fn phase(&self, phase: &str, detail: &str);
+    fn phase(&self, step: Step, detail: &str);
 }
 
 /// Discards progress.
 pub struct Silent;
 impl Progress for Silent {
-    fn phase(&self, _: &str, _: &str) {}
+    fn phase(&self, _: Step, _: &str) {}
 }
 
 #[derive(Clone, Debug, Default)]
@@ -136,8 +168,10 @@ impl<'a> Engine<'a> {
         };
         self.state.finish(outcome.clone());
         self.save()?;
-        self.progress
-            .phase(kind.name(), outcome.reason.as_deref().unwrap_or(""));
+        self.progress.phase(
+            Step::Finished(kind),
+            outcome.reason.as_deref().unwrap_or(""),
+        );
         Ok(outcome)
     }
 
@@ -145,7 +179,8 @@ impl<'a> Engine<'a> {
         self.state
             .finish(Outcome::rejected(m, &self.cfg.release.name, e.to_string()));
         self.save()?;
-        self.progress.phase("rejected", &e.to_string());
+        self.progress
+            .phase(Step::Finished(OutcomeKind::Rejected), &e.to_string());
         Ok(())
     }
 
@@ -167,7 +202,7 @@ impl<'a> Engine<'a> {
         }
         let started = Instant::now();
         self.progress
-            .phase("verifying", &bundle.display().to_string());
+            .phase(Step::Verifying, &bundle.display().to_string());
         let mut manifest_seen = None;
         let prepared = match self.prepare(bundle, opts, &mut manifest_seen).await {
             Ok(p) => p,
@@ -478,7 +513,7 @@ impl<'a> Engine<'a> {
         self.save()?;
         crash_point("unpacking");
         self.progress.phase(
-            "unpacking",
+            Step::Unpacking,
             &format!("{} {}", m.release.name, m.release.version),
         );
         if let Err(e) = self.remove_leftovers(&p).await {
@@ -533,7 +568,7 @@ impl<'a> Engine<'a> {
             Strategy::Hot => {
                 self.enter(Phase::Installing)?;
                 self.progress
-                    .phase("installing", "hot upgrade through the relup");
+                    .phase(Step::Installing, "hot upgrade through the relup");
                 let to = m.release.version.clone();
                 match self.node.install_release(&to).await {
                     Ok(_) => {}
@@ -558,7 +593,7 @@ impl<'a> Engine<'a> {
             Strategy::Cold => {
                 self.enter(Phase::Restarting)?;
                 self.progress.phase(
-                    "restarting",
+                    Step::Restarting,
                     "cold upgrade: restarting the node into the new release",
                 );
                 // Once the boot is switched a power cut boots the new
@@ -603,7 +638,7 @@ impl<'a> Engine<'a> {
         let h = &self.cfg.health;
         let to = self.journal().to_version.clone();
         self.progress.phase(
-            "soaking",
+            Step::Soaking,
             &format!(
                 "healthy for {} within {}",
                 humantime::format_duration(h.soak),
@@ -643,7 +678,7 @@ impl<'a> Engine<'a> {
     async fn commit(&mut self) -> Result<Outcome> {
         let to = self.journal().to_version.clone();
         let from = self.journal().from_version.clone();
-        self.progress.phase("committing", &to);
+        self.progress.phase(Step::Committing, &to);
         let result: std::result::Result<(), String> = async {
             self.await_sync().await.map_err(|e| e.to_string())?;
             // What boots first: a crash between the two then boots the
@@ -880,7 +915,7 @@ impl<'a> Engine<'a> {
         self.enter(Phase::RollingBack {
             reason: reason.clone(),
         })?;
-        self.progress.phase("rolling_back", &reason);
+        self.progress.phase(Step::RollingBack, &reason);
         let j = self.journal().clone();
 
         // A relup-based downgrade keeps the node (and its state) running.
@@ -973,7 +1008,7 @@ impl<'a> Engine<'a> {
             return Ok(None);
         };
         self.progress.phase(
-            "recovering",
+            Step::Recovering,
             &format!(
                 "{} {} was interrupted while {}",
                 j.release,

@@ -221,6 +221,17 @@ pub enum OutcomeKind {
 }
 
 impl OutcomeKind {
+    /// As JSON and MQTT spell it (`rolled_back`).
+    pub fn wire_name(self) -> &'static str {
+        match self {
+            OutcomeKind::Committed => "committed",
+            OutcomeKind::RolledBack => "rolled_back",
+            OutcomeKind::Rejected => "rejected",
+            OutcomeKind::NeedsAttention => "needs_attention",
+        }
+    }
+
+    /// As a person reads it (`rolled back`).
     pub fn name(self) -> &'static str {
         match self {
             OutcomeKind::Committed => "committed",

@@ -261,23 +261,6 @@ pub enum PhaseName {
 }
 
 impl PhaseName {
-    /// The phase an install engine progress step stands for.
-    pub fn from_engine(step: &str) -> Option<PhaseName> {
-        Some(match step {
-            "verifying" => PhaseName::Verifying,
-            "unpacking" => PhaseName::Unpacking,
-            "installing" | "restarting" | "committing" => PhaseName::Installing,
-            "soaking" => PhaseName::Soaking,
-            "rolling_back" => PhaseName::RollingBack,
-            "recovering" => PhaseName::Recovering,
-            "committed" => PhaseName::Committed,
-            "rolled back" => PhaseName::RolledBack,
-            "rejected" => PhaseName::Rejected,
-            "failed, needs attention" => PhaseName::NeedsAttention,
-            _ => return None,
-        })
-    }
-
     pub fn name(self) -> &'static str {
         match self {
             PhaseName::Idle => "idle",
@@ -389,8 +372,7 @@ pub struct Event {
     /// least once).
     pub id: u64,
     pub device: String,
-    /// `progress` or `outcome`.
-    pub kind: String,
+    pub kind: EventKind,
     pub phase: PhaseName,
     #[serde(default)]
     pub release: Option<String>,
@@ -409,9 +391,27 @@ pub struct Event {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
     pub v: u32,
-    /// `retry`: install the last offered release again, even though it was
-    /// rolled back (once; a new rollback is final again).
-    pub cmd: String,
+    pub cmd: CommandKind,
+}
+
+/// What an event reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A step of a transfer or an install.
+    Progress,
+    /// The final word on an offer (committed, rolled back, rejected, needs
+    /// attention).
+    Outcome,
+}
+
+/// What a command asks of a device.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Install the last offered release again, even though it was rolled
+    /// back (once; a new rollback is final again).
+    Retry,
 }
 
 #[cfg(test)]
@@ -502,14 +502,15 @@ mod tests {
     }
 
     #[test]
-    fn engine_steps_map_to_phases() {
-        assert_eq!(PhaseName::from_engine("soaking"), Some(PhaseName::Soaking));
-        assert_eq!(
-            PhaseName::from_engine("rolled back"),
-            Some(PhaseName::RolledBack)
-        );
-        assert_eq!(PhaseName::from_engine("nonsense"), None);
+    fn phases_and_kinds_have_their_wire_names() {
         let s = serde_json::to_string(&PhaseName::RolledBack).unwrap();
         assert_eq!(s, "\"rolled_back\"");
+        assert_eq!(
+            serde_json::to_string(&EventKind::Outcome).unwrap(),
+            "\"outcome\""
+        );
+        let c: Command = serde_json::from_str(r#"{"v":1,"cmd":"retry"}"#).unwrap();
+        assert_eq!(c.cmd, CommandKind::Retry);
+        assert!(serde_json::from_str::<Command>(r#"{"v":1,"cmd":"reboot"}"#).is_err());
     }
 }
