@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 
 use crate::bundle;
 use crate::config::{Config, MqttConfig};
+use crate::device::intake;
 use crate::engine::install::{self, Engine, InstallOptions, Step};
 use crate::engine::state::{Outcome, OutcomeKind};
 use crate::error::{Error, Result};
@@ -626,26 +627,26 @@ impl Agent {
         engine: &mut Engine<'static>,
         retry: bool,
     ) -> Result<()> {
-        if envelope.is_empty() {
-            return Ok(()); // a cleared retained offer
-        }
         let digest = digest_hex(envelope);
-        if self.file.decided.contains(&digest) {
-            tracing::debug!("offer {digest} was decided before; ignored");
-            if self.active.as_ref().is_none_or(|a| a.digest != digest)
-                && Download::existing_offer(&self.download_dir()).as_deref() == Some(envelope)
-            {
-                Download::discard(&self.download_dir())?;
+        let seen = intake::by_digest(&intake::DigestFacts {
+            digest: &digest,
+            empty: envelope.is_empty(),
+            decided: self.file.decided.contains(&digest),
+            active: self.active.as_ref().map(|a| a.digest.as_str()),
+            ready: self.ready.as_ref().map(|r| r.digest.as_str()),
+        });
+        match seen {
+            intake::Seen::Cleared | intake::Seen::InProgress => return Ok(()),
+            intake::Seen::DecidedBefore => {
+                tracing::debug!("offer {digest} was decided before; ignored");
+                if self.active.as_ref().is_none_or(|a| a.digest != digest)
+                    && Download::existing_offer(&self.download_dir()).as_deref() == Some(envelope)
+                {
+                    Download::discard(&self.download_dir())?;
+                }
+                return Ok(());
             }
-            return Ok(());
-        }
-        if let Some(a) = &self.active {
-            if a.digest == digest {
-                return Ok(()); // the same offer again (retained, or device + group)
-            }
-        }
-        if self.ready.as_ref().is_some_and(|r| r.digest == digest) {
-            return Ok(());
+            intake::Seen::New => {}
         }
         let root = match Root::load(&self.cfg.trust.root) {
             Ok(r) => r,
@@ -662,39 +663,50 @@ impl Agent {
                 return self.rejected(Some(engine), None, &e);
             }
         };
-        if let Some(o) = engine.state().settled(&m.release.version, m.sequence)
-            && !(retry && o.outcome == OutcomeKind::RolledBack)
-        {
-            tracing::info!(
-                "offer of {} {} (sequence {}) was already {}; ignored",
-                m.release.name,
-                m.release.version,
-                m.sequence,
-                o.outcome.name()
-            );
-            if self.active.as_ref().is_none_or(|a| a.digest != digest) {
-                let _ = Download::discard(&self.download_dir());
-            }
-            return self.decide(&digest);
-        }
-        if let Some(a) = &self.active {
-            if a.manifest.sequence >= m.sequence {
+        let verdict = intake::by_manifest(&intake::ManifestFacts {
+            sequence: m.sequence,
+            settled: engine
+                .state()
+                .settled(&m.release.version, m.sequence)
+                .map(|o| o.outcome),
+            retry,
+            fetching: self.active.as_ref().map(|a| a.manifest.sequence),
+        });
+        match verdict {
+            intake::Verdict::Settled(kind) => {
                 tracing::info!(
-                    "offer of {} {} ignored: {} {} (sequence {}) is being fetched",
+                    "offer of {} {} (sequence {}) was already {}; ignored",
+                    m.release.name,
+                    m.release.version,
+                    m.sequence,
+                    kind.name()
+                );
+                if self.active.as_ref().is_none_or(|a| a.digest != digest) {
+                    let _ = Download::discard(&self.download_dir());
+                }
+                return self.decide(&digest);
+            }
+            intake::Verdict::Older { fetching } => {
+                let a = self.active.as_ref().expect("an offer is being fetched");
+                tracing::info!(
+                    "offer of {} {} ignored: {} {} (sequence {fetching}) is being fetched",
                     m.release.name,
                     m.release.version,
                     a.manifest.release.name,
                     a.manifest.release.version,
-                    a.manifest.sequence
                 );
                 return Ok(());
             }
-            tracing::info!(
-                "a newer offer ({} {}) replaces the download of {}",
-                m.release.name,
-                m.release.version,
-                a.manifest.release.version
-            );
+            intake::Verdict::Take { replaces: true } => {
+                let a = self.active.as_ref().expect("an offer is being fetched");
+                tracing::info!(
+                    "a newer offer ({} {}) replaces the download of {}",
+                    m.release.name,
+                    m.release.version,
+                    a.manifest.release.version
+                );
+            }
+            intake::Verdict::Take { replaces: false } => {}
         }
         self.set_phase(PhaseName::Verifying, Some(&m), "checking the offer");
         // What the install will unpack decides what is fetched: of an

@@ -3,4 +3,5 @@
 //! staging without a node). Never imports the operator side.
 
 pub mod agent;
+pub mod intake;
 pub mod unpack;

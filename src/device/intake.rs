@@ -1,0 +1,197 @@
+//! Offer intake, as pure decisions: what an offer that arrives means given
+//! what the device already knows. The agent does the effects (verifying
+//! the signature, discarding a stale download, starting a transfer).
+//!
+//! Two steps, cheapest first: by the envelope's digest before anything in
+//! it is believed, then by the verified manifest.
+
+use crate::engine::state::OutcomeKind;
+
+/// What the envelope's digest alone says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Seen {
+    /// An empty payload: a retained offer was cleared.
+    Cleared,
+    /// This exact signed offer was decided before: ignored (and a leftover
+    /// download of it discarded).
+    DecidedBefore,
+    /// This exact offer is being fetched or is about to be installed (a
+    /// retained offer delivered again, or to the device and its group).
+    InProgress,
+    /// Not seen: verify it.
+    New,
+}
+
+/// Facts about the digest of an arriving offer.
+pub struct DigestFacts<'a> {
+    pub digest: &'a str,
+    pub empty: bool,
+    /// Among the signed offers remembered as decided.
+    pub decided: bool,
+    /// The digest of the offer being fetched, if any.
+    pub active: Option<&'a str>,
+    /// The digest of the offer fetched and waiting for the engine, if any.
+    pub ready: Option<&'a str>,
+}
+
+pub fn by_digest(f: &DigestFacts) -> Seen {
+    if f.empty {
+        Seen::Cleared
+    } else if f.decided {
+        Seen::DecidedBefore
+    } else if f.active == Some(f.digest) || f.ready == Some(f.digest) {
+        Seen::InProgress
+    } else {
+        Seen::New
+    }
+}
+
+/// What the verified manifest says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// The release (version and sequence) was decided before: ignored and
+    /// remembered, unless a retry asks for a rolled-back one again.
+    Settled(OutcomeKind),
+    /// An offer of this or a higher sequence is being fetched: this one
+    /// waits its turn (ignored now).
+    Older { fetching: u64 },
+    /// Take it up: check it against the node, then fetch it; `replaces`
+    /// when a lower sequence's download gives way to it.
+    Take { replaces: bool },
+}
+
+/// Facts about a verified offer.
+pub struct ManifestFacts {
+    pub sequence: u64,
+    /// The device's final word on this release, if any (committed, rolled
+    /// back for its own sake, needs attention).
+    pub settled: Option<OutcomeKind>,
+    /// An explicit retry command for the last offer.
+    pub retry: bool,
+    /// The sequence of the offer being fetched, if any.
+    pub fetching: Option<u64>,
+}
+
+pub fn by_manifest(f: &ManifestFacts) -> Verdict {
+    if let Some(kind) = f.settled
+        && !(f.retry && kind == OutcomeKind::RolledBack)
+    {
+        return Verdict::Settled(kind);
+    }
+    match f.fetching {
+        Some(s) if s >= f.sequence => Verdict::Older { fetching: s },
+        Some(_) => Verdict::Take { replaces: true },
+        None => Verdict::Take { replaces: false },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn digest<'a>(d: &'a str) -> DigestFacts<'a> {
+        DigestFacts {
+            digest: d,
+            empty: false,
+            decided: false,
+            active: None,
+            ready: None,
+        }
+    }
+
+    #[test]
+    fn the_digest_says_cleared_decided_in_progress_or_new() {
+        assert_eq!(
+            by_digest(&DigestFacts {
+                empty: true,
+                ..digest("")
+            }),
+            Seen::Cleared
+        );
+        assert_eq!(
+            by_digest(&DigestFacts {
+                decided: true,
+                active: Some("a"),
+                ..digest("a")
+            }),
+            Seen::DecidedBefore
+        );
+        assert_eq!(
+            by_digest(&DigestFacts {
+                active: Some("a"),
+                ..digest("a")
+            }),
+            Seen::InProgress
+        );
+        assert_eq!(
+            by_digest(&DigestFacts {
+                ready: Some("a"),
+                ..digest("a")
+            }),
+            Seen::InProgress
+        );
+        assert_eq!(
+            by_digest(&DigestFacts {
+                active: Some("b"),
+                ..digest("a")
+            }),
+            Seen::New
+        );
+    }
+
+    fn offer(sequence: u64) -> ManifestFacts {
+        ManifestFacts {
+            sequence,
+            settled: None,
+            retry: false,
+            fetching: None,
+        }
+    }
+
+    #[test]
+    fn a_decided_release_is_never_taken_again_unless_a_retry_asks_for_a_rolled_back_one() {
+        for kind in [
+            OutcomeKind::Committed,
+            OutcomeKind::RolledBack,
+            OutcomeKind::NeedsAttention,
+        ] {
+            let f = ManifestFacts {
+                settled: Some(kind),
+                ..offer(7)
+            };
+            assert_eq!(by_manifest(&f), Verdict::Settled(kind));
+        }
+        let retry = ManifestFacts {
+            settled: Some(OutcomeKind::RolledBack),
+            retry: true,
+            ..offer(7)
+        };
+        assert_eq!(by_manifest(&retry), Verdict::Take { replaces: false });
+        let committed = ManifestFacts {
+            settled: Some(OutcomeKind::Committed),
+            retry: true,
+            ..offer(7)
+        };
+        assert_eq!(
+            by_manifest(&committed),
+            Verdict::Settled(OutcomeKind::Committed)
+        );
+    }
+
+    #[test]
+    fn newer_replaces_older_and_older_waits() {
+        let newer = ManifestFacts {
+            fetching: Some(5),
+            ..offer(7)
+        };
+        assert_eq!(by_manifest(&newer), Verdict::Take { replaces: true });
+        for fetching in [7, 9] {
+            let older = ManifestFacts {
+                fetching: Some(fetching),
+                ..offer(7)
+            };
+            assert_eq!(by_manifest(&older), Verdict::Older { fetching });
+        }
+        assert_eq!(by_manifest(&offer(1)), Verdict::Take { replaces: false });
+    }
+}
