@@ -668,6 +668,7 @@ fn status_command(config: &Path, json: bool) -> Result<ExitCode> {
             "last_outcome": state.last_outcome(),
             "last_sequence": state.last_sequence,
             "history": state.history,
+            "discarded": state.discarded,
         });
         println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
         return Ok(ExitCode::SUCCESS);
@@ -698,6 +699,12 @@ fn status_command(config: &Path, json: bool) -> Result<ExitCode> {
             print_outcome(o, false);
         }
         None => println!("last        none"),
+    }
+    if let Some(d) = state.discarded.recent.first() {
+        println!(
+            "discarded   {} unverified input(s) in all; last at {}: {}",
+            state.discarded.count, d.last_at, d.reason
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1136,7 +1136,24 @@ fn junk_on_the_device_topics_makes_it_forget_neither_a_rollback_nor_its_last_out
         "{state:#}"
     );
     assert!(state["discarded"]["recent"].as_array().unwrap().len() <= 10);
-    assert_eq!(s.d.status()["last_outcome"]["outcome"], "rolled_back");
+    let status = s.d.status();
+    assert_eq!(status["last_outcome"]["outcome"], "rolled_back");
+    assert!(
+        status["discarded"]["count"].as_u64().unwrap() >= 300,
+        "{status:#}"
+    );
+    let human = beamup(s.d.path(), &["status", "--config", "agent.toml"]);
+    human.ok();
+    assert!(
+        human.stdout.contains("last") && human.stdout.contains("rolled back thermo 1.2.0"),
+        "{}",
+        human.stdout
+    );
+    assert!(
+        human.stdout.contains("unverified input(s) in all"),
+        "{}",
+        human.stdout
+    );
     let run = s.beamup(&["fleet", "status"]);
     run.ok();
     assert!(run.stdout.contains("rolled_back 1.2.0"), "{}", run.stdout);
