@@ -9,7 +9,6 @@
 //! loopback (`--network host`), so every port is a free one of the host's.
 
 use std::fs;
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::{PermissionsExt, chown};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -21,32 +20,11 @@ use crate::support::device::keys_and_root;
 use crate::support::mqtt::{Broker, Daemon, Sub};
 use crate::support::otp::releases;
 use crate::support::podman::{Pod, Podman};
+use crate::support::{free_port, http, repo};
 
 const OUTCOME: Duration = Duration::from_secs(90);
 /// The uid and gid of both containers (`containers/Containerfile`).
 const BEAM_UID: u32 = 1000;
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .unwrap()
-        .port()
-}
-
-/// One HTTP/1.0 request to the release on loopback; the JSON body.
-fn http(port: u16, request: &str) -> Option<Value> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "{request} HTTP/1.0\r\nContent-Length: 0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
-}
-
-fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-}
 
 /// The operator's side on the host and the device's settings for the pod.
 struct Operator {

@@ -7,3 +7,25 @@ pub mod mqtt;
 pub mod nspawn;
 pub mod otp;
 pub mod podman;
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+pub use otp::free_port;
+
+/// One HTTP/1.0 request to a release on loopback; its JSON body.
+pub fn http(port: u16, request: &str) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "{request} HTTP/1.0\r\nContent-Length: 0\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
+}
+
+/// The repository's root.
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}

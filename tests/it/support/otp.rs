@@ -881,7 +881,8 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-fn free_port() -> u16 {
+/// A port on 127.0.0.1 free at the time of asking.
+pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .and_then(|l| l.local_addr())
         .expect("binding 127.0.0.1:0")
