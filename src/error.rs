@@ -53,6 +53,8 @@ pub mod exit {
     pub const MQTT_AUTH: u8 = 31;
     /// `beamup relup` could not make a relup or the tarball holding it.
     pub const RELUP: u8 = 32;
+    /// A campaign ended aborted (a threshold, or an operator).
+    pub const CAMPAIGN_ABORTED: u8 = 42;
 
     // Outcomes of an install that got past verification.
     pub const ROLLED_BACK: u8 = 40;
@@ -181,6 +183,9 @@ pub enum Error {
     #[error("{}: cannot make a relup: {detail}", path.display())]
     Relup { path: PathBuf, detail: String },
 
+    #[error("campaign {id} aborted: {reason}")]
+    CampaignAborted { id: String, reason: String },
+
     #[error("{0}")]
     Usage(String),
 
@@ -225,6 +230,7 @@ impl Error {
             Error::Mqtt { .. } => MQTT,
             Error::MqttAuth { .. } => MQTT_AUTH,
             Error::Relup { .. } => RELUP,
+            Error::CampaignAborted { .. } => CAMPAIGN_ABORTED,
             Error::Usage(_) => USAGE,
         }
     }
@@ -261,6 +267,7 @@ impl Error {
             Error::Mqtt { .. } => "mqtt",
             Error::MqttAuth { .. } => "mqtt_auth",
             Error::Relup { .. } => "relup",
+            Error::CampaignAborted { .. } => "campaign_aborted",
             Error::Usage(_) => "usage",
             Error::Internal { .. } => "internal",
         }

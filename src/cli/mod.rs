@@ -27,6 +27,8 @@ use crate::trust::keys::{PublicKey, SecretKey};
 use crate::trust::root::{ROOT_FILE_LIMIT, Root};
 
 #[cfg(feature = "operator")]
+mod campaign;
+#[cfg(feature = "operator")]
 mod operator;
 
 #[derive(Parser, Debug)]

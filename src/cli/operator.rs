@@ -60,6 +60,11 @@ pub enum Command {
     #[command(subcommand)]
     Fleet(FleetCommand),
 
+    /// Roll a release out to a fleet in waves, health-gated, with
+    /// thresholds, pause and abort (see README "Campaigns").
+    #[command(subcommand)]
+    Campaign(super::campaign::CampaignCommand),
+
     /// Make the relup of a built release and the upgrade tarball that
     /// carries it (`mix release` makes neither; works on rebar3 output too).
     ///
@@ -77,6 +82,13 @@ impl Command {
     /// Long-running commands, which log what they do by default.
     pub fn is_daemon(&self) -> bool {
         matches!(self, Command::Serve { .. })
+            || matches!(
+                self,
+                Command::Campaign(
+                    super::campaign::CampaignCommand::Run { .. }
+                        | super::campaign::CampaignCommand::Start { .. }
+                )
+            )
     }
 }
 
@@ -136,6 +148,8 @@ pub fn run(cmd: Command) -> Result<()> {
 
         Command::Fleet(cmd) => fleet_command(cmd)?,
 
+        Command::Campaign(cmd) => super::campaign::run(cmd)?,
+
         Command::Relup(args) => relup_command(args)?,
     }
     Ok(())
@@ -165,7 +179,7 @@ pub struct RelupArgs {
 pub struct BrokerArgs {
     /// Broker URL: mqtt://HOST[:PORT] or mqtts://HOST[:PORT].
     #[arg(long, value_name = "URL", env = "BEAMUP_BROKER")]
-    broker: String,
+    broker: Option<String>,
     /// MQTT protocol version: 5 or 3.1.1.
     #[arg(long, value_name = "VERSION", default_value = "5")]
     mqtt_version: String,
@@ -186,10 +200,19 @@ pub struct BrokerArgs {
 }
 
 impl BrokerArgs {
-    fn broker(&self) -> Result<crate::transport::mqtt::Broker> {
-        crate::transport::mqtt::parse_url(&self.broker).map_err(Error::Usage)?;
+    pub(crate) fn given(&self) -> bool {
+        self.broker.is_some()
+    }
+
+    pub(crate) fn broker(&self) -> Result<crate::transport::mqtt::Broker> {
+        let url = self.broker.as_ref().ok_or_else(|| {
+            Error::Usage(
+                "--broker URL (or BEAMUP_BROKER) is required: the broker the fleet uses".into(),
+            )
+        })?;
+        crate::transport::mqtt::parse_url(url).map_err(Error::Usage)?;
         Ok(crate::transport::mqtt::Broker {
-            url: self.broker.clone(),
+            url: url.clone(),
             version: crate::transport::mqtt::Version::parse(&self.mqtt_version)
                 .map_err(Error::Usage)?,
             ca_file: self.ca_file.clone(),
@@ -205,14 +228,14 @@ impl BrokerArgs {
 pub struct FleetArgs {
     /// The fleet.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
-    fleet: String,
+    pub(crate) fleet: String,
     /// Topic prefix (as in the devices' agent.toml).
     #[arg(long, value_name = "PREFIX", default_value = "beamup")]
-    prefix: String,
+    pub(crate) prefix: String,
 }
 
 impl FleetArgs {
-    fn topics(&self) -> Result<crate::transport::protocol::Topics> {
+    pub(crate) fn topics(&self) -> Result<crate::transport::protocol::Topics> {
         if !crate::config::is_safe_prefix(&self.prefix) {
             return Err(Error::Usage(format!(
                 "--prefix {:?} must be names of A-Z a-z 0-9 . _ - separated by /",
@@ -264,7 +287,7 @@ pub enum FleetCommand {
     },
 }
 
-fn parse_name(s: &str) -> std::result::Result<String, String> {
+pub(crate) fn parse_name(s: &str) -> std::result::Result<String, String> {
     if crate::transport::protocol::is_topic_name(s) {
         Ok(s.to_string())
     } else {

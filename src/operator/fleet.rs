@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 use crate::transport::mqtt::{self, Broker, Conn, Qos, Session};
 use crate::transport::protocol::{DeviceStatus, Online, Topic, Topics};
 
-fn session(role: &str) -> Result<Session> {
+pub(crate) fn session(role: &str) -> Result<Session> {
     let mut id = [0u8; 6];
     getrandom::fill(&mut id).map_err(|e| Error::Internal {
         detail: format!("no OS randomness: {e}"),

@@ -3,6 +3,7 @@
 //! feature; device code never imports it (device builds leave it out).
 
 pub mod bundle;
+pub mod campaign;
 pub mod fleet;
 pub mod relup;
 pub mod sequence;

@@ -72,6 +72,15 @@ pub fn check(m: &Manifest, now: SystemTime, device: &DeviceFacts) -> Result<()> 
     Ok(())
 }
 
+/// Whether a manifest's target list admits this identity, as the device
+/// itself judges it (for an operator's check before offering).
+pub fn admits(targets: &[String], id: &Identity) -> bool {
+    targets
+        .iter()
+        .filter_map(|t| Scope::parse(t).ok())
+        .any(|s| matches(&s, id))
+}
+
 fn matches(scope: &Scope, id: &Identity) -> bool {
     match scope {
         Scope::Any => true,

@@ -12,6 +12,9 @@
 //! PREFIX/FLEET/device/ID/state    device -> all        DeviceStatus (JSON)        QoS 1, retained
 //! PREFIX/FLEET/device/ID/online   device -> all        Online (JSON), also LWT    QoS 1, retained
 //! PREFIX/FLEET/device/ID/events   device -> all        Event (JSON)               QoS 1, via the outbox
+//! PREFIX/FLEET/campaign/C/status  controller -> all    campaign view (JSON)       QoS 1, retained
+//! PREFIX/FLEET/campaign/C/control operator -> controller  CampaignControl (JSON)  QoS 1, retained
+//! PREFIX/FLEET/campaign/C/controller  controller (and its last will) -> all  ControllerLease  QoS 1, retained
 //! ```
 //!
 //! JSON payloads carry `"v": 1`; binary data replies start with a 4-byte
@@ -57,6 +60,9 @@ pub enum Topic {
     State(String),
     Online(String),
     Events(String),
+    CampaignStatus(String),
+    CampaignControl(String),
+    CampaignController(String),
 }
 
 impl Topics {
@@ -95,6 +101,26 @@ impl Topics {
     }
     pub fn request(&self, id: &str) -> String {
         format!("{}/req/{id}", self.base)
+    }
+
+    fn campaign(&self, id: &str, leaf: &str) -> String {
+        format!("{}/campaign/{id}/{leaf}", self.base)
+    }
+    pub fn campaign_status(&self, id: &str) -> String {
+        self.campaign(id, "status")
+    }
+    pub fn campaign_control(&self, id: &str) -> String {
+        self.campaign(id, "control")
+    }
+    pub fn campaign_controller(&self, id: &str) -> String {
+        self.campaign(id, "controller")
+    }
+    /// Every campaign's retained view (`beamup campaign list`).
+    pub fn campaign_status_filter(&self) -> String {
+        self.campaign("+", "status")
+    }
+    pub fn device_offer_filter(&self) -> String {
+        self.device("+", "offer")
     }
 
     /// What `beamup serve` subscribes to: every device's requests, shared
@@ -143,6 +169,15 @@ impl Topics {
                 })
             }
             ["group", g, "offer"] => Some(Topic::GroupOffer(name(g)?)),
+            ["campaign", c, leaf] => {
+                let c = name(c)?;
+                Some(match *leaf {
+                    "status" => Topic::CampaignStatus(c),
+                    "control" => Topic::CampaignControl(c),
+                    "controller" => Topic::CampaignController(c),
+                    _ => return None,
+                })
+            }
             ["req", id] => Some(Topic::Request(name(id)?)),
             _ => None,
         }
@@ -414,6 +449,57 @@ pub enum CommandKind {
     Retry,
 }
 
+/// What an operator asks of a campaign's controller. Retained, so that a
+/// controller that is not running gets it when it starts; only the latest
+/// is kept, and a controller applies one `seq` at most once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CampaignControl {
+    pub v: u32,
+    /// Increasing (milliseconds since the epoch when it was sent).
+    pub seq: u64,
+    pub action: ControlAction,
+    /// Who sent it (user@host), for the campaign's log.
+    #[serde(default)]
+    pub by: String,
+    pub at: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ControlAction {
+    /// No new offers; devices already updating finish and are counted.
+    Pause,
+    /// Offers go on; failures counted so far are accepted.
+    Resume,
+    /// No new offers, unstarted offers withdrawn, in-flight devices
+    /// finish (and the plan's revert, if any, is offered).
+    Abort,
+}
+
+impl ControlAction {
+    pub fn name(self) -> &'static str {
+        match self {
+            ControlAction::Pause => "pause",
+            ControlAction::Resume => "resume",
+            ControlAction::Abort => "abort",
+        }
+    }
+}
+
+/// Retained by a running controller; its last will says `online: false`,
+/// so a second controller can tell a live one from a dead one.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControllerLease {
+    pub v: u32,
+    pub online: bool,
+    #[serde(default)]
+    pub host: String,
+    #[serde(default)]
+    pub pid: u32,
+    #[serde(default)]
+    pub since: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -437,6 +523,15 @@ mod tests {
             (t.state("gw-1"), Topic::State("gw-1".into())),
             (t.online("gw-1"), Topic::Online("gw-1".into())),
             (t.events("gw-1"), Topic::Events("gw-1".into())),
+            (t.campaign_status("c1"), Topic::CampaignStatus("c1".into())),
+            (
+                t.campaign_control("c1"),
+                Topic::CampaignControl("c1".into()),
+            ),
+            (
+                t.campaign_controller("c1"),
+                Topic::CampaignController("c1".into()),
+            ),
         ] {
             assert_eq!(t.parse(&topic), Some(want), "{topic}");
         }

@@ -3,6 +3,10 @@
 //! capability, all driving real components. Helpers that hold no tests
 //! live in `support/`.
 
+/// `beamup campaign` over real devices, `serve` and mosquitto: waves,
+/// soaks, thresholds, offline devices, timeouts, pause/resume/abort, and a
+/// controller killed with -9 at random points.
+mod campaign;
 /// Real nodes booted in podman from `containers/pod.yaml`: provisioning,
 /// a hot upgrade over MQTT, restarts that boot the permanent release.
 mod containers;

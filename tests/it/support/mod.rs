@@ -3,6 +3,7 @@
 
 pub mod cli;
 pub mod device;
+pub mod fleet;
 pub mod mqtt;
 pub mod nspawn;
 pub mod otp;

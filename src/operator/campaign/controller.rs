@@ -1,0 +1,394 @@
+//! The campaign controller (`beamup campaign run`): the effects around
+//! [`decide::step`]. One MQTT session; each turn it takes in what the
+//! broker said, lets `decide` change the state, saves the state, and only
+//! then publishes what was decided.
+//!
+//! Why it survives kill -9: every decision is on disk before its effect
+//! leaves; the truth about devices is on the broker (retained states,
+//! online flags, retained offers; events queued for the controller's
+//! persistent session), read again at every start and waited for before
+//! the first decision. An offer decided but not published is published
+//! then (its retained copy is missing), one published is not published
+//! again (its retained copy is there), and an outcome is a device's
+//! verdict once, whichever of its state and its event shows it first.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use super::decide::{self, Effect, Facts};
+use super::state::{Campaign, Status, Store};
+use crate::error::{Error, Result};
+use crate::transport::mqtt::{self, Broker, Conn, Qos, Session};
+use crate::transport::protocol::{
+    self, CampaignControl, Command, CommandKind, ControllerLease, DeviceStatus, Event, Online,
+    Topic, Topics,
+};
+
+const TICK: Duration = Duration::from_millis(250);
+/// Retained messages are taken to be all in once none came for this long
+/// after subscribing (or `SETTLE_MAX` passed).
+const SETTLE_QUIET: Duration = Duration::from_millis(700);
+const SETTLE_MAX: Duration = Duration::from_secs(10);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// Takes one message into the facts (or the campaign, for events and
+/// controls). Returns whether anything changed. Nothing in a payload is
+/// believed beyond its parse: the device is the one named by the topic.
+pub fn ingest(
+    c: &mut Campaign,
+    facts: &mut Facts,
+    topics: &Topics,
+    topic: &str,
+    payload: &[u8],
+    now: u64,
+) -> bool {
+    match topics.parse(topic) {
+        Some(Topic::State(d)) => {
+            let state = serde_json::from_slice::<DeviceStatus>(payload)
+                .ok()
+                .filter(|s| s.device == d);
+            facts.devices.entry(d).or_default().state = state;
+            true
+        }
+        Some(Topic::Online(d)) => {
+            facts.devices.entry(d).or_default().online = serde_json::from_slice::<Online>(payload)
+                .ok()
+                .map(|o| o.online);
+            true
+        }
+        Some(Topic::DeviceOffer(d)) => {
+            if payload.is_empty() {
+                facts.offers.remove(&d);
+            } else {
+                facts.offers.insert(d, hex::encode(Sha256::digest(payload)));
+            }
+            true
+        }
+        Some(Topic::Events(d)) => match serde_json::from_slice::<Event>(payload) {
+            Ok(ev) if ev.device == d && ev.v == protocol::VERSION => {
+                decide::apply_event(c, &ev, now);
+                true
+            }
+            _ => false,
+        },
+        Some(Topic::CampaignControl(id)) if id == c.id => {
+            match serde_json::from_slice::<CampaignControl>(payload) {
+                Ok(ctl) if ctl.v == protocol::VERSION => {
+                    decide::control(c, ctl.action, ctl.seq, &ctl.by, now);
+                    true
+                }
+                _ => false,
+            }
+        }
+        _ => false,
+    }
+}
+
+pub struct RunOptions {
+    pub broker: Broker,
+    pub store: Store,
+}
+
+fn lease(online: bool) -> Vec<u8> {
+    serde_json::to_vec(&ControllerLease {
+        v: protocol::VERSION,
+        online,
+        host: hostname(),
+        pid: std::process::id(),
+        since: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+    })
+    .expect("json")
+}
+
+/// Refuses to run beside a live controller of the same campaign on
+/// another machine: its lease is retained with `online: true` until its
+/// last will (or its goodbye) says otherwise.
+async fn check_lease(b: &Broker, topics: &Topics, id: &str) -> Result<()> {
+    let mut conn = Conn::new(b, &crate::operator::fleet::session("campaign-check")?)?;
+    let topic = topics.campaign_controller(id);
+    let deadline = Instant::now() + SETTLE_MAX;
+    let mut subscribed_at: Option<Instant> = None;
+    let mut lease: Option<ControllerLease> = None;
+    loop {
+        let until = match subscribed_at {
+            Some(t) => (t + SETTLE_QUIET).min(deadline),
+            None => deadline,
+        };
+        match tokio::time::timeout_at(until.into(), conn.poll()).await {
+            Err(_) if subscribed_at.is_some() => break,
+            Err(_) => {
+                return Err(Error::Mqtt {
+                    url: b.url.clone(),
+                    detail: "no connection in time".into(),
+                });
+            }
+            Ok(Err(e)) => return Err(e.into_error(&b.url)),
+            Ok(Ok(mqtt::Event::Connected { .. })) => {
+                conn.subscribe(&topic, Qos::AtLeastOnce)?;
+                subscribed_at = Some(Instant::now());
+            }
+            Ok(Ok(mqtt::Event::Message {
+                topic: t, payload, ..
+            })) if t == topic => {
+                lease = serde_json::from_slice(&payload).ok();
+                break;
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    conn.disconnect().await;
+    match lease {
+        Some(l) if l.online => {
+            let here = l.host == hostname();
+            // A controller of this machine that is gone (kill -9 and
+            // reboot both end its process): its lease is stale.
+            let alive = !here
+                || nix::sys::signal::kill(nix::unistd::Pid::from_raw(l.pid as i32), None).is_ok();
+            if alive {
+                return Err(Error::Busy {
+                    path: topic.into(),
+                    detail: format!(
+                        "campaign {id} has a controller online on {} (pid {}) since {}; if that machine lost power, the broker marks it offline within 45 s",
+                        l.host, l.pid, l.since
+                    ),
+                });
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Runs the campaign until it finishes or `shutdown` resolves. Returns the
+/// campaign as saved.
+pub async fn run(
+    opts: RunOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<Campaign> {
+    opts.store.load()?;
+    let _lock = opts.store.lock()?;
+    // Read again under the lock: a controller that held it may have
+    // moved the campaign on.
+    let mut c = opts.store.load()?;
+    if c.finished() {
+        return Ok(c);
+    }
+    let offer = opts.store.offer(false)?;
+    let revert = if c.revert.is_some() {
+        Some(opts.store.offer(true)?)
+    } else {
+        None
+    };
+    let topics = Topics::new(&c.prefix, &c.fleet);
+    check_lease(&opts.broker, &topics, &c.id).await?;
+
+    let session = Session {
+        client_id: format!("beamup-campaign-{}-{}", c.fleet, c.id),
+        persistent: true,
+        keep_alive: Duration::from_secs(30),
+        will: Some((topics.campaign_controller(&c.id), lease(false))),
+    };
+    let mut conn = Conn::new(&opts.broker, &session)?;
+    let mut facts = Facts::default();
+    let mut backoff = mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+    let mut outgoing: VecDeque<(String, Vec<u8>, bool)> = VecDeque::new();
+    let mut settling: Option<(Instant, Instant)> = None; // (connected at, last retained)
+    let mut settled = false;
+    let mut saved = serde_json::to_vec(&c).expect("json");
+    let mut published_at: Option<Instant> = None;
+    let mut published_status = None;
+    let mut status_dirty = true;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    let mut stopping = false;
+    let mut done_at: Option<Instant> = None;
+    c.log(
+        now_ms(),
+        format!(
+            "controller started on {} (pid {})",
+            hostname(),
+            std::process::id()
+        ),
+    );
+
+    loop {
+        tokio::select! {
+            ev = conn.poll() => match ev {
+                Ok(mqtt::Event::Connected { session_present, .. }) => {
+                    backoff.reset();
+                    if !session_present {
+                        tracing::info!("new MQTT session: reading the fleet's retained messages again");
+                    }
+                    // Retained offers come again with the subscription:
+                    // what the broker holds now is the truth.
+                    facts.offers.clear();
+                    for f in [
+                        topics.state_filter(),
+                        topics.online_filter(),
+                        topics.events_filter(),
+                        topics.device_offer_filter(),
+                        topics.campaign_control(&c.id),
+                    ] {
+                        conn.subscribe(&f, Qos::AtLeastOnce)?;
+                    }
+                    outgoing.push_front((topics.campaign_controller(&c.id), lease(true), true));
+                    settling = Some((Instant::now(), Instant::now()));
+                    settled = false;
+                    status_dirty = true;
+                }
+                Ok(mqtt::Event::Message { topic, payload, retain }) => {
+                    // Only what the broker retained counts for settling:
+                    // live traffic of a busy fleet never pauses.
+                    if retain && let Some((_, last)) = settling.as_mut() {
+                        *last = Instant::now();
+                    }
+                    if ingest(&mut c, &mut facts, &topics, &topic, &payload, now_ms()) {
+                        status_dirty = true;
+                    }
+                }
+                Ok(_) => {}
+                Err(why) => {
+                    if let mqtt::ConnError::Auth(_) = why {
+                        return Err(why.into_error(&opts.broker.url));
+                    }
+                    let d = backoff.next_delay();
+                    tracing::warn!("broker {}: {why}; reconnecting in {d:?}", opts.broker.url);
+                    settled = false;
+                    settling = None;
+                    tokio::time::sleep(d).await;
+                }
+            },
+            _ = tick.tick() => {}
+            _ = &mut shutdown, if !stopping => {
+                stopping = true;
+            }
+        }
+        if let Some((at, last)) = settling
+            && (last.elapsed() >= SETTLE_QUIET || at.elapsed() >= SETTLE_MAX)
+        {
+            settling = None;
+            settled = true;
+        }
+        if stopping {
+            // What was decided and saved but not sent yet goes out now if
+            // it can; the next run sends again whatever the broker lacks.
+            while let Some((topic, payload, retain)) = outgoing.pop_front() {
+                if conn
+                    .publish(&topic, Qos::AtLeastOnce, retain, payload)
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            break;
+        }
+        if !settled {
+            continue;
+        }
+        let now = now_ms();
+        let effects = decide::step(&mut c, &facts, now);
+        let bytes = serde_json::to_vec(&c).expect("json");
+        if bytes != saved {
+            opts.store.save(&c)?;
+            saved = bytes;
+            status_dirty = true;
+        }
+        for e in effects {
+            let (topic, payload, retain) = match e {
+                Effect::Offer { device, revert: r } => (
+                    topics.device_offer(&device),
+                    if r {
+                        revert.clone().unwrap_or_default()
+                    } else {
+                        offer.clone()
+                    },
+                    true,
+                ),
+                Effect::Clear { device } => (topics.device_offer(&device), Vec::new(), true),
+                Effect::Retry { device } => (
+                    topics.command(&device),
+                    serde_json::to_vec(&Command {
+                        v: protocol::VERSION,
+                        cmd: CommandKind::Retry,
+                    })
+                    .expect("json"),
+                    false,
+                ),
+            };
+            outgoing.push_back((topic, payload, retain));
+        }
+        // The campaign's view, for every operator: at most once a second
+        // (more rarely for a large one), at once when its status changes.
+        let status_now = (c.status, c.finished());
+        let interval = Duration::from_millis(1000 + saved.len() as u64 / 256);
+        if status_dirty
+            && (published_status != Some(status_now)
+                || published_at.is_none_or(|t| t.elapsed() >= interval))
+        {
+            outgoing.push_back((topics.campaign_status(&c.id), saved.clone(), true));
+            published_at = Some(Instant::now());
+            published_status = Some(status_now);
+            status_dirty = false;
+        }
+        while let Some((topic, payload, retain)) = outgoing.pop_front() {
+            if let Err(e) = conn.publish(&topic, Qos::AtLeastOnce, retain, payload.clone()) {
+                tracing::debug!("{e}; sending it on the next turn");
+                outgoing.push_front((topic, payload, retain));
+                break;
+            }
+        }
+        // Finished: once the broker holds none of its offers (or a few
+        // seconds passed), so that no device finds one later.
+        if c.finished() && outgoing.is_empty() {
+            let ours = |d: &String| {
+                *d == c.target.digest || c.revert.as_ref().is_some_and(|r| *d == r.digest)
+            };
+            let finished_at = *done_at.get_or_insert_with(Instant::now);
+            if !facts.offers.values().any(ours) || finished_at.elapsed() > Duration::from_secs(10) {
+                break;
+            }
+        }
+    }
+
+    // Goodbye: the last view and the lease, then a clean disconnect.
+    let bytes = serde_json::to_vec(&c).expect("json");
+    opts.store.save(&c)?;
+    let _ = conn.publish(
+        &topics.campaign_status(&c.id),
+        Qos::AtLeastOnce,
+        true,
+        bytes,
+    );
+    let _ = conn.publish(
+        &topics.campaign_controller(&c.id),
+        Qos::AtLeastOnce,
+        true,
+        lease(false),
+    );
+    // Queued publishes go out before the DISCONNECT queued after them.
+    conn.disconnect().await;
+    if c.status == Status::Aborted {
+        tracing::info!(
+            "campaign {} aborted: {}",
+            c.id,
+            c.reason.clone().unwrap_or_default()
+        );
+    }
+    Ok(c)
+}
