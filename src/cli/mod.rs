@@ -15,6 +15,7 @@ use serde_json::json;
 use crate::bundle;
 use crate::config::Config;
 use crate::engine::install;
+use crate::engine::settings::EngineSettings;
 use crate::engine::state::{Outcome, OutcomeKind, Strategy};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -583,10 +584,12 @@ fn print_outcome(o: &Outcome, json: bool) {
 
 fn install_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let progress = TerminalProgress;
     let rt = runtime()?;
     let result = rt.block_on(async {
-        let mut engine = install::Engine::open(&cfg, &progress)?;
+        let mut engine = install::Engine::open(
+            EngineSettings::from_config(&cfg)?,
+            Box::new(TerminalProgress),
+        )?;
         engine
             .install(
                 bundle,
@@ -620,10 +623,12 @@ fn install_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Res
 
 fn recover_command(config: &Path, json: bool) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let progress = TerminalProgress;
     let rt = runtime()?;
     let outcome = rt.block_on(async {
-        let mut engine = install::Engine::open(&cfg, &progress)?;
+        let mut engine = install::Engine::open(
+            EngineSettings::from_config(&cfg)?,
+            Box::new(TerminalProgress),
+        )?;
         engine.recover().await
     })?;
     match outcome {

@@ -32,6 +32,7 @@ use crate::bundle;
 use crate::config::{Config, MqttConfig};
 use crate::device::intake;
 use crate::engine::install::{self, Engine, InstallOptions, Step};
+use crate::engine::settings::EngineSettings;
 use crate::engine::state::{Outcome, OutcomeKind};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -132,12 +133,13 @@ struct Ready {
     have: Vec<bool>,
 }
 
-type InstallFuture =
-    Pin<Box<dyn Future<Output = (Engine<'static>, Result<Outcome>, String, Manifest)>>>;
+type InstallFuture = Pin<Box<dyn Future<Output = (Engine, Result<Outcome>, String, Manifest)>>>;
 
 struct Agent {
-    cfg: &'static Config,
-    mq: &'static MqttConfig,
+    /// The trust root file offers are verified against.
+    trust_root: PathBuf,
+    release_name: String,
+    mq: MqttConfig,
     topics: Topics,
     dir: PathBuf,
     conn: Conn,
@@ -216,14 +218,15 @@ fn is_passing(e: &Error) -> bool {
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<()> {
     crate::memory::tune_allocator();
-    let cfg: &'static Config = Box::leak(Box::new(cfg));
-    let mq: &'static MqttConfig = cfg.mqtt.as_ref().ok_or_else(|| {
+    let mq = cfg.mqtt.clone().ok_or_else(|| {
         Error::Usage("the agent needs an [mqtt] table in agent.toml (url, device_id, fleet)".into())
     })?;
     let broker = mq.broker()?;
     let (ptx, mut prx) = mpsc::unbounded_channel();
-    let progress: &'static ProgressTx = Box::leak(Box::new(ProgressTx(ptx)));
-    let mut engine = Engine::open(cfg, progress)?;
+    let mut engine = Engine::open(
+        EngineSettings::from_config(&cfg)?,
+        Box::new(ProgressTx(ptx)),
+    )?;
     let dir = engine.state_dir().join("agent");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create", e))?;
     let outbox = Outbox::open(&dir.join("outbox"))?;
@@ -256,8 +259,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     };
     let mut agent = Agent {
-        cfg,
-        mq,
+        trust_root: cfg.trust.root.clone(),
+        release_name: cfg.release.name.clone(),
         dir,
         conn,
         connected: false,
@@ -295,6 +298,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         fetch_only: std::env::var("BEAMUP_AGENT_FETCH_ONLY").is_ok_and(|v| v == "1"),
         fetch_everything: None,
         topics,
+        mq,
     };
     if agent.fetch_only {
         tracing::warn!("BEAMUP_AGENT_FETCH_ONLY=1: fetching one offer without installing it");
@@ -339,7 +343,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             detail: format!("cannot handle SIGINT: {e}"),
         })?;
     let mut last_tick = Instant::now();
-    let mut engine: Option<Engine<'static>> = Some(engine);
+    let mut engine: Option<Engine> = Some(engine);
     let mut installing: Option<InstallFuture> = None;
 
     loop {
@@ -585,7 +589,7 @@ impl Agent {
     /// stays what it was.
     fn rejected(
         &mut self,
-        engine: Option<&mut Engine<'static>>,
+        engine: Option<&mut Engine>,
         m: Option<&Manifest>,
         e: &Error,
     ) -> Result<()> {
@@ -600,7 +604,7 @@ impl Agent {
             return Ok(());
         }
         tracing::warn!("offer rejected: {e}");
-        let o = Outcome::rejected(m, &self.cfg.release.name, e.to_string());
+        let o = Outcome::rejected(m, &self.release_name, e.to_string());
         self.outcome_event(&o, m)
     }
 
@@ -624,7 +628,7 @@ impl Agent {
     async fn handle_offer(
         &mut self,
         envelope: &[u8],
-        engine: &mut Engine<'static>,
+        engine: &mut Engine,
         retry: bool,
     ) -> Result<()> {
         let digest = digest_hex(envelope);
@@ -648,7 +652,7 @@ impl Agent {
             }
             intake::Seen::New => {}
         }
-        let root = match Root::load(&self.cfg.trust.root) {
+        let root = match Root::load(&self.trust_root) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("cannot load the trust root: {e}");
@@ -795,7 +799,7 @@ impl Agent {
     /// read chunks the download lacks, the offer is taken up again (its
     /// download resumes with what it has and fetches the rest) and `true`
     /// is returned; the install waits until that is done.
-    async fn fetch_more(&mut self, engine: &mut Engine<'static>, r: &Ready) -> Result<bool> {
+    async fn fetch_more(&mut self, engine: &mut Engine, r: &Ready) -> Result<bool> {
         if r.have.iter().all(|&h| h) {
             return Ok(false);
         }
@@ -966,11 +970,7 @@ impl Agent {
         self.after_progress()
     }
 
-    async fn on_mqtt(
-        &mut self,
-        ev: mqtt::Event,
-        engine: Option<&mut Engine<'static>>,
-    ) -> Result<()> {
+    async fn on_mqtt(&mut self, ev: mqtt::Event, engine: Option<&mut Engine>) -> Result<()> {
         match ev {
             mqtt::Event::Connected {
                 session_present,
@@ -1054,11 +1054,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn offer_received(
-        &mut self,
-        bytes: Vec<u8>,
-        engine: Option<&mut Engine<'static>>,
-    ) -> Result<()> {
+    async fn offer_received(&mut self, bytes: Vec<u8>, engine: Option<&mut Engine>) -> Result<()> {
         if self.shutting_down {
             return Ok(());
         }
@@ -1072,11 +1068,7 @@ impl Agent {
         }
     }
 
-    async fn on_command(
-        &mut self,
-        payload: &[u8],
-        engine: Option<&mut Engine<'static>>,
-    ) -> Result<()> {
+    async fn on_command(&mut self, payload: &[u8], engine: Option<&mut Engine>) -> Result<()> {
         let cmd: protocol::Command = match serde_json::from_slice(payload) {
             Ok(c) => c,
             Err(e) => {
@@ -1174,7 +1166,7 @@ impl Agent {
         result: Result<Outcome>,
         digest: &str,
         m: &Manifest,
-        engine: &mut Engine<'static>,
+        engine: &mut Engine,
     ) -> Result<()> {
         match result {
             Ok(o) => {
@@ -1222,7 +1214,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn refresh_node(&mut self, engine: &mut Engine<'static>) {
+    async fn refresh_node(&mut self, engine: &mut Engine) {
         self.node_polled_at = Instant::now();
         match tokio::time::timeout(Duration::from_secs(5), engine.running()).await {
             Ok(Ok(r)) => {
@@ -1245,7 +1237,7 @@ impl Agent {
         }
     }
 
-    async fn on_tick(&mut self, engine: Option<&mut Engine<'static>>) -> Result<()> {
+    async fn on_tick(&mut self, engine: Option<&mut Engine>) -> Result<()> {
         if let Some(a) = self.active.as_mut() {
             a.download
                 .maybe_checkpoint(CHECKPOINT_EVERY, CHECKPOINT_CHUNKS)?;

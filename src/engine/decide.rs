@@ -5,17 +5,13 @@
 //! unit-tested here without a node, and the effectful code reads as a
 //! straight line that asks, then acts.
 
-use crate::config;
+use crate::engine::settings::StrategyRule;
 use crate::engine::state::{Journal, Phase, Strategy};
 pub use crate::node::link::Running;
 use crate::release::manifest::Manifest;
 
 /// How to install a release on a running node, or why not.
-pub fn strategy(
-    m: &Manifest,
-    running: &Running,
-    cfg: &config::Strategy,
-) -> Result<Strategy, String> {
+pub fn strategy(m: &Manifest, running: &Running, rule: StrategyRule) -> Result<Strategy, String> {
     let relup_covers = m.upgrade_from.contains(&running.current);
     let same_erts = m.erts == running.erts;
     if relup_covers && same_erts {
@@ -35,9 +31,9 @@ pub fn strategy(
     } else {
         format!("it changes ERTS from {} to {}", running.erts, m.erts)
     };
-    match cfg {
-        config::Strategy::Auto => Ok(Strategy::Cold),
-        config::Strategy::HotOnly => Err(format!(
+    match rule {
+        StrategyRule::Auto => Ok(Strategy::Cold),
+        StrategyRule::HotOnly => Err(format!(
             "{why}, so it needs a restart, and [install] strategy is hot-only"
         )),
     }
@@ -156,11 +152,11 @@ mod tests {
     fn hot_when_relup_covers_and_erts_is_the_same() {
         let m = manifest("1.1.0", &["1.0.0"], "13.1.5");
         assert_eq!(
-            strategy(&m, &running("1.0.0"), &config::Strategy::Auto),
+            strategy(&m, &running("1.0.0"), StrategyRule::Auto),
             Ok(Strategy::Hot)
         );
         assert_eq!(
-            strategy(&m, &running("1.0.0"), &config::Strategy::HotOnly),
+            strategy(&m, &running("1.0.0"), StrategyRule::HotOnly),
             Ok(Strategy::Hot)
         );
     }
@@ -169,23 +165,23 @@ mod tests {
     fn cold_or_refused_otherwise() {
         let no_relup = manifest("2.0.0", &[], "13.1.5");
         assert_eq!(
-            strategy(&no_relup, &running("1.0.0"), &config::Strategy::Auto),
+            strategy(&no_relup, &running("1.0.0"), StrategyRule::Auto),
             Ok(Strategy::Cold)
         );
-        let e = strategy(&no_relup, &running("1.0.0"), &config::Strategy::HotOnly).unwrap_err();
+        let e = strategy(&no_relup, &running("1.0.0"), StrategyRule::HotOnly).unwrap_err();
         assert!(e.contains("has no relup") && e.contains("hot-only"), "{e}");
         let other_from = manifest("1.2.0", &["1.1.0"], "13.1.5");
-        let e = strategy(&other_from, &running("1.0.0"), &config::Strategy::HotOnly).unwrap_err();
+        let e = strategy(&other_from, &running("1.0.0"), StrategyRule::HotOnly).unwrap_err();
         assert!(
             e.contains("upgrades from 1.1.0, not from the running 1.0.0"),
             "{e}"
         );
         let new_erts = manifest("1.1.0", &["1.0.0"], "14.0");
         assert_eq!(
-            strategy(&new_erts, &running("1.0.0"), &config::Strategy::Auto),
+            strategy(&new_erts, &running("1.0.0"), StrategyRule::Auto),
             Ok(Strategy::Cold)
         );
-        let e = strategy(&new_erts, &running("1.0.0"), &config::Strategy::HotOnly).unwrap_err();
+        let e = strategy(&new_erts, &running("1.0.0"), StrategyRule::HotOnly).unwrap_err();
         assert!(e.contains("changes ERTS from 13.1.5 to 14.0"), "{e}");
     }
 

@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use crate::bundle::Bundle;
-use crate::config::Config;
 use crate::engine::decide::{self, NodeSeen, Recovery, Running};
+use crate::engine::settings::EngineSettings;
 use crate::engine::state::{DeviceState, Journal, Outcome, OutcomeKind, Phase, Store, Strategy};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
@@ -88,12 +88,14 @@ pub struct InstallOptions {
     pub available: Option<Vec<bool>>,
 }
 
-pub struct Engine<'a> {
-    cfg: &'a Config,
+/// Owns what it needs (settings, the progress sink), so that a caller can
+/// move it into a task or a future of its own.
+pub struct Engine {
+    settings: EngineSettings,
     store: Store,
     state: DeviceState,
     node: NodeLink,
-    progress: &'a dyn Progress,
+    progress: Box<dyn Progress>,
     /// Flushing the unpacked files to disk, started after the unpack and
     /// awaited before the commit (see `commit`).
     pending_sync: Option<tokio::task::JoinHandle<Result<()>>>,
@@ -110,13 +112,13 @@ struct Prepared {
     registered: Option<ReleaseStatus>,
 }
 
-impl<'a> Engine<'a> {
+impl Engine {
     /// Takes the state-dir lock and sets up the node link.
-    pub fn open(cfg: &'a Config, progress: &'a dyn Progress) -> Result<Engine<'a>> {
-        let (store, state) = Store::open(&cfg.state.dir)?;
-        let node = NodeLink::new(cfg.link_settings()?);
+    pub fn open(settings: EngineSettings, progress: Box<dyn Progress>) -> Result<Engine> {
+        let (store, state) = Store::open(&settings.state_dir)?;
+        let node = NodeLink::new(settings.link.clone());
         Ok(Engine {
-            cfg,
+            settings,
             store,
             state,
             node,
@@ -130,7 +132,7 @@ impl<'a> Engine<'a> {
     }
 
     fn root(&self) -> &Path {
-        &self.cfg.release.root
+        &self.settings.release_root
     }
 
     fn save(&self) -> Result<()> {
@@ -176,8 +178,11 @@ impl<'a> Engine<'a> {
     }
 
     fn reject(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
-        self.state
-            .finish(Outcome::rejected(m, &self.cfg.release.name, e.to_string()));
+        self.state.finish(Outcome::rejected(
+            m,
+            &self.settings.release_name,
+            e.to_string(),
+        ));
         self.save()?;
         self.progress
             .phase(Step::Finished(OutcomeKind::Rejected), &e.to_string());
@@ -226,11 +231,11 @@ impl<'a> Engine<'a> {
     /// no automatic retry of a release that was rolled back. Returns what
     /// the node runs.
     pub async fn check_offer(&mut self, m: &Manifest, retry: bool) -> Result<Running> {
-        if m.release.name != self.cfg.release.name {
+        if m.release.name != self.settings.release_name {
             return Err(Error::Refused {
                 reason: format!(
                     "the bundle holds release {:?}, this device runs {:?}",
-                    m.release.name, self.cfg.release.name
+                    m.release.name, self.settings.release_name
                 ),
             });
         }
@@ -247,7 +252,7 @@ impl<'a> Engine<'a> {
         let facts = DeviceFacts {
             installed_version: Some(running.permanent.clone()),
             last_sequence: self.state.last_sequence,
-            identity: self.cfg.identity(),
+            identity: self.settings.identity.clone(),
         };
         policy::check(m, SystemTime::now(), &facts)?;
         if !retry
@@ -295,7 +300,7 @@ impl<'a> Engine<'a> {
         opts: &InstallOptions,
         seen: &mut Option<Manifest>,
     ) -> Result<Prepared> {
-        let root = Root::load(&self.cfg.trust.root)?;
+        let root = Root::load(&self.settings.trust_root)?;
         let bundle = Bundle::open(path)?;
         let (m, _) = bundle.verify_manifest(&root)?;
         *seen = Some(m.clone());
@@ -304,7 +309,7 @@ impl<'a> Engine<'a> {
         // The tarball's bytes are checked chunk by chunk as they are
         // unpacked (`staging::unpack`): one pass over what is used, nothing
         // unverified reaches the decompressor.
-        let strategy = decide::strategy(&m, &running, &self.cfg.install.strategy)
+        let strategy = decide::strategy(&m, &running, self.settings.strategy)
             .map_err(|reason| Error::Refused { reason })?;
         self.ensure_releases_file(&running).await;
         let (registered, plan) = self.plan_with_leftovers(&m).await?;
@@ -335,14 +340,14 @@ impl<'a> Engine<'a> {
         if let Err(e) = self.try_ensure_releases_file(running).await {
             tracing::warn!(
                 "release_handler does not know what {} {} consists of, and RELEASES could not be                  repaired ({e}); a rollback will restart the node",
-                self.cfg.release.name,
+                self.settings.release_name,
                 running.permanent
             );
         }
     }
 
     async fn try_ensure_releases_file(&mut self, running: &Running) -> Result<()> {
-        let disk = OnDisk::read(self.root(), &self.cfg.release.name)?;
+        let disk = OnDisk::read(self.root(), &self.settings.release_name)?;
         let releases = self
             .node
             .which_releases()
@@ -360,7 +365,7 @@ impl<'a> Engine<'a> {
             tracing::info!(
                 "wrote {} from the .rel files: release_handler did not list what {} {} consists of",
                 path.display(),
-                self.cfg.release.name,
+                self.settings.release_name,
                 running.permanent
             );
         }
@@ -423,8 +428,8 @@ impl<'a> Engine<'a> {
             }
         };
         let keep = self.boot_set(vsn).await?;
-        let mut plan = staging::plan(self.root(), &self.cfg.release.name, m);
-        let name = &self.cfg.release.name;
+        let mut plan = staging::plan(self.root(), &self.settings.release_name, m);
+        let name = &self.settings.release_name;
         let mut candidates: Vec<PathBuf> = vec![
             PathBuf::from("releases").join(vsn),
             PathBuf::from("bin").join(format!("{name}-{vsn}")),
@@ -446,7 +451,7 @@ impl<'a> Engine<'a> {
     /// beamup created for `removing` (see `bootset`). The node's facts are
     /// added when it answers.
     async fn boot_set(&mut self, removing: &str) -> Result<Protected> {
-        let disk = OnDisk::read(self.root(), &self.cfg.release.name)?;
+        let disk = OnDisk::read(self.root(), &self.settings.release_name)?;
         let node = if self.node.is_up().await {
             self.node.running().await.ok()
         } else {
@@ -454,7 +459,7 @@ impl<'a> Engine<'a> {
         };
         Ok(bootset::protected(
             &disk,
-            &self.cfg.release.name,
+            &self.settings.release_name,
             Some(removing),
             node.as_ref(),
         ))
@@ -635,7 +640,7 @@ impl<'a> Engine<'a> {
     /// Passes when the configured checks pass continuously for the soak
     /// window and the node reports the new version as what it runs.
     async fn health_gate(&mut self) -> std::result::Result<(), String> {
-        let h = &self.cfg.health;
+        let h = &self.settings.health;
         let to = self.journal().to_version.clone();
         self.progress.phase(
             Step::Soaking,
@@ -654,7 +659,7 @@ impl<'a> Engine<'a> {
         timeout: std::time::Duration,
         soak: std::time::Duration,
     ) -> std::result::Result<(), String> {
-        let checks = health::Checks::new(&self.cfg.health, version);
+        let checks = health::Checks::new(&self.settings.health, version);
         let mut gate = Gate::new(Instant::now(), timeout, soak);
         loop {
             let result = match checks.run_once().await {
@@ -668,7 +673,7 @@ impl<'a> Engine<'a> {
             match gate.observe(Instant::now(), result) {
                 Verdict::Pass => return Ok(()),
                 Verdict::Fail(why) => return Err(why),
-                Verdict::Wait => tokio::time::sleep(self.cfg.health.interval).await,
+                Verdict::Wait => tokio::time::sleep(self.settings.health.interval).await,
             }
         }
     }
@@ -777,7 +782,7 @@ impl<'a> Engine<'a> {
     }
 
     fn boot_script(&self) -> PathBuf {
-        self.root().join("bin").join(&self.cfg.release.name)
+        self.root().join("bin").join(&self.settings.release_name)
     }
 
     fn start_erl_data(&self) -> PathBuf {
@@ -967,9 +972,13 @@ impl<'a> Engine<'a> {
         if let Err(e) = self.cleanup().await {
             tracing::warn!("cleanup after rollback: {e}");
         }
-        let soak = self.cfg.health.soak.min(std::time::Duration::from_secs(1));
+        let soak = self
+            .settings
+            .health
+            .soak
+            .min(std::time::Duration::from_secs(1));
         if let Err(why) = self
-            .gate(&j.from_version, self.cfg.health.timeout, soak)
+            .gate(&j.from_version, self.settings.health.timeout, soak)
             .await
         {
             return self.needs_attention(format!(
