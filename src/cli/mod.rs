@@ -35,13 +35,13 @@ mod operator;
 pub struct Cli {
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create, rotate or check trust roots (the keys devices accept).
     #[command(subcommand)]
     Root(RootCommand),
@@ -106,7 +106,7 @@ pub enum Command {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum RootCommand {
+pub(crate) enum RootCommand {
     #[cfg(feature = "operator")]
     /// Create a first trust root (version 1).
     Init {
@@ -151,7 +151,7 @@ pub enum RootCommand {
 }
 
 #[derive(Args, Debug)]
-pub struct VerifyArgs {
+pub(crate) struct VerifyArgs {
     file: PathBuf,
     /// Trust root to verify against.
     #[arg(long, value_name = "ROOT")]
@@ -176,7 +176,7 @@ pub struct VerifyArgs {
 /// Who the device is, for the bundle's target scopes (checked only when
 /// one of these is given).
 #[derive(Args, Debug)]
-pub struct IdentityArgs {
+pub(crate) struct IdentityArgs {
     /// Check the target scopes for this device id ...
     #[arg(long, value_name = "ID")]
     device: Option<String>,
@@ -201,7 +201,7 @@ impl IdentityArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct UnpackArgs {
+pub(crate) struct UnpackArgs {
     /// The bundle file (from `beamup bundle`).
     bundle: PathBuf,
     /// Trust root to verify against.

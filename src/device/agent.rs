@@ -99,7 +99,7 @@ fn is_passing(e: &Error) -> bool {
 }
 
 /// Runs the agent until SIGTERM or SIGINT.
-pub async fn run(cfg: Config) -> Result<()> {
+pub(crate) async fn run(cfg: Config) -> Result<()> {
     crate::memory::tune_allocator();
     let mq = cfg.mqtt.clone().ok_or_else(|| {
         Error::Usage("the agent needs an [mqtt] table in agent.toml (url, device_id, fleet)".into())

@@ -9,7 +9,7 @@ use crate::engine::state::OutcomeKind;
 
 /// What the envelope's digest alone says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seen {
+pub(crate) enum Seen {
     /// An empty payload: a retained offer was cleared.
     Cleared,
     /// This exact signed offer was decided before: ignored (and a leftover
@@ -23,18 +23,18 @@ pub enum Seen {
 }
 
 /// Facts about the digest of an arriving offer.
-pub struct DigestFacts<'a> {
-    pub digest: &'a str,
-    pub empty: bool,
+pub(crate) struct DigestFacts<'a> {
+    pub(crate) digest: &'a str,
+    pub(crate) empty: bool,
     /// Among the signed offers remembered as decided.
-    pub decided: bool,
+    pub(crate) decided: bool,
     /// The digest of the offer being fetched, if any.
-    pub active: Option<&'a str>,
+    pub(crate) active: Option<&'a str>,
     /// The digest of the offer fetched and waiting for the engine, if any.
-    pub ready: Option<&'a str>,
+    pub(crate) ready: Option<&'a str>,
 }
 
-pub fn by_digest(f: &DigestFacts) -> Seen {
+pub(crate) fn by_digest(f: &DigestFacts) -> Seen {
     if f.empty {
         Seen::Cleared
     } else if f.decided {
@@ -48,7 +48,7 @@ pub fn by_digest(f: &DigestFacts) -> Seen {
 
 /// What the verified manifest says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// The release (version and sequence) was decided before: ignored and
     /// remembered, unless a retry asks for a rolled-back one again.
     Settled(OutcomeKind),
@@ -61,18 +61,18 @@ pub enum Verdict {
 }
 
 /// Facts about a verified offer.
-pub struct ManifestFacts {
-    pub sequence: u64,
+pub(crate) struct ManifestFacts {
+    pub(crate) sequence: u64,
     /// The device's final word on this release, if any (committed, rolled
     /// back for its own sake, needs attention).
-    pub settled: Option<OutcomeKind>,
+    pub(crate) settled: Option<OutcomeKind>,
     /// An explicit retry command for the last offer.
-    pub retry: bool,
+    pub(crate) retry: bool,
     /// The sequence of the offer being fetched, if any.
-    pub fetching: Option<u64>,
+    pub(crate) fetching: Option<u64>,
 }
 
-pub fn by_manifest(f: &ManifestFacts) -> Verdict {
+pub(crate) fn by_manifest(f: &ManifestFacts) -> Verdict {
     if let Some(kind) = f.settled
         && !(f.retry && kind == OutcomeKind::RolledBack)
     {

@@ -7,10 +7,10 @@
 //! outbox), `offers` (the memory of offers), `transfer` (the download),
 //! `intake` (pure: what an arriving offer means).
 
-pub mod agent;
-pub mod intake;
+pub(crate) mod agent;
+pub(crate) mod intake;
 pub(crate) mod offers;
 pub(crate) mod report;
 pub(crate) mod session;
 pub(crate) mod transfer;
-pub mod unpack;
+pub(crate) mod unpack;

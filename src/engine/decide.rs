@@ -7,11 +7,15 @@
 
 use crate::engine::settings::StrategyRule;
 use crate::engine::state::{Journal, Phase, Strategy};
-pub use crate::node::link::Running;
+pub(crate) use crate::node::link::Running;
 use crate::release::manifest::Manifest;
 
 /// How to install a release on a running node, or why not.
-pub fn strategy(m: &Manifest, running: &Running, rule: StrategyRule) -> Result<Strategy, String> {
+pub(crate) fn strategy(
+    m: &Manifest,
+    running: &Running,
+    rule: StrategyRule,
+) -> Result<Strategy, String> {
     let relup_covers = m.upgrade_from.contains(&running.current);
     let same_erts = m.erts == running.erts;
     if relup_covers && same_erts {
@@ -41,7 +45,7 @@ pub fn strategy(m: &Manifest, running: &Running, rule: StrategyRule) -> Result<S
 
 /// What the node looks like when recovery runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodeSeen {
+pub(crate) enum NodeSeen {
     /// Not reachable (down, or restarting).
     Down,
     Up(Running),
@@ -49,7 +53,7 @@ pub enum NodeSeen {
 
 /// What to do about an install that was interrupted.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Recovery {
+pub(crate) enum Recovery {
     /// Nothing reached the node's running code: remove what was unpacked
     /// (and registered), then report the install as rolled back.
     Cleanup { reason: String },
@@ -64,7 +68,7 @@ pub enum Recovery {
 
 /// Decides how to make the device consistent after an interruption in
 /// `journal`'s phase, given what the node reports now.
-pub fn recovery(journal: &Journal, node: &NodeSeen) -> Recovery {
+pub(crate) fn recovery(journal: &Journal, node: &NodeSeen) -> Recovery {
     let phase = journal.phase.name();
     let interrupted = |what: &str| format!("interrupted while {what} {}", journal.to_version);
     let running = match node {
@@ -121,7 +125,7 @@ pub fn recovery(journal: &Journal, node: &NodeSeen) -> Recovery {
 /// the install (see `Engine::switch_boot`) before starting it: always,
 /// unless the commit had begun (then the new release is the one to boot
 /// and finish committing).
-pub fn restore_boot_before_start(journal: &Journal) -> bool {
+pub(crate) fn restore_boot_before_start(journal: &Journal) -> bool {
     journal.swapped_boot && journal.phase != Phase::Committing
 }
 

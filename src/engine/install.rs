@@ -35,7 +35,7 @@ use crate::trust::root::Root;
 
 /// A step of an install as it is reported while it happens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     Verifying,
     Unpacking,
     Installing,
@@ -50,7 +50,7 @@ pub enum Step {
 
 impl Step {
     /// How the step is shown to a person (`beamup: soaking: ...`).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Step::Verifying => "verifying",
             Step::Unpacking => "unpacking",
@@ -67,30 +67,24 @@ impl Step {
 
 /// Where progress goes: the terminal for `beamup install`, MQTT for the
 /// agent.
-pub trait Progress: Send + Sync {
+pub(crate) trait Progress: Send + Sync {
     fn phase(&self, step: Step, detail: &str);
 }
 
-/// Discards progress.
-pub struct Silent;
-impl Progress for Silent {
-    fn phase(&self, _: Step, _: &str) {}
-}
-
 #[derive(Clone, Debug, Default)]
-pub struct InstallOptions {
+pub(crate) struct InstallOptions {
     /// Install a bundle that was rolled back before.
-    pub retry: bool,
+    pub(crate) retry: bool,
     /// The chunks of the tarball the bundle file holds, one flag per chunk
     /// (a download that fetched only what the unpack reads); `None` when
     /// it holds all of them. An install that would read a chunk the file
     /// lacks stops before changing anything, with [`Error::Incomplete`].
-    pub available: Option<Vec<bool>>,
+    pub(crate) available: Option<Vec<bool>>,
 }
 
 /// Owns what it needs (settings, the progress sink), so that a caller can
 /// move it into a task or a future of its own.
-pub struct Engine {
+pub(crate) struct Engine {
     settings: EngineSettings,
     store: Store,
     state: DeviceState,
@@ -114,7 +108,7 @@ struct Prepared {
 
 impl Engine {
     /// Takes the state-dir lock and sets up the node link.
-    pub fn open(settings: EngineSettings, progress: Box<dyn Progress>) -> Result<Engine> {
+    pub(crate) fn open(settings: EngineSettings, progress: Box<dyn Progress>) -> Result<Engine> {
         let (store, state) = Store::open(&settings.state_dir)?;
         let node = NodeLink::new(settings.link.clone());
         Ok(Engine {
@@ -127,7 +121,7 @@ impl Engine {
         })
     }
 
-    pub fn state(&self) -> &DeviceState {
+    pub(crate) fn state(&self) -> &DeviceState {
         &self.state
     }
 
@@ -192,7 +186,11 @@ impl Engine {
     /// Installs a bundle file. An interrupted earlier install is recovered
     /// first. Returns the outcome; a rejection is an `Err` carrying the
     /// specific reason (and its exit code), recorded in the state as well.
-    pub async fn install(&mut self, bundle: &Path, opts: &InstallOptions) -> Result<Outcome> {
+    pub(crate) async fn install(
+        &mut self,
+        bundle: &Path,
+        opts: &InstallOptions,
+    ) -> Result<Outcome> {
         if let Some(o) = self.recover().await?
             && o.outcome == OutcomeKind::NeedsAttention
         {
@@ -230,7 +228,7 @@ impl Engine {
     /// against the node's permanent release and the last sequence), and
     /// no automatic retry of a release that was rolled back. Returns what
     /// the node runs.
-    pub async fn check_offer(&mut self, m: &Manifest, retry: bool) -> Result<Running> {
+    pub(crate) async fn check_offer(&mut self, m: &Manifest, retry: bool) -> Result<Running> {
         if m.release.name != self.settings.release_name {
             return Err(Error::Refused {
                 reason: format!(
@@ -276,7 +274,7 @@ impl Engine {
     }
 
     /// What the node runs, as it reports it.
-    pub async fn running(&mut self) -> Result<Running> {
+    pub(crate) async fn running(&mut self) -> Result<Running> {
         self.node
             .running()
             .await
@@ -285,12 +283,12 @@ impl Engine {
 
     /// Records a rejection decided outside `install` (an offer refused
     /// before its data was fetched), so that `beamup status` shows it.
-    pub fn record_rejection(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
+    pub(crate) fn record_rejection(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
         self.reject(m, e)
     }
 
     /// The locked state directory.
-    pub fn state_dir(&self) -> &Path {
+    pub(crate) fn state_dir(&self) -> &Path {
         self.store.dir()
     }
 
@@ -396,7 +394,7 @@ impl Engine {
     /// that a transfer can fetch only the chunks that plan reads
     /// ([`staging::chunks_read`]). Asks the node which releases it knows;
     /// changes nothing.
-    pub async fn plan_for(&mut self, m: &Manifest) -> Result<Plan> {
+    pub(crate) async fn plan_for(&mut self, m: &Manifest) -> Result<Plan> {
         Ok(self.plan_with_leftovers(m).await?.1)
     }
 
@@ -1012,7 +1010,7 @@ impl Engine {
 
     /// Finishes or undoes an install the journal says was interrupted.
     /// `None` when there was nothing to recover.
-    pub async fn recover(&mut self) -> Result<Option<Outcome>> {
+    pub(crate) async fn recover(&mut self) -> Result<Option<Outcome>> {
         let Some(j) = self.state.current.clone() else {
             return Ok(None);
         };

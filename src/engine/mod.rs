@@ -4,7 +4,7 @@
 //! the journal of the install in progress (`state`); what it is opened
 //! with (`settings`).
 
-pub mod decide;
-pub mod install;
-pub mod settings;
-pub mod state;
+pub(crate) mod decide;
+pub(crate) mod install;
+pub(crate) mod settings;
+pub(crate) mod state;

@@ -14,7 +14,7 @@ use crate::release::policy::Identity;
 
 /// What `[install] strategy` allows when a release cannot be installed hot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StrategyRule {
+pub(crate) enum StrategyRule {
     /// Restart into the new release (cold).
     Auto,
     /// Refuse it.
@@ -22,26 +22,26 @@ pub enum StrategyRule {
 }
 
 #[derive(Clone, Debug)]
-pub struct EngineSettings {
+pub(crate) struct EngineSettings {
     /// The release root: holds `bin/`, `lib/`, `releases/`.
-    pub release_root: PathBuf,
+    pub(crate) release_root: PathBuf,
     /// The one release this device runs.
-    pub release_name: String,
+    pub(crate) release_name: String,
     /// The trust root file, loaded again for each bundle (it may be rotated).
-    pub trust_root: PathBuf,
+    pub(crate) trust_root: PathBuf,
     /// The state directory (locked while the engine is open).
-    pub state_dir: PathBuf,
-    pub strategy: StrategyRule,
-    pub health: HealthConfig,
+    pub(crate) state_dir: PathBuf,
+    pub(crate) strategy: StrategyRule,
+    pub(crate) health: HealthConfig,
     /// The device's identity for target scopes (from `[mqtt]`), if any.
-    pub identity: Option<Identity>,
+    pub(crate) identity: Option<Identity>,
     /// How to reach, start and stop the node (the cookie read already).
-    pub link: LinkSettings,
+    pub(crate) link: LinkSettings,
 }
 
 impl EngineSettings {
     /// The engine's settings from a loaded `agent.toml`; reads the cookie.
-    pub fn from_config(cfg: &Config) -> Result<EngineSettings> {
+    pub(crate) fn from_config(cfg: &Config) -> Result<EngineSettings> {
         Ok(EngineSettings {
             release_root: cfg.release.root.clone(),
             release_name: cfg.release.name.clone(),
