@@ -433,11 +433,11 @@ impl Agent {
             }
         };
         let need = match checked {
-            Ok(Some(_)) if self.offers.fetches_everything(&digest) => {
-                vec![true; m.tarball.chunks.len()]
-            }
-            Ok(Some(plan)) => staging::chunks_read(&m, &plan),
-            Ok(None) => vec![true; m.tarball.chunks.len()],
+            Ok(plan) => intake::chunks_to_fetch(
+                m.tarball.chunks.len(),
+                plan.map(|p| staging::chunks_read(&m, &p)),
+                self.offers.fetches_everything(&digest),
+            ),
             Err(e) => {
                 self.rejected(Some(engine), Some(&m), &e)?;
                 if !is_passing(&e) {
@@ -450,7 +450,7 @@ impl Agent {
         self.transfer.stop();
         self.offers.remember_last(envelope)?;
         let max_packet = self.session.max_packet();
-        let started =
+        let resumed =
             match self
                 .transfer
                 .start(envelope, digest, m.clone(), need, retry, max_packet)
@@ -462,13 +462,9 @@ impl Agent {
                 }
             };
         self.report.set_phase(PhaseName::Downloading, Some(&m), "");
-        self.report.set_percent(started.resumed);
-        self.report.progress(
-            &mut self.session,
-            PhaseName::Downloading,
-            &m,
-            Some(started.resumed),
-        )?;
+        self.report.set_percent(resumed);
+        self.report
+            .progress(&mut self.session, PhaseName::Downloading, &m, Some(resumed))?;
         self.after_progress()?;
         Ok(())
     }
@@ -490,8 +486,7 @@ impl Agent {
                 return Ok(false);
             }
         };
-        let need = staging::chunks_read(&r.manifest, &plan);
-        let more = need.iter().zip(&r.have).filter(|&(&n, &h)| n && !h).count();
+        let more = intake::chunks_missing(&staging::chunks_read(&r.manifest, &plan), &r.have);
         if more == 0 {
             return Ok(false);
         }

@@ -3,7 +3,10 @@
 //! the signature, discarding a stale download, starting a transfer).
 //!
 //! Two steps, cheapest first: by the envelope's digest before anything in
-//! it is believed, then by the verified manifest.
+//! it is believed, then by the verified manifest. Then, for an offer taken
+//! up, which chunks are fetched (`chunks_to_fetch`), and before its
+//! install, whether the plan now reads chunks the download lacks
+//! (`chunks_missing`).
 
 use crate::engine::state::OutcomeKind;
 
@@ -83,6 +86,28 @@ pub(crate) fn by_manifest(f: &ManifestFacts) -> Verdict {
         Some(_) => Verdict::Take { replaces: true },
         None => Verdict::Take { replaces: false },
     }
+}
+
+/// The chunks to fetch of an offer taken up, one flag per chunk: what the
+/// install's plan reads (`planned`, from the release root as it is now),
+/// or every chunk when there is no plan (no node to ask) or the offer's
+/// install found a download of planned chunks incomplete before (`everything`:
+/// a plan that keeps disagreeing with the engine's cannot loop).
+pub(crate) fn chunks_to_fetch(
+    chunks: usize,
+    planned: Option<Vec<bool>>,
+    everything: bool,
+) -> Vec<bool> {
+    match planned {
+        Some(need) if !everything => need,
+        _ => vec![true; chunks],
+    }
+}
+
+/// How many chunks the plan reads that the download lacks: more than none,
+/// and the download is taken up again before the install.
+pub(crate) fn chunks_missing(need: &[bool], have: &[bool]) -> usize {
+    need.iter().zip(have).filter(|&(&n, &h)| n && !h).count()
 }
 
 #[cfg(test)]
@@ -193,5 +218,21 @@ mod tests {
             assert_eq!(by_manifest(&older), Verdict::Older { fetching });
         }
         assert_eq!(by_manifest(&offer(1)), Verdict::Take { replaces: false });
+    }
+
+    #[test]
+    fn the_plan_decides_what_is_fetched_unless_everything_is_asked_for() {
+        let plan = vec![true, false, true];
+        assert_eq!(chunks_to_fetch(3, Some(plan.clone()), false), plan);
+        assert_eq!(chunks_to_fetch(3, Some(plan), true), [true; 3]);
+        assert_eq!(chunks_to_fetch(3, None, false), [true; 3]);
+    }
+
+    #[test]
+    fn only_needed_chunks_the_download_lacks_are_missing() {
+        let need = [true, true, false, true];
+        assert_eq!(chunks_missing(&need, &[true, true, false, true]), 0);
+        assert_eq!(chunks_missing(&need, &[true, false, true, false]), 2);
+        assert_eq!(chunks_missing(&need, &[false; 4]), 3);
     }
 }

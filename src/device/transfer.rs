@@ -64,11 +64,6 @@ pub(crate) enum Arrival {
     },
 }
 
-/// Where a download starts: the percentage resumed from a previous run.
-pub(crate) struct Started {
-    pub(crate) resumed: u8,
-}
-
 pub(crate) struct Transfer {
     /// `STATE_DIR/agent/download/`.
     dir: PathBuf,
@@ -133,7 +128,8 @@ impl Transfer {
     }
 
     /// Starts (or resumes) fetching the chunks `need` marks of the offer
-    /// `envelope`, whose verified manifest is `m`.
+    /// `envelope`, whose verified manifest is `m`. Returns the percentage
+    /// a download left by an earlier run already holds.
     pub(crate) fn start(
         &mut self,
         envelope: &[u8],
@@ -142,7 +138,7 @@ impl Transfer {
         need: Vec<bool>,
         retry: bool,
         max_packet: Option<u32>,
-    ) -> Result<Started> {
+    ) -> Result<u8> {
         let download = Download::open(
             &self.dir,
             envelope,
@@ -183,7 +179,7 @@ impl Transfer {
             last_percent_event: resumed / 25 * 25,
             started: Instant::now(),
         });
-        Ok(Started { resumed })
+        Ok(resumed)
     }
 
     /// A new connection: pieces as large as it carries, and every request
