@@ -30,8 +30,8 @@ use crate::release::policy::{self, DeviceFacts};
 use crate::trust::root::Root;
 use crate::trust::signed::{DocKind, Envelope};
 
-pub const MANIFEST_ENTRY: &str = "manifest.json";
-pub const TARBALL_ENTRY: &str = "release.tar.gz";
+pub(crate) const MANIFEST_ENTRY: &str = "manifest.json";
+pub(crate) const TARBALL_ENTRY: &str = "release.tar.gz";
 pub(crate) const BLOCK: u64 = 512;
 /// Read size for streaming: large enough for full-speed hashing, small
 /// enough that memory stays flat whatever the bundle size.
@@ -58,18 +58,18 @@ pub(crate) fn padding(size: u64) -> u64 {
 /// tarball's size alone: a transport can lay out a bundle-shaped file and
 /// fill in the tarball region piece by piece, in any order.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Frame {
+pub(crate) struct Frame {
     /// Everything before the tarball: the manifest member (header, envelope,
     /// padding) and the tarball's member header.
-    pub head: Vec<u8>,
+    pub(crate) head: Vec<u8>,
     /// Everything after it: its padding and the two end-of-archive blocks.
-    pub tail: Vec<u8>,
-    pub tarball_offset: u64,
-    pub tarball_size: u64,
+    pub(crate) tail: Vec<u8>,
+    pub(crate) tarball_offset: u64,
+    pub(crate) tarball_size: u64,
 }
 
 impl Frame {
-    pub fn new(envelope: &[u8], tarball_size: u64, mtime: u64) -> Frame {
+    pub(crate) fn new(envelope: &[u8], tarball_size: u64, mtime: u64) -> Frame {
         let mut head = Vec::with_capacity(envelope.len() + 3 * BLOCK as usize);
         let len = envelope.len() as u64;
         head.extend_from_slice(&member_header(MANIFEST_ENTRY, len, mtime).expect("short name"));
@@ -89,12 +89,8 @@ impl Frame {
     }
 
     /// The length of the whole bundle file.
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.tarball_offset + self.tarball_size + self.tail.len() as u64
-    }
-
-    pub fn is_empty(&self) -> bool {
-        false
     }
 }
 
@@ -102,7 +98,11 @@ impl Frame {
 /// offer received over MQTT, or the first member of a bundle): the size,
 /// the envelope's shape, the signatures against `root`, then the manifest.
 /// Nothing in the manifest is looked at before its signatures verify.
-pub fn verify_envelope(bytes: &[u8], root: &Root, what: &str) -> Result<(Manifest, Vec<String>)> {
+pub(crate) fn verify_envelope(
+    bytes: &[u8],
+    root: &Root,
+    what: &str,
+) -> Result<(Manifest, Vec<String>)> {
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return Err(Error::TooLarge {
             what: what.to_string(),
@@ -186,11 +186,11 @@ pub struct Bundle {
 
 /// A bundle whose signatures, manifest, policy and tarball all checked out.
 #[derive(Debug)]
-pub struct Verified {
-    pub manifest: Manifest,
+pub(crate) struct Verified {
+    pub(crate) manifest: Manifest,
     /// Ids of the trusted keys whose signatures verified.
-    pub signed_by: Vec<String>,
-    pub root_version: u64,
+    pub(crate) signed_by: Vec<String>,
+    pub(crate) root_version: u64,
 }
 
 impl Bundle {
@@ -268,7 +268,8 @@ impl Bundle {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    #[cfg(test)]
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -291,7 +292,7 @@ impl Bundle {
 
     /// The `manifest.json` member exactly as stored: what an MQTT offer
     /// carries.
-    pub fn manifest_bytes(&self) -> &[u8] {
+    pub(crate) fn manifest_bytes(&self) -> &[u8] {
         &self.envelope_bytes
     }
 
@@ -332,14 +333,14 @@ impl Bundle {
     /// manifest's digest before handing out any of its bytes: a single pass
     /// that never lets an unverified byte through. A mismatch is an
     /// `io::Error` carrying a [`ChunkMismatch`].
-    pub fn verified_tarball<'a>(&'a self, m: &Manifest) -> ChunkVerifier<impl Read + 'a> {
+    pub(crate) fn verified_tarball<'a>(&'a self, m: &Manifest) -> ChunkVerifier<impl Read + 'a> {
         ChunkVerifier::new(self.tarball(), m, self.path.clone())
     }
 
     /// Like [`Bundle::verified_tarball`], for `len` bytes at `offset` (one
     /// part of an indexed tarball): the chunks the range touches are read
     /// and checked in full, nothing outside them is read.
-    pub fn verified_range<'a>(
+    pub(crate) fn verified_range<'a>(
         &'a self,
         m: &Manifest,
         offset: u64,
@@ -363,7 +364,7 @@ impl Bundle {
 
     /// Streams the tarball once and compares the whole and every chunk digest
     /// with the (verified) manifest.
-    pub fn verify_tarball(&self, m: &Manifest) -> Result<()> {
+    pub(crate) fn verify_tarball(&self, m: &Manifest) -> Result<()> {
         let digests = hash_stream(&mut self.tarball(), self.tarball_size, m.tarball.chunk_size)
             .map_err(|e| match e.kind() {
                 io::ErrorKind::UnexpectedEof => Error::Truncated {
@@ -400,7 +401,12 @@ impl Bundle {
 /// Everything `beamup verify` and the installer check before trusting a
 /// bundle, cheapest first: structure, signatures, manifest, policy (expiry,
 /// target, anti-rollback), and last the tarball's digests.
-pub fn verify(path: &Path, root: &Root, now: SystemTime, device: &DeviceFacts) -> Result<Verified> {
+pub(crate) fn verify(
+    path: &Path,
+    root: &Root,
+    now: SystemTime,
+    device: &DeviceFacts,
+) -> Result<Verified> {
     let bundle = Bundle::open(path)?;
     let (manifest, signed_by) = bundle.verify_manifest(root)?;
     policy::check(&manifest, now, device)?;
@@ -414,11 +420,11 @@ pub fn verify(path: &Path, root: &Root, now: SystemTime, device: &DeviceFacts) -
 
 /// A chunk that did not match its signed digest.
 #[derive(Debug)]
-pub struct ChunkMismatch {
-    pub path: PathBuf,
-    pub index: usize,
-    pub start: u64,
-    pub end: u64,
+pub(crate) struct ChunkMismatch {
+    pub(crate) path: PathBuf,
+    pub(crate) index: usize,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
 }
 
 impl std::fmt::Display for ChunkMismatch {
@@ -434,7 +440,7 @@ impl std::fmt::Display for ChunkMismatch {
 impl std::error::Error for ChunkMismatch {}
 
 impl ChunkMismatch {
-    pub fn to_error(&self) -> Error {
+    pub(crate) fn to_error(&self) -> Error {
         Error::TarballMismatch {
             path: self.path.clone(),
             detail: self.to_string(),
@@ -444,7 +450,7 @@ impl ChunkMismatch {
 
 /// Hands out a tarball's bytes (or a range of them) one verified chunk at a
 /// time (see [`Bundle::verified_tarball`]). Memory: one chunk.
-pub struct ChunkVerifier<R> {
+pub(crate) struct ChunkVerifier<R> {
     inner: R,
     path: PathBuf,
     digests: Vec<[u8; 32]>,
@@ -461,7 +467,7 @@ pub struct ChunkVerifier<R> {
 
 impl<R: Read> ChunkVerifier<R> {
     /// Verifies the whole tarball read from `inner`.
-    pub fn new(inner: R, m: &Manifest, path: PathBuf) -> Self {
+    pub(crate) fn new(inner: R, m: &Manifest, path: PathBuf) -> Self {
         Self::range(inner, m, path, 0, m.tarball.size)
     }
 

@@ -11,74 +11,74 @@ use serde::Deserialize;
 
 use crate::error::{Error, Result};
 use crate::fsutil;
-pub use crate::health::HealthConfig;
+pub(crate) use crate::health::HealthConfig;
 use crate::release::manifest::is_safe_name;
 use crate::transport::mqtt::Broker;
 use crate::transport::protocol::is_topic_name;
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
-    pub release: ReleaseConfig,
-    pub node: NodeConfig,
-    pub health: HealthConfig,
-    pub trust: TrustConfig,
-    pub state: StateConfig,
+pub(crate) struct Config {
+    pub(crate) release: ReleaseConfig,
+    pub(crate) node: NodeConfig,
+    pub(crate) health: HealthConfig,
+    pub(crate) trust: TrustConfig,
+    pub(crate) state: StateConfig,
     #[serde(default)]
-    pub install: InstallConfig,
-    pub mqtt: Option<MqttConfig>,
+    pub(crate) install: InstallConfig,
+    pub(crate) mqtt: Option<MqttConfig>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ReleaseConfig {
+pub(crate) struct ReleaseConfig {
     /// The release root: holds `bin/`, `lib/`, `releases/`.
-    pub root: PathBuf,
-    pub name: String,
+    pub(crate) root: PathBuf,
+    pub(crate) name: String,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct NodeConfig {
+pub(crate) struct NodeConfig {
     /// The node's full name, `name@host`.
-    pub name: String,
-    pub cookie_file: Option<PathBuf>,
-    pub cookie: Option<String>,
+    pub(crate) name: String,
+    pub(crate) cookie_file: Option<PathBuf>,
+    pub(crate) cookie: Option<String>,
     /// Shell command that starts the node (detached), run with `sh -c`.
-    pub start: String,
+    pub(crate) start: String,
     /// Shell command that stops the node, run with `sh -c`.
-    pub stop: String,
+    pub(crate) stop: String,
     /// EPMD port; defaults to `ERL_EPMD_PORT` or 4369.
-    pub epmd_port: Option<u16>,
+    pub(crate) epmd_port: Option<u16>,
     /// Timeout of each call to the node.
     #[serde(
         default = "default_call_timeout",
         deserialize_with = "crate::durations::deserialize"
     )]
-    pub call_timeout: Duration,
+    pub(crate) call_timeout: Duration,
     /// How long a started node may take to answer.
     #[serde(
         default = "default_start_timeout",
         deserialize_with = "crate::durations::deserialize"
     )]
-    pub start_timeout: Duration,
+    pub(crate) start_timeout: Duration,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TrustConfig {
-    pub root: PathBuf,
+pub(crate) struct TrustConfig {
+    pub(crate) root: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StateConfig {
-    pub dir: PathBuf,
+pub(crate) struct StateConfig {
+    pub(crate) dir: PathBuf,
 }
 
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
-pub enum Strategy {
+pub(crate) enum Strategy {
     /// Hot when a relup covers the running version and ERTS is unchanged,
     /// otherwise cold (restart into the new release).
     #[default]
@@ -89,29 +89,29 @@ pub enum Strategy {
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct InstallConfig {
+pub(crate) struct InstallConfig {
     #[serde(default)]
-    pub strategy: Strategy,
+    pub(crate) strategy: Strategy,
 }
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MqttConfig {
-    pub url: String,
-    pub device_id: String,
-    pub fleet: String,
+pub(crate) struct MqttConfig {
+    pub(crate) url: String,
+    pub(crate) device_id: String,
+    pub(crate) fleet: String,
     #[serde(default)]
-    pub groups: Vec<String>,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
+    pub(crate) groups: Vec<String>,
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
+    pub(crate) username: Option<String>,
+    pub(crate) password_file: Option<PathBuf>,
     /// Topic prefix; topics are `PREFIX/FLEET/...`.
     #[serde(default = "default_prefix")]
-    pub prefix: String,
+    pub(crate) prefix: String,
     /// MQTT protocol version: "5" (default) or "3.1.1".
-    pub version: Option<String>,
+    pub(crate) version: Option<String>,
 }
 
 fn default_prefix() -> String {
@@ -127,7 +127,7 @@ fn default_start_timeout() -> Duration {
 const CONFIG_LIMIT: u64 = 1024 * 1024;
 
 impl Config {
-    pub fn load(path: &Path) -> Result<Config> {
+    pub(crate) fn load(path: &Path) -> Result<Config> {
         let bytes = fsutil::read_limited(path, CONFIG_LIMIT, "config")?;
         let text = String::from_utf8(bytes).map_err(|_| Error::Config {
             path: path.to_path_buf(),
@@ -136,7 +136,7 @@ impl Config {
         Self::parse(&text, path)
     }
 
-    pub fn parse(text: &str, path: &Path) -> Result<Config> {
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Config> {
         let config: Config = toml::from_str(text).map_err(|e| Error::Config {
             path: path.to_path_buf(),
             detail: describe_toml_error(text, &e),
@@ -220,7 +220,7 @@ impl Config {
     }
 
     /// The cookie, read from `cookie_file` when configured.
-    pub fn cookie(&self) -> Result<String> {
+    pub(crate) fn cookie(&self) -> Result<String> {
         if let Some(c) = &self.node.cookie {
             return Ok(c.clone());
         }
@@ -236,7 +236,7 @@ impl Config {
         Ok(cookie)
     }
 
-    pub fn epmd_port(&self) -> u16 {
+    pub(crate) fn epmd_port(&self) -> u16 {
         self.node.epmd_port.unwrap_or_else(|| {
             std::env::var("ERL_EPMD_PORT")
                 .ok()
@@ -247,7 +247,7 @@ impl Config {
 
     /// What the node link needs: names, the cookie (read now), timeouts,
     /// commands.
-    pub fn link_settings(&self) -> Result<crate::node::link::LinkSettings> {
+    pub(crate) fn link_settings(&self) -> Result<crate::node::link::LinkSettings> {
         Ok(crate::node::link::LinkSettings {
             name: self.node.name.clone(),
             cookie: self.cookie()?,
@@ -261,7 +261,7 @@ impl Config {
     }
 
     /// The device's identity for target scopes, when MQTT names one.
-    pub fn identity(&self) -> Option<crate::release::policy::Identity> {
+    pub(crate) fn identity(&self) -> Option<crate::release::policy::Identity> {
         self.mqtt
             .as_ref()
             .map(|m| crate::release::policy::Identity {
@@ -274,7 +274,7 @@ impl Config {
 
 /// A topic prefix: one or more safe names joined by `/` (no wildcards,
 /// no empty levels, no `$` at the start).
-pub fn is_safe_prefix(p: &str) -> bool {
+pub(crate) fn is_safe_prefix(p: &str) -> bool {
     !p.is_empty() && p.len() <= 128 && p.split('/').all(is_topic_name)
 }
 
@@ -299,7 +299,7 @@ fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
 
 impl MqttConfig {
     /// The broker connection these settings describe.
-    pub fn broker(&self) -> Result<Broker> {
+    pub(crate) fn broker(&self) -> Result<Broker> {
         let m = self;
         let version = match &m.version {
             None => crate::transport::mqtt::Version::V5,

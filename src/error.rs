@@ -236,7 +236,7 @@ impl Error {
     }
 
     /// A short stable name for the error class, for `--json` output.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Error::Io { .. } => "io",
             Error::Config { .. } => "config",
@@ -273,7 +273,7 @@ impl Error {
         }
     }
 
-    pub fn io(path: impl AsRef<Path>, action: &'static str, source: io::Error) -> Self {
+    pub(crate) fn io(path: impl AsRef<Path>, action: &'static str, source: io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
             action,
@@ -283,7 +283,7 @@ impl Error {
 }
 
 /// Attach a path and an action to an `io::Result`.
-pub trait IoContext<T> {
+pub(crate) trait IoContext<T> {
     fn ctx(self, path: impl AsRef<Path>, action: &'static str) -> Result<T>;
 }
 

@@ -17,7 +17,7 @@ use crate::error::{Error, IoContext, Result};
 /// With `overwrite == false` an existing `path` is an [`Error::Exists`]; the
 /// check and the rename are not one atomic step, which is fine for the CLI's
 /// single-writer use.
-pub fn write_atomic(path: &Path, mode: u32, overwrite: bool, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, mode: u32, overwrite: bool, bytes: &[u8]) -> Result<()> {
     let mut out = AtomicFile::create(path, mode, overwrite)?;
     out.write_all(bytes).ctx(out.tmp_path(), "write")?;
     out.commit()
@@ -26,7 +26,7 @@ pub fn write_atomic(path: &Path, mode: u32, overwrite: bool, bytes: &[u8]) -> Re
 /// A file being written under a temporary name beside its final path. Dropped
 /// without [`AtomicFile::commit`], the temporary file is removed: a failed
 /// command leaves nothing behind.
-pub struct AtomicFile {
+pub(crate) struct AtomicFile {
     file: Option<File>,
     tmp: PathBuf,
     dest: PathBuf,
@@ -34,7 +34,7 @@ pub struct AtomicFile {
 }
 
 impl AtomicFile {
-    pub fn create(dest: &Path, mode: u32, overwrite: bool) -> Result<Self> {
+    pub(crate) fn create(dest: &Path, mode: u32, overwrite: bool) -> Result<Self> {
         if !overwrite && dest.symlink_metadata().is_ok() {
             return Err(Error::Exists {
                 path: dest.to_path_buf(),
@@ -77,11 +77,11 @@ impl AtomicFile {
         })
     }
 
-    pub fn tmp_path(&self) -> &Path {
+    pub(crate) fn tmp_path(&self) -> &Path {
         &self.tmp
     }
 
-    pub fn commit(mut self) -> Result<()> {
+    pub(crate) fn commit(mut self) -> Result<()> {
         let file = self.file.take().expect("file present until commit");
         if self.overwrite {
             keep_owner(&file, &self.tmp, &self.dest)?;
@@ -146,7 +146,7 @@ fn keep_owner(file: &File, tmp: &Path, dest: &Path) -> Result<()> {
 }
 
 /// fsync a directory so that a rename or create inside it is durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .ctx(dir, "fsync directory")
@@ -161,7 +161,7 @@ fn parent_dir(path: &Path) -> &Path {
 
 /// Reads a small file whole, refusing anything larger than `limit` before
 /// allocating for it: input files are hostile until verified.
-pub fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
+pub(crate) fn read_limited(path: &Path, limit: u64, what: &str) -> Result<Vec<u8>> {
     use std::io::Read;
     let file = File::open(path).ctx(path, "open")?;
     let len = file.metadata().ctx(path, "stat")?.len();

@@ -18,36 +18,36 @@ const MAX_RESPONSE: usize = 64 * 1024;
 /// `[health]` of agent.toml: the checks, the soak window and the timeout.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct HealthConfig {
+pub(crate) struct HealthConfig {
     /// `http://host:port/path`: healthy when it answers 200.
-    pub http: Option<String>,
+    pub(crate) http: Option<String>,
     /// `host:port`: healthy when it accepts a connection.
-    pub tcp: Option<String>,
+    pub(crate) tcp: Option<String>,
     /// Shell command: healthy when it exits 0. `BEAMUP_VERSION` is set to
     /// the version being checked.
-    pub command: Option<String>,
+    pub(crate) command: Option<String>,
     /// The HTTP body must name the new version.
     #[serde(default)]
-    pub expect_version: bool,
+    pub(crate) expect_version: bool,
     /// How long the release has to become healthy and stay healthy for the
     /// soak window.
     #[serde(
         default = "default_health_timeout",
         deserialize_with = "crate::durations::deserialize"
     )]
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// How long it must stay healthy, continuously, before commit.
     #[serde(
         default = "default_soak",
         deserialize_with = "crate::durations::deserialize"
     )]
-    pub soak: Duration,
+    pub(crate) soak: Duration,
     /// Time between checks.
     #[serde(
         default = "default_interval",
         deserialize_with = "crate::durations::deserialize"
     )]
-    pub interval: Duration,
+    pub(crate) interval: Duration,
 }
 
 fn default_health_timeout() -> Duration {
@@ -64,14 +64,14 @@ fn default_interval() -> Duration {
 
 /// Where an `http://host:port/path` check goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HttpTarget {
-    pub host: String,
-    pub port: u16,
-    pub path: String,
+pub(crate) struct HttpTarget {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) path: String,
 }
 
 impl HttpTarget {
-    pub fn parse(url: &str) -> Result<HttpTarget, String> {
+    pub(crate) fn parse(url: &str) -> Result<HttpTarget, String> {
         let rest = url
             .strip_prefix("http://")
             .ok_or_else(|| format!("{url:?} must start with http:// (health checks are local)"))?;
@@ -102,7 +102,7 @@ impl HttpTarget {
 }
 
 /// One HTTP/1.1 GET: the status code and body (bounded).
-pub async fn http_get(t: &HttpTarget, timeout: Duration) -> Result<(u16, String), String> {
+pub(crate) async fn http_get(t: &HttpTarget, timeout: Duration) -> Result<(u16, String), String> {
     let fetch = async {
         let mut s = TcpStream::connect((t.host.as_str(), t.port))
             .await
@@ -148,7 +148,7 @@ fn truncate(s: &str, n: usize) -> String {
 
 /// Whether `body` names `version` as a whole token (so `1.1.0` is not
 /// found in `11.1.0` or `1.1.0-rc1`).
-pub fn names_version(body: &str, version: &str) -> bool {
+pub(crate) fn names_version(body: &str, version: &str) -> bool {
     let boundary = |c: Option<char>| {
         c.is_none_or(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '+' | '_')))
     };
@@ -159,7 +159,7 @@ pub fn names_version(body: &str, version: &str) -> bool {
 }
 
 /// The configured checks, for one version.
-pub struct Checks {
+pub(crate) struct Checks {
     http: Option<HttpTarget>,
     tcp: Option<String>,
     command: Option<String>,
@@ -169,7 +169,7 @@ pub struct Checks {
 }
 
 impl Checks {
-    pub fn new(cfg: &HealthConfig, version: &str) -> Checks {
+    pub(crate) fn new(cfg: &HealthConfig, version: &str) -> Checks {
         Checks {
             http: cfg.http.as_deref().and_then(|u| HttpTarget::parse(u).ok()),
             tcp: cfg.tcp.clone(),
@@ -181,7 +181,7 @@ impl Checks {
     }
 
     /// Runs every configured check once; the first failure, described.
-    pub async fn run_once(&self) -> Result<(), String> {
+    pub(crate) async fn run_once(&self) -> Result<(), String> {
         if let Some(t) = &self.http {
             let (status, body) = http_get(t, self.per_check_timeout)
                 .await
@@ -234,7 +234,7 @@ impl Checks {
 
 /// What the gate concludes after an observation.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Healthy for the whole soak window.
     Pass,
     /// Keep checking.
@@ -245,7 +245,7 @@ pub enum Verdict {
 
 /// Pure soak/timeout logic over observations.
 #[derive(Debug)]
-pub struct Gate {
+pub(crate) struct Gate {
     start: Instant,
     timeout: Duration,
     soak: Duration,
@@ -255,7 +255,7 @@ pub struct Gate {
 }
 
 impl Gate {
-    pub fn new(start: Instant, timeout: Duration, soak: Duration) -> Gate {
+    pub(crate) fn new(start: Instant, timeout: Duration, soak: Duration) -> Gate {
         Gate {
             start,
             timeout,
@@ -266,7 +266,7 @@ impl Gate {
         }
     }
 
-    pub fn observe(&mut self, now: Instant, result: Result<(), String>) -> Verdict {
+    pub(crate) fn observe(&mut self, now: Instant, result: Result<(), String>) -> Verdict {
         self.checks += 1;
         match result {
             Ok(()) => {
@@ -299,31 +299,6 @@ impl Gate {
             });
         }
         Verdict::Wait
-    }
-}
-
-/// Runs `check` every `interval` until the gate passes or fails.
-pub async fn gate<F, Fut>(
-    timeout: Duration,
-    soak: Duration,
-    interval: Duration,
-    mut check: F,
-) -> Result<(), String>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
-{
-    let mut g = Gate::new(Instant::now(), timeout, soak);
-    loop {
-        let result = check().await;
-        if let Err(e) = &result {
-            tracing::debug!("health: {e}");
-        }
-        match g.observe(Instant::now(), result) {
-            Verdict::Pass => return Ok(()),
-            Verdict::Fail(why) => return Err(why),
-            Verdict::Wait => tokio::time::sleep(interval).await,
-        }
     }
 }
 

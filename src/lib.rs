@@ -15,34 +15,46 @@
 //!   guards every deletion;
 //! - [`node`]: the release_handler driver (distribution protocol, typed
 //!   calls, the link);
-//! - [`health`]: checks and the soak gate;
-//! - [`engine`]: the install pipeline, its decisions, the journal;
-//! - [`device`]: the agent daemon and `beamup unpack`;
+//! - `health`: checks and the soak gate;
+//! - `engine`: the install pipeline, its decisions, the journal;
+//! - `device`: the agent daemon and `beamup unpack`;
 //! - `operator` (feature `operator`): bundles, serving, offers, the fleet,
 //!   relups;
 //! - [`cli`]: arguments, dispatch, output.
 //!
-//! Beside them: [`config`] (`agent.toml`), [`error`], [`fsutil`],
-//! [`logging`], [`memory`].
+//! Beside them: `config` (`agent.toml`), [`error`], `fsutil`,
+//! [`logging`], `memory`.
+//!
+//! Everything is `pub(crate)` unless something outside the crate uses it,
+//! so that the compiler reports dead code. The public surface is what
+//! `src/main.rs` needs ([`cli::Cli`], [`cli::run`], [`logging::init`],
+//! [`error`] with its exit codes) and what the integration tests and
+//! benches build their fixtures with: manifests ([`release::manifest`],
+//! [`release::metadata::inspect`], [`bundle::hash_stream`]), signatures
+//! ([`trust`]: `SecretKey::load`, `Envelope::sign`, `Root::load`), bundles
+//! ([`bundle::Bundle`]), the unpack ([`staging::plan`], [`staging::unpack`]),
+//! data replies ([`transport::protocol::encode_data`]) and the
+//! distribution protocol driven against real nodes ([`node::dist`],
+//! [`node::calls`]).
 
 pub mod bundle;
 pub mod cli;
-pub mod device;
-pub mod engine;
-pub mod health;
+pub(crate) mod device;
+pub(crate) mod engine;
+pub(crate) mod health;
 pub mod node;
 #[cfg(feature = "operator")]
-pub mod operator;
+pub(crate) mod operator;
 pub mod release;
 pub mod staging;
 pub mod transport;
 pub mod trust;
 
-pub mod config;
-pub mod durations;
+pub(crate) mod config;
+pub(crate) mod durations;
 pub mod error;
-pub mod fsutil;
+pub(crate) mod fsutil;
 pub mod logging;
-pub mod memory;
+pub(crate) mod memory;
 
 pub use error::{Error, Result};

@@ -19,7 +19,7 @@ use tracing::{Event, Level, Metadata, Subscriber};
 
 /// Which events are logged.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Filter {
+pub(crate) struct Filter {
     /// For events of no named target.
     default: LevelFilter,
     /// `(target prefix, level)`, longest prefix first.
@@ -28,7 +28,7 @@ pub struct Filter {
 
 impl Filter {
     /// Parses `RUST_LOG`-style directives; `None` if any is malformed.
-    pub fn parse(s: &str) -> Option<Filter> {
+    pub(crate) fn parse(s: &str) -> Option<Filter> {
         let mut f = Filter {
             default: LevelFilter::OFF,
             targets: Vec::new(),
@@ -53,7 +53,7 @@ impl Filter {
         Some(f)
     }
 
-    pub fn enabled(&self, target: &str, level: &Level) -> bool {
+    pub(crate) fn enabled(&self, target: &str, level: &Level) -> bool {
         let max = self
             .targets
             .iter()

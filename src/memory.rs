@@ -21,6 +21,10 @@
 //! [`release_free_memory`] gives it all back when a transfer ends, so an
 //! idle daemon holds none of it.
 
+// `BlockCache` is the global allocator of the musl builds only; other
+// builds compile it for its unit tests.
+#![cfg_attr(not(target_env = "musl"), allow(dead_code))]
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,7 +41,7 @@ const LARGEST: usize = 2 * 1024 * 1024;
 const PAGE: usize = 4096;
 const SLOTS: usize = 16;
 /// At most this many bytes sit in the cache.
-pub const CACHE_BUDGET: usize = 2 * 1024 * 1024;
+pub(crate) const CACHE_BUDGET: usize = 2 * 1024 * 1024;
 
 /// A global allocator over [`System`] that keeps up to [`SLOTS`] freed
 /// large blocks (at most [`CACHE_BUDGET`] bytes) while enabled, and hands
@@ -46,7 +50,7 @@ pub const CACHE_BUDGET: usize = 2 * 1024 * 1024;
 ///
 /// The cache sits behind a try-lock: a thread that finds it busy just uses
 /// `System`, so no allocation ever waits for another.
-pub struct BlockCache {
+pub(crate) struct BlockCache {
     enabled: AtomicBool,
     busy: AtomicBool,
     slots: UnsafeCell<Slots>,
@@ -68,7 +72,7 @@ impl Default for BlockCache {
 }
 
 impl BlockCache {
-    pub const fn new() -> BlockCache {
+    pub(crate) const fn new() -> BlockCache {
         BlockCache {
             enabled: AtomicBool::new(false),
             busy: AtomicBool::new(false),
@@ -80,12 +84,12 @@ impl BlockCache {
     }
 
     /// Starts keeping freed large blocks (the daemons do, at start).
-    pub fn enable(&self) {
+    pub(crate) fn enable(&self) {
         self.enabled.store(true, Ordering::Relaxed);
     }
 
     /// Frees every cached block; the cache stays enabled.
-    pub fn flush(&self) {
+    pub(crate) fn flush(&self) {
         while self
             .busy
             .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
@@ -112,7 +116,7 @@ impl BlockCache {
     }
 
     /// Bytes held in the cache right now.
-    pub fn cached_bytes(&self) -> usize {
+    pub(crate) fn cached_bytes(&self) -> usize {
         self.with_slots(|s| s.bytes).unwrap_or(0)
     }
 
@@ -236,7 +240,7 @@ unsafe impl GlobalAlloc for BlockCache {
 
 /// Makes the daemon's allocator keep the large blocks of a transfer (see
 /// the module docs). Called once at the start of `agent` and `serve`.
-pub fn tune_allocator() {
+pub(crate) fn tune_allocator() {
     #[cfg(target_env = "musl")]
     ALLOCATOR.enable();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -258,7 +262,7 @@ pub fn tune_allocator() {
 
 /// Gives the memory the allocator keeps free back to the kernel (after a
 /// transfer, see [`tune_allocator`]).
-pub fn release_free_memory() {
+pub(crate) fn release_free_memory() {
     #[cfg(target_env = "musl")]
     ALLOCATOR.flush();
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

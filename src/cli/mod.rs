@@ -15,6 +15,7 @@ use serde_json::json;
 use crate::bundle;
 use crate::config::Config;
 use crate::engine::install;
+use crate::engine::settings::EngineSettings;
 use crate::engine::state::{Outcome, OutcomeKind, Strategy};
 use crate::error::{Error, Result};
 use crate::fsutil;
@@ -36,13 +37,13 @@ mod operator;
 pub struct Cli {
     /// More log output on stderr (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
-    pub verbose: u8,
+    pub(crate) verbose: u8,
     #[command(subcommand)]
-    pub command: Command,
+    pub(crate) command: Command,
 }
 
 #[derive(Subcommand, Debug)]
-pub enum Command {
+pub(crate) enum Command {
     /// Create, rotate or check trust roots (the keys devices accept).
     #[command(subcommand)]
     Root(RootCommand),
@@ -107,7 +108,7 @@ pub enum Command {
 }
 
 #[derive(Subcommand, Debug)]
-pub enum RootCommand {
+pub(crate) enum RootCommand {
     #[cfg(feature = "operator")]
     /// Create a first trust root (version 1).
     Init {
@@ -152,7 +153,7 @@ pub enum RootCommand {
 }
 
 #[derive(Args, Debug)]
-pub struct VerifyArgs {
+pub(crate) struct VerifyArgs {
     file: PathBuf,
     /// Trust root to verify against.
     #[arg(long, value_name = "ROOT")]
@@ -177,7 +178,7 @@ pub struct VerifyArgs {
 /// Who the device is, for the bundle's target scopes (checked only when
 /// one of these is given).
 #[derive(Args, Debug)]
-pub struct IdentityArgs {
+pub(crate) struct IdentityArgs {
     /// Check the target scopes for this device id ...
     #[arg(long, value_name = "ID")]
     device: Option<String>,
@@ -202,7 +203,7 @@ impl IdentityArgs {
 }
 
 #[derive(Args, Debug)]
-pub struct UnpackArgs {
+pub(crate) struct UnpackArgs {
     /// The bundle file (from `beamup bundle`).
     bundle: PathBuf,
     /// Trust root to verify against.
@@ -585,10 +586,12 @@ fn print_outcome(o: &Outcome, json: bool) {
 
 fn install_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let progress = TerminalProgress;
     let rt = runtime()?;
     let result = rt.block_on(async {
-        let mut engine = install::Engine::open(&cfg, &progress)?;
+        let mut engine = install::Engine::open(
+            EngineSettings::from_config(&cfg)?,
+            Box::new(TerminalProgress),
+        )?;
         engine
             .install(
                 bundle,
@@ -622,10 +625,12 @@ fn install_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Res
 
 fn recover_command(config: &Path, json: bool) -> Result<ExitCode> {
     let cfg = Config::load(config)?;
-    let progress = TerminalProgress;
     let rt = runtime()?;
     let outcome = rt.block_on(async {
-        let mut engine = install::Engine::open(&cfg, &progress)?;
+        let mut engine = install::Engine::open(
+            EngineSettings::from_config(&cfg)?,
+            Box::new(TerminalProgress),
+        )?;
         engine.recover().await
     })?;
     match outcome {

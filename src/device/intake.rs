@@ -3,13 +3,16 @@
 //! the signature, discarding a stale download, starting a transfer).
 //!
 //! Two steps, cheapest first: by the envelope's digest before anything in
-//! it is believed, then by the verified manifest.
+//! it is believed, then by the verified manifest. Then, for an offer taken
+//! up, which chunks are fetched (`chunks_to_fetch`), and before its
+//! install, whether the plan now reads chunks the download lacks
+//! (`chunks_missing`).
 
 use crate::engine::state::OutcomeKind;
 
 /// What the envelope's digest alone says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Seen {
+pub(crate) enum Seen {
     /// An empty payload: a retained offer was cleared.
     Cleared,
     /// This exact signed offer was decided before: ignored (and a leftover
@@ -23,18 +26,18 @@ pub enum Seen {
 }
 
 /// Facts about the digest of an arriving offer.
-pub struct DigestFacts<'a> {
-    pub digest: &'a str,
-    pub empty: bool,
+pub(crate) struct DigestFacts<'a> {
+    pub(crate) digest: &'a str,
+    pub(crate) empty: bool,
     /// Among the signed offers remembered as decided.
-    pub decided: bool,
+    pub(crate) decided: bool,
     /// The digest of the offer being fetched, if any.
-    pub active: Option<&'a str>,
+    pub(crate) active: Option<&'a str>,
     /// The digest of the offer fetched and waiting for the engine, if any.
-    pub ready: Option<&'a str>,
+    pub(crate) ready: Option<&'a str>,
 }
 
-pub fn by_digest(f: &DigestFacts) -> Seen {
+pub(crate) fn by_digest(f: &DigestFacts) -> Seen {
     if f.empty {
         Seen::Cleared
     } else if f.decided {
@@ -48,7 +51,7 @@ pub fn by_digest(f: &DigestFacts) -> Seen {
 
 /// What the verified manifest says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// The release (version and sequence) was decided before: ignored and
     /// remembered, unless a retry asks for a rolled-back one again.
     Settled(OutcomeKind),
@@ -61,18 +64,18 @@ pub enum Verdict {
 }
 
 /// Facts about a verified offer.
-pub struct ManifestFacts {
-    pub sequence: u64,
+pub(crate) struct ManifestFacts {
+    pub(crate) sequence: u64,
     /// The device's final word on this release, if any (committed, rolled
     /// back for its own sake, needs attention).
-    pub settled: Option<OutcomeKind>,
+    pub(crate) settled: Option<OutcomeKind>,
     /// An explicit retry command for the last offer.
-    pub retry: bool,
+    pub(crate) retry: bool,
     /// The sequence of the offer being fetched, if any.
-    pub fetching: Option<u64>,
+    pub(crate) fetching: Option<u64>,
 }
 
-pub fn by_manifest(f: &ManifestFacts) -> Verdict {
+pub(crate) fn by_manifest(f: &ManifestFacts) -> Verdict {
     if let Some(kind) = f.settled
         && !(f.retry && kind == OutcomeKind::RolledBack)
     {
@@ -83,6 +86,28 @@ pub fn by_manifest(f: &ManifestFacts) -> Verdict {
         Some(_) => Verdict::Take { replaces: true },
         None => Verdict::Take { replaces: false },
     }
+}
+
+/// The chunks to fetch of an offer taken up, one flag per chunk: what the
+/// install's plan reads (`planned`, from the release root as it is now),
+/// or every chunk when there is no plan (no node to ask) or the offer's
+/// install found a download of planned chunks incomplete before (`everything`:
+/// a plan that keeps disagreeing with the engine's cannot loop).
+pub(crate) fn chunks_to_fetch(
+    chunks: usize,
+    planned: Option<Vec<bool>>,
+    everything: bool,
+) -> Vec<bool> {
+    match planned {
+        Some(need) if !everything => need,
+        _ => vec![true; chunks],
+    }
+}
+
+/// How many chunks the plan reads that the download lacks: more than none,
+/// and the download is taken up again before the install.
+pub(crate) fn chunks_missing(need: &[bool], have: &[bool]) -> usize {
+    need.iter().zip(have).filter(|&(&n, &h)| n && !h).count()
 }
 
 #[cfg(test)]
@@ -193,5 +218,21 @@ mod tests {
             assert_eq!(by_manifest(&older), Verdict::Older { fetching });
         }
         assert_eq!(by_manifest(&offer(1)), Verdict::Take { replaces: false });
+    }
+
+    #[test]
+    fn the_plan_decides_what_is_fetched_unless_everything_is_asked_for() {
+        let plan = vec![true, false, true];
+        assert_eq!(chunks_to_fetch(3, Some(plan.clone()), false), plan);
+        assert_eq!(chunks_to_fetch(3, Some(plan), true), [true; 3]);
+        assert_eq!(chunks_to_fetch(3, None, false), [true; 3]);
+    }
+
+    #[test]
+    fn only_needed_chunks_the_download_lacks_are_missing() {
+        let need = [true, true, false, true];
+        assert_eq!(chunks_missing(&need, &[true, true, false, true]), 0);
+        assert_eq!(chunks_missing(&need, &[true, false, true, false]), 2);
+        assert_eq!(chunks_missing(&need, &[false; 4]), 3);
     }
 }

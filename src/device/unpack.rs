@@ -37,19 +37,19 @@ use crate::trust::root::Root;
 
 /// What to unpack where.
 #[derive(Clone, Debug)]
-pub struct Request<'a> {
-    pub bundle: &'a Path,
+pub(crate) struct Request<'a> {
+    pub(crate) bundle: &'a Path,
     /// The trust root file the bundle's signatures are checked against.
-    pub trust_root: &'a Path,
+    pub(crate) trust_root: &'a Path,
     /// The release root to unpack into.
-    pub dir: &'a Path,
+    pub(crate) dir: &'a Path,
     /// Checked against the bundle's target scopes when given.
-    pub identity: Option<Identity>,
-    pub now: SystemTime,
+    pub(crate) identity: Option<Identity>,
+    pub(crate) now: SystemTime,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     /// The directory held no release: the whole release was unpacked.
     Provision,
     /// The directory holds a release of the same name: the new version was
@@ -58,7 +58,7 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Provision => "provision",
             Mode::Stage => "stage",
@@ -68,19 +68,19 @@ impl Mode {
 
 /// What an unpack verified and wrote.
 #[derive(Debug)]
-pub struct Report {
-    pub mode: Mode,
-    pub manifest: Manifest,
-    pub signed_by: Vec<String>,
-    pub root_version: u64,
+pub(crate) struct Report {
+    pub(crate) mode: Mode,
+    pub(crate) manifest: Manifest,
+    pub(crate) signed_by: Vec<String>,
+    pub(crate) root_version: u64,
     /// Top-level paths created (and there), relative to the directory,
     /// sorted.
-    pub created: Vec<PathBuf>,
+    pub(crate) created: Vec<PathBuf>,
     /// Units of the release that were there already and were left as they
     /// are (staging only: shared libraries, the same ERTS).
-    pub present: Vec<PathBuf>,
-    pub files: u64,
-    pub bytes: u64,
+    pub(crate) present: Vec<PathBuf>,
+    pub(crate) files: u64,
+    pub(crate) bytes: u64,
 }
 
 /// Top-level directories that units live in; created by the unpack when
@@ -89,7 +89,7 @@ const CONTAINERS: [&str; 3] = ["bin", "lib", "releases"];
 
 /// Verifies the bundle, then unpacks its release into `req.dir` (see the
 /// module doc). Returns what was written; on error nothing is left behind.
-pub fn unpack(req: &Request) -> Result<Report> {
+pub(crate) fn unpack(req: &Request) -> Result<Report> {
     let root = Root::load(req.trust_root)?;
     let bundle = Bundle::open(req.bundle)?;
     let (m, signed_by) = bundle.verify_manifest(&root)?;

@@ -5,16 +5,16 @@
 //! unit-tested here without a node, and the effectful code reads as a
 //! straight line that asks, then acts.
 
-use crate::config;
+use crate::engine::settings::StrategyRule;
 use crate::engine::state::{Journal, Phase, Strategy};
-pub use crate::node::link::Running;
+pub(crate) use crate::node::link::Running;
 use crate::release::manifest::Manifest;
 
 /// How to install a release on a running node, or why not.
-pub fn strategy(
+pub(crate) fn strategy(
     m: &Manifest,
     running: &Running,
-    cfg: &config::Strategy,
+    rule: StrategyRule,
 ) -> Result<Strategy, String> {
     let relup_covers = m.upgrade_from.contains(&running.current);
     let same_erts = m.erts == running.erts;
@@ -35,9 +35,9 @@ pub fn strategy(
     } else {
         format!("it changes ERTS from {} to {}", running.erts, m.erts)
     };
-    match cfg {
-        config::Strategy::Auto => Ok(Strategy::Cold),
-        config::Strategy::HotOnly => Err(format!(
+    match rule {
+        StrategyRule::Auto => Ok(Strategy::Cold),
+        StrategyRule::HotOnly => Err(format!(
             "{why}, so it needs a restart, and [install] strategy is hot-only"
         )),
     }
@@ -45,7 +45,7 @@ pub fn strategy(
 
 /// What the node looks like when recovery runs.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum NodeSeen {
+pub(crate) enum NodeSeen {
     /// Not reachable (down, or restarting).
     Down,
     Up(Running),
@@ -53,7 +53,7 @@ pub enum NodeSeen {
 
 /// What to do about an install that was interrupted.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Recovery {
+pub(crate) enum Recovery {
     /// Nothing reached the node's running code: remove what was unpacked
     /// (and registered), then report the install as rolled back.
     Cleanup { reason: String },
@@ -68,7 +68,7 @@ pub enum Recovery {
 
 /// Decides how to make the device consistent after an interruption in
 /// `journal`'s phase, given what the node reports now.
-pub fn recovery(journal: &Journal, node: &NodeSeen) -> Recovery {
+pub(crate) fn recovery(journal: &Journal, node: &NodeSeen) -> Recovery {
     let phase = journal.phase.name();
     let interrupted = |what: &str| format!("interrupted while {what} {}", journal.to_version);
     let running = match node {
@@ -125,7 +125,7 @@ pub fn recovery(journal: &Journal, node: &NodeSeen) -> Recovery {
 /// the install (see `Engine::switch_boot`) before starting it: always,
 /// unless the commit had begun (then the new release is the one to boot
 /// and finish committing).
-pub fn restore_boot_before_start(journal: &Journal) -> bool {
+pub(crate) fn restore_boot_before_start(journal: &Journal) -> bool {
     journal.swapped_boot && journal.phase != Phase::Committing
 }
 
@@ -156,11 +156,11 @@ mod tests {
     fn hot_when_relup_covers_and_erts_is_the_same() {
         let m = manifest("1.1.0", &["1.0.0"], "13.1.5");
         assert_eq!(
-            strategy(&m, &running("1.0.0"), &config::Strategy::Auto),
+            strategy(&m, &running("1.0.0"), StrategyRule::Auto),
             Ok(Strategy::Hot)
         );
         assert_eq!(
-            strategy(&m, &running("1.0.0"), &config::Strategy::HotOnly),
+            strategy(&m, &running("1.0.0"), StrategyRule::HotOnly),
             Ok(Strategy::Hot)
         );
     }
@@ -169,23 +169,23 @@ mod tests {
     fn cold_or_refused_otherwise() {
         let no_relup = manifest("2.0.0", &[], "13.1.5");
         assert_eq!(
-            strategy(&no_relup, &running("1.0.0"), &config::Strategy::Auto),
+            strategy(&no_relup, &running("1.0.0"), StrategyRule::Auto),
             Ok(Strategy::Cold)
         );
-        let e = strategy(&no_relup, &running("1.0.0"), &config::Strategy::HotOnly).unwrap_err();
+        let e = strategy(&no_relup, &running("1.0.0"), StrategyRule::HotOnly).unwrap_err();
         assert!(e.contains("has no relup") && e.contains("hot-only"), "{e}");
         let other_from = manifest("1.2.0", &["1.1.0"], "13.1.5");
-        let e = strategy(&other_from, &running("1.0.0"), &config::Strategy::HotOnly).unwrap_err();
+        let e = strategy(&other_from, &running("1.0.0"), StrategyRule::HotOnly).unwrap_err();
         assert!(
             e.contains("upgrades from 1.1.0, not from the running 1.0.0"),
             "{e}"
         );
         let new_erts = manifest("1.1.0", &["1.0.0"], "14.0");
         assert_eq!(
-            strategy(&new_erts, &running("1.0.0"), &config::Strategy::Auto),
+            strategy(&new_erts, &running("1.0.0"), StrategyRule::Auto),
             Ok(Strategy::Cold)
         );
-        let e = strategy(&new_erts, &running("1.0.0"), &config::Strategy::HotOnly).unwrap_err();
+        let e = strategy(&new_erts, &running("1.0.0"), StrategyRule::HotOnly).unwrap_err();
         assert!(e.contains("changes ERTS from 13.1.5 to 14.0"), "{e}");
     }
 

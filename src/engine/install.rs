@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use crate::bundle::Bundle;
-use crate::config::Config;
 use crate::engine::decide::{self, NodeSeen, Recovery, Running};
+use crate::engine::settings::EngineSettings;
 use crate::engine::state::{DeviceState, Journal, Outcome, OutcomeKind, Phase, Store, Strategy};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
@@ -35,7 +35,7 @@ use crate::trust::root::Root;
 
 /// A step of an install as it is reported while it happens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     Verifying,
     Unpacking,
     Installing,
@@ -50,7 +50,7 @@ pub enum Step {
 
 impl Step {
     /// How the step is shown to a person (`beamup: soaking: ...`).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Step::Verifying => "verifying",
             Step::Unpacking => "unpacking",
@@ -67,33 +67,29 @@ impl Step {
 
 /// Where progress goes: the terminal for `beamup install`, MQTT for the
 /// agent.
-pub trait Progress: Send + Sync {
+pub(crate) trait Progress: Send + Sync {
     fn phase(&self, step: Step, detail: &str);
 }
 
-/// Discards progress.
-pub struct Silent;
-impl Progress for Silent {
-    fn phase(&self, _: Step, _: &str) {}
-}
-
 #[derive(Clone, Debug, Default)]
-pub struct InstallOptions {
+pub(crate) struct InstallOptions {
     /// Install a bundle that was rolled back before.
-    pub retry: bool,
+    pub(crate) retry: bool,
     /// The chunks of the tarball the bundle file holds, one flag per chunk
     /// (a download that fetched only what the unpack reads); `None` when
     /// it holds all of them. An install that would read a chunk the file
     /// lacks stops before changing anything, with [`Error::Incomplete`].
-    pub available: Option<Vec<bool>>,
+    pub(crate) available: Option<Vec<bool>>,
 }
 
-pub struct Engine<'a> {
-    cfg: &'a Config,
+/// Owns what it needs (settings, the progress sink), so that a caller can
+/// move it into a task or a future of its own.
+pub(crate) struct Engine {
+    settings: EngineSettings,
     store: Store,
     state: DeviceState,
     node: NodeLink,
-    progress: &'a dyn Progress,
+    progress: Box<dyn Progress>,
     /// Flushing the unpacked files to disk, started after the unpack and
     /// awaited before the commit (see `commit`).
     pending_sync: Option<tokio::task::JoinHandle<Result<()>>>,
@@ -110,13 +106,13 @@ struct Prepared {
     registered: Option<ReleaseStatus>,
 }
 
-impl<'a> Engine<'a> {
+impl Engine {
     /// Takes the state-dir lock and sets up the node link.
-    pub fn open(cfg: &'a Config, progress: &'a dyn Progress) -> Result<Engine<'a>> {
-        let (store, state) = Store::open(&cfg.state.dir)?;
-        let node = NodeLink::new(cfg.link_settings()?);
+    pub(crate) fn open(settings: EngineSettings, progress: Box<dyn Progress>) -> Result<Engine> {
+        let (store, state) = Store::open(&settings.state_dir)?;
+        let node = NodeLink::new(settings.link.clone());
         Ok(Engine {
-            cfg,
+            settings,
             store,
             state,
             node,
@@ -125,12 +121,12 @@ impl<'a> Engine<'a> {
         })
     }
 
-    pub fn state(&self) -> &DeviceState {
+    pub(crate) fn state(&self) -> &DeviceState {
         &self.state
     }
 
     fn root(&self) -> &Path {
-        &self.cfg.release.root
+        &self.settings.release_root
     }
 
     fn save(&self) -> Result<()> {
@@ -176,8 +172,11 @@ impl<'a> Engine<'a> {
     }
 
     fn reject(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
-        self.state
-            .finish(Outcome::rejected(m, &self.cfg.release.name, e.to_string()));
+        self.state.finish(Outcome::rejected(
+            m,
+            &self.settings.release_name,
+            e.to_string(),
+        ));
         self.save()?;
         self.progress
             .phase(Step::Finished(OutcomeKind::Rejected), &e.to_string());
@@ -187,7 +186,11 @@ impl<'a> Engine<'a> {
     /// Installs a bundle file. An interrupted earlier install is recovered
     /// first. Returns the outcome; a rejection is an `Err` carrying the
     /// specific reason (and its exit code), recorded in the state as well.
-    pub async fn install(&mut self, bundle: &Path, opts: &InstallOptions) -> Result<Outcome> {
+    pub(crate) async fn install(
+        &mut self,
+        bundle: &Path,
+        opts: &InstallOptions,
+    ) -> Result<Outcome> {
         if let Some(o) = self.recover().await?
             && o.outcome == OutcomeKind::NeedsAttention
         {
@@ -225,12 +228,12 @@ impl<'a> Engine<'a> {
     /// against the node's permanent release and the last sequence), and
     /// no automatic retry of a release that was rolled back. Returns what
     /// the node runs.
-    pub async fn check_offer(&mut self, m: &Manifest, retry: bool) -> Result<Running> {
-        if m.release.name != self.cfg.release.name {
+    pub(crate) async fn check_offer(&mut self, m: &Manifest, retry: bool) -> Result<Running> {
+        if m.release.name != self.settings.release_name {
             return Err(Error::Refused {
                 reason: format!(
                     "the bundle holds release {:?}, this device runs {:?}",
-                    m.release.name, self.cfg.release.name
+                    m.release.name, self.settings.release_name
                 ),
             });
         }
@@ -247,7 +250,7 @@ impl<'a> Engine<'a> {
         let facts = DeviceFacts {
             installed_version: Some(running.permanent.clone()),
             last_sequence: self.state.last_sequence,
-            identity: self.cfg.identity(),
+            identity: self.settings.identity.clone(),
         };
         policy::check(m, SystemTime::now(), &facts)?;
         if !retry
@@ -271,7 +274,7 @@ impl<'a> Engine<'a> {
     }
 
     /// What the node runs, as it reports it.
-    pub async fn running(&mut self) -> Result<Running> {
+    pub(crate) async fn running(&mut self) -> Result<Running> {
         self.node
             .running()
             .await
@@ -280,12 +283,12 @@ impl<'a> Engine<'a> {
 
     /// Records a rejection decided outside `install` (an offer refused
     /// before its data was fetched), so that `beamup status` shows it.
-    pub fn record_rejection(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
+    pub(crate) fn record_rejection(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
         self.reject(m, e)
     }
 
     /// The locked state directory.
-    pub fn state_dir(&self) -> &Path {
+    pub(crate) fn state_dir(&self) -> &Path {
         self.store.dir()
     }
 
@@ -295,7 +298,7 @@ impl<'a> Engine<'a> {
         opts: &InstallOptions,
         seen: &mut Option<Manifest>,
     ) -> Result<Prepared> {
-        let root = Root::load(&self.cfg.trust.root)?;
+        let root = Root::load(&self.settings.trust_root)?;
         let bundle = Bundle::open(path)?;
         let (m, _) = bundle.verify_manifest(&root)?;
         *seen = Some(m.clone());
@@ -304,7 +307,7 @@ impl<'a> Engine<'a> {
         // The tarball's bytes are checked chunk by chunk as they are
         // unpacked (`staging::unpack`): one pass over what is used, nothing
         // unverified reaches the decompressor.
-        let strategy = decide::strategy(&m, &running, &self.cfg.install.strategy)
+        let strategy = decide::strategy(&m, &running, self.settings.strategy)
             .map_err(|reason| Error::Refused { reason })?;
         self.ensure_releases_file(&running).await;
         let (registered, plan) = self.plan_with_leftovers(&m).await?;
@@ -335,14 +338,14 @@ impl<'a> Engine<'a> {
         if let Err(e) = self.try_ensure_releases_file(running).await {
             tracing::warn!(
                 "release_handler does not know what {} {} consists of, and RELEASES could not be                  repaired ({e}); a rollback will restart the node",
-                self.cfg.release.name,
+                self.settings.release_name,
                 running.permanent
             );
         }
     }
 
     async fn try_ensure_releases_file(&mut self, running: &Running) -> Result<()> {
-        let disk = OnDisk::read(self.root(), &self.cfg.release.name)?;
+        let disk = OnDisk::read(self.root(), &self.settings.release_name)?;
         let releases = self
             .node
             .which_releases()
@@ -360,7 +363,7 @@ impl<'a> Engine<'a> {
             tracing::info!(
                 "wrote {} from the .rel files: release_handler did not list what {} {} consists of",
                 path.display(),
-                self.cfg.release.name,
+                self.settings.release_name,
                 running.permanent
             );
         }
@@ -391,7 +394,7 @@ impl<'a> Engine<'a> {
     /// that a transfer can fetch only the chunks that plan reads
     /// ([`staging::chunks_read`]). Asks the node which releases it knows;
     /// changes nothing.
-    pub async fn plan_for(&mut self, m: &Manifest) -> Result<Plan> {
+    pub(crate) async fn plan_for(&mut self, m: &Manifest) -> Result<Plan> {
         Ok(self.plan_with_leftovers(m).await?.1)
     }
 
@@ -423,8 +426,8 @@ impl<'a> Engine<'a> {
             }
         };
         let keep = self.boot_set(vsn).await?;
-        let mut plan = staging::plan(self.root(), &self.cfg.release.name, m);
-        let name = &self.cfg.release.name;
+        let mut plan = staging::plan(self.root(), &self.settings.release_name, m);
+        let name = &self.settings.release_name;
         let mut candidates: Vec<PathBuf> = vec![
             PathBuf::from("releases").join(vsn),
             PathBuf::from("bin").join(format!("{name}-{vsn}")),
@@ -446,7 +449,7 @@ impl<'a> Engine<'a> {
     /// beamup created for `removing` (see `bootset`). The node's facts are
     /// added when it answers.
     async fn boot_set(&mut self, removing: &str) -> Result<Protected> {
-        let disk = OnDisk::read(self.root(), &self.cfg.release.name)?;
+        let disk = OnDisk::read(self.root(), &self.settings.release_name)?;
         let node = if self.node.is_up().await {
             self.node.running().await.ok()
         } else {
@@ -454,7 +457,7 @@ impl<'a> Engine<'a> {
         };
         Ok(bootset::protected(
             &disk,
-            &self.cfg.release.name,
+            &self.settings.release_name,
             Some(removing),
             node.as_ref(),
         ))
@@ -635,7 +638,7 @@ impl<'a> Engine<'a> {
     /// Passes when the configured checks pass continuously for the soak
     /// window and the node reports the new version as what it runs.
     async fn health_gate(&mut self) -> std::result::Result<(), String> {
-        let h = &self.cfg.health;
+        let h = &self.settings.health;
         let to = self.journal().to_version.clone();
         self.progress.phase(
             Step::Soaking,
@@ -654,7 +657,7 @@ impl<'a> Engine<'a> {
         timeout: std::time::Duration,
         soak: std::time::Duration,
     ) -> std::result::Result<(), String> {
-        let checks = health::Checks::new(&self.cfg.health, version);
+        let checks = health::Checks::new(&self.settings.health, version);
         let mut gate = Gate::new(Instant::now(), timeout, soak);
         loop {
             let result = match checks.run_once().await {
@@ -668,7 +671,7 @@ impl<'a> Engine<'a> {
             match gate.observe(Instant::now(), result) {
                 Verdict::Pass => return Ok(()),
                 Verdict::Fail(why) => return Err(why),
-                Verdict::Wait => tokio::time::sleep(self.cfg.health.interval).await,
+                Verdict::Wait => tokio::time::sleep(self.settings.health.interval).await,
             }
         }
     }
@@ -777,7 +780,7 @@ impl<'a> Engine<'a> {
     }
 
     fn boot_script(&self) -> PathBuf {
-        self.root().join("bin").join(&self.cfg.release.name)
+        self.root().join("bin").join(&self.settings.release_name)
     }
 
     fn start_erl_data(&self) -> PathBuf {
@@ -967,9 +970,13 @@ impl<'a> Engine<'a> {
         if let Err(e) = self.cleanup().await {
             tracing::warn!("cleanup after rollback: {e}");
         }
-        let soak = self.cfg.health.soak.min(std::time::Duration::from_secs(1));
+        let soak = self
+            .settings
+            .health
+            .soak
+            .min(std::time::Duration::from_secs(1));
         if let Err(why) = self
-            .gate(&j.from_version, self.cfg.health.timeout, soak)
+            .gate(&j.from_version, self.settings.health.timeout, soak)
             .await
         {
             return self.needs_attention(format!(
@@ -1003,7 +1010,7 @@ impl<'a> Engine<'a> {
 
     /// Finishes or undoes an install the journal says was interrupted.
     /// `None` when there was nothing to recover.
-    pub async fn recover(&mut self) -> Result<Option<Outcome>> {
+    pub(crate) async fn recover(&mut self) -> Result<Option<Outcome>> {
         let Some(j) = self.state.current.clone() else {
             return Ok(None);
         };

@@ -38,54 +38,54 @@ const DISCARDED: usize = 10;
 const DECIDED: usize = 500;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct DeviceState {
+pub(crate) struct DeviceState {
     /// The highest sequence number of a committed release.
-    pub last_sequence: Option<u64>,
+    pub(crate) last_sequence: Option<u64>,
     /// The install in progress, if any: the journal.
-    pub current: Option<Journal>,
+    pub(crate) current: Option<Journal>,
     /// Most recent first: outcomes of releases (installs, and offers whose
     /// signed manifest was read). Never input that could not be verified:
     /// that goes to `discarded`.
     #[serde(default)]
-    pub history: Vec<Outcome>,
+    pub(crate) history: Vec<Outcome>,
     /// For each release beamup installed and committed, the paths its
     /// unpack created: the only files pruning that release may delete.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub installed: BTreeMap<String, Vec<PathBuf>>,
+    pub(crate) installed: BTreeMap<String, Vec<PathBuf>>,
     /// The final word on each release installed (committed, rolled back,
     /// needs attention), oldest first. Kept apart from `history` so that
     /// no number of other outcomes makes the device forget a rollback.
     #[serde(default)]
-    pub decided: Vec<Outcome>,
+    pub(crate) decided: Vec<Outcome>,
     /// Input refused before anything in it could be believed (not signed
     /// by the trust root, not a manifest): bounded, repeats coalesced.
     #[serde(default)]
-    pub discarded: Discarded,
+    pub(crate) discarded: Discarded,
 }
 
 /// Bounded record of discarded input.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Discarded {
+pub(crate) struct Discarded {
     /// How many inputs were discarded in all.
-    pub count: u64,
+    pub(crate) count: u64,
     /// Most recent first, at most `DISCARDED`; the same reason again
     /// counts on the newest entry.
-    pub recent: Vec<DiscardedEntry>,
+    pub(crate) recent: Vec<DiscardedEntry>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiscardedEntry {
-    pub reason: String,
+pub(crate) struct DiscardedEntry {
+    pub(crate) reason: String,
     /// Consecutive times this reason was seen.
-    pub count: u64,
-    pub first_at: String,
-    pub last_at: String,
+    pub(crate) count: u64,
+    pub(crate) first_at: String,
+    pub(crate) last_at: String,
 }
 
 impl Discarded {
     /// Counts one discarded input: coalesced with the newest entry when the
     /// reason is the same, otherwise a new entry (the oldest falls out).
-    pub fn add(&mut self, reason: &str, at: &str) {
+    pub(crate) fn add(&mut self, reason: &str, at: &str) {
         self.count += 1;
         if let Some(e) = self.recent.first_mut()
             && e.reason == reason
@@ -129,7 +129,7 @@ fn is_unverified(o: &Outcome) -> bool {
 /// per version and sequence, the newest word wins), and bounded by
 /// dropping first the oldest decisions that anti-rollback (`last_sequence`)
 /// refuses anyway, then the oldest.
-pub fn remember(
+pub(crate) fn remember(
     mut decided: Vec<Outcome>,
     o: &Outcome,
     last_sequence: Option<u64>,
@@ -151,7 +151,7 @@ pub fn remember(
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum Strategy {
+pub(crate) enum Strategy {
     /// `release_handler:install_release/1` through the relup, no restart.
     Hot,
     /// Restart the node into the new release.
@@ -160,7 +160,7 @@ pub enum Strategy {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "phase")]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Writing the new release's files beside the running one.
     Unpacking,
     /// Registering the unpacked release with release_handler (`set_unpacked`).
@@ -178,7 +178,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Phase::Unpacking => "unpacking",
             Phase::Registering => "registering",
@@ -193,26 +193,26 @@ impl Phase {
 
 /// The install in progress.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Journal {
-    pub release: String,
-    pub from_version: String,
-    pub to_version: String,
-    pub sequence: u64,
-    pub strategy: Strategy,
+pub(crate) struct Journal {
+    pub(crate) release: String,
+    pub(crate) from_version: String,
+    pub(crate) to_version: String,
+    pub(crate) sequence: u64,
+    pub(crate) strategy: Strategy,
     /// Paths (relative to the release root) the unpack creates.
-    pub creates: Vec<PathBuf>,
+    pub(crate) creates: Vec<PathBuf>,
     #[serde(flatten)]
-    pub phase: Phase,
-    pub started_at: String,
+    pub(crate) phase: Phase,
+    pub(crate) started_at: String,
     /// `bin/REL` was pointed at the new release (a copy of the old script
     /// is in the state dir); rollback must restore it.
     #[serde(default)]
-    pub swapped_boot: bool,
+    pub(crate) swapped_boot: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum OutcomeKind {
+pub(crate) enum OutcomeKind {
     Committed,
     RolledBack,
     Rejected,
@@ -222,7 +222,7 @@ pub enum OutcomeKind {
 
 impl OutcomeKind {
     /// As JSON and MQTT spell it (`rolled_back`).
-    pub fn wire_name(self) -> &'static str {
+    pub(crate) fn wire_name(self) -> &'static str {
         match self {
             OutcomeKind::Committed => "committed",
             OutcomeKind::RolledBack => "rolled_back",
@@ -232,7 +232,7 @@ impl OutcomeKind {
     }
 
     /// As a person reads it (`rolled back`).
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             OutcomeKind::Committed => "committed",
             OutcomeKind::RolledBack => "rolled back",
@@ -243,25 +243,25 @@ impl OutcomeKind {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct Outcome {
-    pub outcome: OutcomeKind,
-    pub release: String,
-    pub version: String,
-    pub from_version: Option<String>,
-    pub sequence: Option<u64>,
-    pub strategy: Option<Strategy>,
-    pub reason: Option<String>,
-    pub at: String,
+pub(crate) struct Outcome {
+    pub(crate) outcome: OutcomeKind,
+    pub(crate) release: String,
+    pub(crate) version: String,
+    pub(crate) from_version: Option<String>,
+    pub(crate) sequence: Option<u64>,
+    pub(crate) strategy: Option<Strategy>,
+    pub(crate) reason: Option<String>,
+    pub(crate) at: String,
     /// Rolled back because beamup itself was interrupted (power cut, kill),
     /// not because of the release: such a release may be offered again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub interrupted: bool,
+    pub(crate) interrupted: bool,
 }
 
 impl Outcome {
     /// A bundle or offer refused before anything changed; `m` when its
     /// manifest was read far enough to name the release.
-    pub fn rejected(
+    pub(crate) fn rejected(
         m: Option<&crate::release::manifest::Manifest>,
         release: &str,
         reason: String,
@@ -281,14 +281,14 @@ impl Outcome {
 }
 
 /// The state directory, locked for this process.
-pub struct Store {
+pub(crate) struct Store {
     dir: PathBuf,
     _lock: Flock<File>,
 }
 
 impl Store {
     /// Opens (creating, mode 0700) the state directory and takes its lock.
-    pub fn open(dir: &Path) -> Result<(Store, DeviceState)> {
+    pub(crate) fn open(dir: &Path) -> Result<(Store, DeviceState)> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -327,7 +327,7 @@ impl Store {
     }
 
     /// Reads the state without taking the lock (for `beamup status`).
-    pub fn peek(dir: &Path) -> Result<DeviceState> {
+    pub(crate) fn peek(dir: &Path) -> Result<DeviceState> {
         let path = dir.join(STATE_FILE);
         if !path.exists() {
             return Ok(DeviceState::default());
@@ -340,13 +340,13 @@ impl Store {
     }
 
     /// Writes the whole state atomically and durably.
-    pub fn save(&self, state: &DeviceState) -> Result<()> {
+    pub(crate) fn save(&self, state: &DeviceState) -> Result<()> {
         let mut bytes = serde_json::to_vec_pretty(state).expect("state serializes");
         bytes.push(b'\n');
         fsutil::write_atomic(&self.path(), 0o600, true, &bytes)
     }
 
-    pub fn dir(&self) -> &Path {
+    pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
 }
@@ -357,7 +357,7 @@ impl DeviceState {
     /// remembered in `decided` for good. A rejection of input that could not
     /// be verified is only counted in `discarded`: it says nothing about a
     /// release and must not push real outcomes out of the history.
-    pub fn finish(&mut self, outcome: Outcome) {
+    pub(crate) fn finish(&mut self, outcome: Outcome) {
         if outcome.outcome != OutcomeKind::NeedsAttention {
             self.current = None;
         }
@@ -391,7 +391,7 @@ impl DeviceState {
             .retain(|d| !history.iter().any(|h| h.interrupted && same_outcome(h, d)));
     }
 
-    pub fn last_outcome(&self) -> Option<&Outcome> {
+    pub(crate) fn last_outcome(&self) -> Option<&Outcome> {
         self.history.first()
     }
 
@@ -399,13 +399,13 @@ impl DeviceState {
     /// is one: from the memory of decided releases (which nothing else
     /// arriving can push out), else from the history (state files written
     /// before that memory existed).
-    pub fn settled(&self, version: &str, sequence: u64) -> Option<&Outcome> {
+    pub(crate) fn settled(&self, version: &str, sequence: u64) -> Option<&Outcome> {
         self.final_word(version, sequence, |_| true)
     }
 
     /// Whether this exact bundle (version and sequence) was rolled back
     /// before; such a bundle is not retried without an explicit request.
-    pub fn rolled_back_before(&self, version: &str, sequence: u64) -> Option<&Outcome> {
+    pub(crate) fn rolled_back_before(&self, version: &str, sequence: u64) -> Option<&Outcome> {
         self.final_word(version, sequence, |k| k == OutcomeKind::RolledBack)
     }
 

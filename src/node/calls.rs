@@ -49,25 +49,25 @@ pub struct Release {
 /// and the relup description term of that step.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Installed {
-    pub from_vsn: String,
-    pub descr: Term,
+    pub(crate) from_vsn: String,
+    pub(crate) descr: Term,
 }
 
 /// An application library living outside the node's `lib/` for
 /// `set_unpacked`: `dir` is the directory that contains `<app>-<vsn>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AppDir {
-    pub app: String,
-    pub vsn: String,
-    pub dir: PathBuf,
+pub(crate) struct AppDir {
+    pub(crate) app: String,
+    pub(crate) vsn: String,
+    pub(crate) dir: PathBuf,
 }
 
 /// One entry of `application:which_applications()`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Application {
     pub name: String,
-    pub description: String,
-    pub vsn: String,
+    pub(crate) description: String,
+    pub(crate) vsn: String,
 }
 
 /// Outcomes of the calls below that are not plain success.
@@ -145,7 +145,7 @@ pub async fn which_releases(
 
 /// `release_handler:set_unpacked(RelFile, AppDirs)`: registers a release
 /// whose files we placed ourselves. Returns its version.
-pub async fn set_unpacked(
+pub(crate) async fn set_unpacked(
     conn: &Connection,
     rel_file: &Path,
     app_dirs: &[AppDir],
@@ -170,18 +170,6 @@ pub async fn set_unpacked(
     let args = vec![path_term(rel_file)?, Term::List(dirs)];
     let reply = rh_call(conn, "set_unpacked", args, timeout).await?;
     decode_set_unpacked(&reply)
-}
-
-/// `release_handler:check_install_release(Vsn)`: checks the relup without
-/// running it. It cannot see bugs in `code_change`.
-pub async fn check_install_release(
-    conn: &Connection,
-    vsn: &str,
-    timeout: Duration,
-) -> Result<Installed, NodeError> {
-    let call = "check_install_release";
-    let reply = rh_call(conn, call, vec![Term::charlist(vsn)], timeout).await?;
-    decode_install(call, vsn, &reply)
 }
 
 /// `release_handler:install_release(Vsn)`: runs the relup (hot upgrade or
@@ -221,7 +209,10 @@ pub async fn set_removed(conn: &Connection, vsn: &str, timeout: Duration) -> Res
 /// it reads `releases/RELEASES` again (it reads it only when it starts).
 /// Only sound while no install is in progress: RELEASES never records a
 /// release as `current`.
-pub async fn reload_release_handler(conn: &Connection, timeout: Duration) -> Result<(), NodeError> {
+pub(crate) async fn reload_release_handler(
+    conn: &Connection,
+    timeout: Duration,
+) -> Result<(), NodeError> {
     let child = || vec![Term::atom("sasl_sup"), Term::atom("release_handler")];
     let stop = conn
         .rpc("supervisor", "terminate_child", child(), timeout)
@@ -304,7 +295,7 @@ fn unexpected(call: &str, reply: &Term) -> NodeError {
 
 /// `{'EXIT', {noproc, {gen_server, call, [release_handler | _]}}}`: sasl is
 /// not started.
-pub fn is_noproc_release_handler(reason: &Term) -> bool {
+pub(crate) fn is_noproc_release_handler(reason: &Term) -> bool {
     let Some([exit, inner]) = reason.as_tuple() else {
         return false;
     };
@@ -325,7 +316,7 @@ pub fn is_noproc_release_handler(reason: &Term) -> bool {
 }
 
 /// Decodes `[{Name, Vsn, Libs, Status}]`.
-pub fn decode_releases(reply: &Term) -> Result<Vec<Release>, NodeError> {
+pub(crate) fn decode_releases(reply: &Term) -> Result<Vec<Release>, NodeError> {
     let bad = || unexpected("which_releases", reply);
     let list = reply.as_list().ok_or_else(bad)?;
     list.iter()
@@ -353,7 +344,7 @@ pub fn decode_releases(reply: &Term) -> Result<Vec<Release>, NodeError> {
 }
 
 /// Decodes `{ok, Vsn}` / `{error, Reason}` of `set_unpacked`.
-pub fn decode_set_unpacked(reply: &Term) -> Result<String, NodeError> {
+pub(crate) fn decode_set_unpacked(reply: &Term) -> Result<String, NodeError> {
     match reply.as_tuple() {
         Some([ok, vsn]) if ok.is_atom("ok") => vsn
             .as_charlist()
@@ -366,7 +357,7 @@ pub fn decode_set_unpacked(reply: &Term) -> Result<String, NodeError> {
 /// Decodes the replies of `install_release` and `check_install_release`:
 /// `{ok, FromVsn, Descr}`, `{continue_after_restart, FromVsn, Descr}`,
 /// `{error, Reason}`.
-pub fn decode_install(call: &str, vsn: &str, reply: &Term) -> Result<Installed, NodeError> {
+pub(crate) fn decode_install(call: &str, vsn: &str, reply: &Term) -> Result<Installed, NodeError> {
     let from = |t: &Term| t.as_charlist().ok_or_else(|| unexpected(call, reply));
     match reply.as_tuple() {
         Some([ok, from_vsn, descr]) if ok.is_atom("ok") => Ok(Installed {
@@ -410,7 +401,7 @@ fn install_error(call: &str, vsn: &str, reason: &Term) -> NodeError {
 
 /// Decodes `ok` / `{error, Reason}` of `make_permanent` and
 /// `set_removed`.
-pub fn decode_ok(call: &str, reply: &Term) -> Result<(), NodeError> {
+pub(crate) fn decode_ok(call: &str, reply: &Term) -> Result<(), NodeError> {
     if reply.is_atom("ok") {
         return Ok(());
     }
@@ -444,7 +435,7 @@ fn other(call: &str, reason: &Term) -> NodeError {
 }
 
 /// Decodes `{Name, Vsn}` of `init:script_id()`.
-pub fn decode_script_id(reply: &Term) -> Result<(String, String), NodeError> {
+pub(crate) fn decode_script_id(reply: &Term) -> Result<(String, String), NodeError> {
     let bad = || NodeError::UnexpectedReply {
         call: "init:script_id".into(),
         reply: text(reply),
@@ -459,7 +450,7 @@ pub fn decode_script_id(reply: &Term) -> Result<(String, String), NodeError> {
 }
 
 /// Decodes `[{App, Description, Vsn}]`.
-pub fn decode_applications(reply: &Term) -> Result<Vec<Application>, NodeError> {
+pub(crate) fn decode_applications(reply: &Term) -> Result<Vec<Application>, NodeError> {
     let bad = || NodeError::UnexpectedReply {
         call: "application:which_applications".into(),
         reply: text(reply),
@@ -480,7 +471,7 @@ pub fn decode_applications(reply: &Term) -> Result<Vec<Application>, NodeError> 
 }
 
 /// Decodes the string `os:getpid()` returns.
-pub fn decode_getpid(reply: &Term) -> Result<u32, NodeError> {
+pub(crate) fn decode_getpid(reply: &Term) -> Result<u32, NodeError> {
     reply
         .as_charlist()
         .and_then(|s| s.parse().ok())

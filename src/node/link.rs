@@ -15,37 +15,37 @@ use crate::node::dist::{ConnectOptions, Connection, DistError, Term};
 
 /// What the running node told us about itself.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Running {
+pub(crate) struct Running {
     /// The release version release_handler has as permanent.
-    pub permanent: String,
+    pub(crate) permanent: String,
     /// The version the node is executing (`current`, else the permanent one).
-    pub current: String,
-    pub erts: String,
+    pub(crate) current: String,
+    pub(crate) erts: String,
 }
 
 /// How to reach, start and stop the node (from `[node]` and `[release]`
 /// of agent.toml, the cookie already read).
 #[derive(Clone, Debug)]
-pub struct LinkSettings {
+pub(crate) struct LinkSettings {
     /// `name@host`.
-    pub name: String,
-    pub cookie: String,
-    pub epmd_port: u16,
-    pub call_timeout: Duration,
-    pub start_timeout: Duration,
+    pub(crate) name: String,
+    pub(crate) cookie: String,
+    pub(crate) epmd_port: u16,
+    pub(crate) call_timeout: Duration,
+    pub(crate) start_timeout: Duration,
     /// Shell commands (`sh -c`, in `root`).
-    pub start: String,
-    pub stop: String,
+    pub(crate) start: String,
+    pub(crate) stop: String,
     /// The release root.
-    pub root: PathBuf,
+    pub(crate) root: PathBuf,
 }
 
-pub struct NodeLink {
+pub(crate) struct NodeLink {
     name: String,
     cookie: String,
     opts: ConnectOptions,
-    pub call_timeout: Duration,
-    pub start_timeout: Duration,
+    pub(crate) call_timeout: Duration,
+    pub(crate) start_timeout: Duration,
     start_cmd: String,
     stop_cmd: String,
     root: PathBuf,
@@ -56,7 +56,7 @@ pub struct NodeLink {
 const POLL: Duration = Duration::from_millis(100);
 
 impl NodeLink {
-    pub fn new(s: LinkSettings) -> NodeLink {
+    pub(crate) fn new(s: LinkSettings) -> NodeLink {
         NodeLink {
             opts: ConnectOptions {
                 epmd_port: s.epmd_port,
@@ -74,12 +74,8 @@ impl NodeLink {
         }
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     /// A live connection, reconnecting if the previous one closed.
-    pub async fn conn(&mut self) -> std::result::Result<&Connection, DistError> {
+    pub(crate) async fn conn(&mut self) -> std::result::Result<&Connection, DistError> {
         if self
             .conn
             .as_ref()
@@ -94,11 +90,11 @@ impl NodeLink {
     }
 
     /// Forgets the connection (after the node restarted).
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.conn = None;
     }
 
-    pub fn node_error(&self, doing: &str, e: impl Into<NodeError>) -> Error {
+    pub(crate) fn node_error(&self, doing: &str, e: impl Into<NodeError>) -> Error {
         Error::Node {
             node: self.name.clone(),
             doing: doing.to_string(),
@@ -106,13 +102,13 @@ impl NodeLink {
         }
     }
 
-    pub async fn which_releases(&mut self) -> std::result::Result<Vec<Release>, NodeError> {
+    pub(crate) async fn which_releases(&mut self) -> std::result::Result<Vec<Release>, NodeError> {
         let t = self.call_timeout;
         let conn = self.conn().await?;
         calls::which_releases(conn, t).await
     }
 
-    pub async fn set_unpacked(
+    pub(crate) async fn set_unpacked(
         &mut self,
         rel_file: &std::path::Path,
     ) -> std::result::Result<String, NodeError> {
@@ -120,7 +116,7 @@ impl NodeLink {
         calls::set_unpacked(self.conn().await?, rel_file, &[], t).await
     }
 
-    pub async fn install_release(
+    pub(crate) async fn install_release(
         &mut self,
         vsn: &str,
     ) -> std::result::Result<calls::Installed, NodeError> {
@@ -128,23 +124,23 @@ impl NodeLink {
         calls::install_release(self.conn().await?, vsn, t).await
     }
 
-    pub async fn make_permanent(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
+    pub(crate) async fn make_permanent(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
         let t = self.call_timeout;
         calls::make_permanent(self.conn().await?, vsn, t).await
     }
 
-    pub async fn set_removed(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
+    pub(crate) async fn set_removed(&mut self, vsn: &str) -> std::result::Result<(), NodeError> {
         let t = self.call_timeout;
         calls::set_removed(self.conn().await?, vsn, t).await
     }
 
-    pub async fn reload_release_handler(&mut self) -> std::result::Result<(), NodeError> {
+    pub(crate) async fn reload_release_handler(&mut self) -> std::result::Result<(), NodeError> {
         let t = self.call_timeout;
         calls::reload_release_handler(self.conn().await?, t).await
     }
 
     /// What the node runs and has as permanent, and its ERTS version.
-    pub async fn running(&mut self) -> std::result::Result<Running, NodeError> {
+    pub(crate) async fn running(&mut self) -> std::result::Result<Running, NodeError> {
         let t = self.call_timeout;
         let conn = self.conn().await?;
         // Four independent questions, in flight together on one connection.
@@ -169,14 +165,14 @@ impl NodeLink {
         Ok(running_from(&releases?, &booted, &apps, erts))
     }
 
-    pub async fn os_pid(&mut self) -> Option<u32> {
+    pub(crate) async fn os_pid(&mut self) -> Option<u32> {
         let t = self.call_timeout;
         let conn = self.conn().await.ok()?;
         calls::os_getpid(conn, t).await.ok()
     }
 
     /// Whether the node answers at all (EPMD, handshake and an rpc).
-    pub async fn is_up(&mut self) -> bool {
+    pub(crate) async fn is_up(&mut self) -> bool {
         let t = self.call_timeout.min(Duration::from_secs(5));
         match self.conn().await {
             Ok(c) => c.rpc("erlang", "node", vec![], t).await.is_ok(),
@@ -186,7 +182,7 @@ impl NodeLink {
 
     /// Waits until the node has finished booting (`init:get_status()` says
     /// `started`): EPMD registration comes before the applications are up.
-    pub async fn wait_up(&mut self, within: Duration) -> std::result::Result<(), String> {
+    pub(crate) async fn wait_up(&mut self, within: Duration) -> std::result::Result<(), String> {
         let deadline = Instant::now() + within;
         loop {
             self.reset_if_closed();
@@ -228,7 +224,7 @@ impl NodeLink {
     /// Stops the node: the configured stop command, then `init:stop()`,
     /// then SIGKILL of its OS process, each given time to work. Returns
     /// once the node no longer answers and its process is gone.
-    pub async fn stop(&mut self) -> std::result::Result<(), String> {
+    pub(crate) async fn stop(&mut self) -> std::result::Result<(), String> {
         let pid = self.os_pid().await;
         let grace = self.start_timeout.min(Duration::from_secs(30));
         if let Err(e) = run_shell(&self.stop_cmd, &self.root, grace).await {
@@ -271,7 +267,7 @@ impl NodeLink {
 
     /// Starts the node with the configured command and waits until it has
     /// booted.
-    pub async fn start(&mut self) -> std::result::Result<(), String> {
+    pub(crate) async fn start(&mut self) -> std::result::Result<(), String> {
         self.conn = None;
         run_shell(&self.start_cmd, &self.root, self.start_timeout)
             .await
@@ -286,7 +282,12 @@ impl NodeLink {
 /// node booted, so when the permanent and the booted release differ, the
 /// loaded application versions tell which one runs (a cold boot of a
 /// not-yet-permanent release shows only in `init:script_id()`).
-pub fn running_from(releases: &[Release], booted: &str, apps: &[String], erts: String) -> Running {
+pub(crate) fn running_from(
+    releases: &[Release],
+    booted: &str,
+    apps: &[String],
+    erts: String,
+) -> Running {
     let permanent = releases
         .iter()
         .find(|r| r.status == ReleaseStatus::Permanent)
@@ -323,7 +324,7 @@ fn pid_alive(pid: u32) -> bool {
 /// Runs a configured command with `sh -c` in the release root, bounded in
 /// time. Output goes to our log, not to the terminal of the person
 /// running beamup.
-pub async fn run_shell(
+pub(crate) async fn run_shell(
     cmd: &str,
     dir: &std::path::Path,
     within: Duration,

@@ -5,4 +5,4 @@
 
 pub mod calls;
 pub mod dist;
-pub mod link;
+pub(crate) mod link;

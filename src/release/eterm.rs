@@ -12,7 +12,7 @@ use std::fmt;
 const MAX_DEPTH: usize = 200;
 
 #[derive(Clone, Debug, PartialEq)]
-pub enum Term {
+pub(crate) enum Term {
     Atom(String),
     /// A double-quoted string (in Erlang, a list of character codes).
     Str(String),
@@ -24,7 +24,7 @@ pub enum Term {
 }
 
 impl Term {
-    pub fn as_atom(&self) -> Option<&str> {
+    pub(crate) fn as_atom(&self) -> Option<&str> {
         match self {
             Term::Atom(a) => Some(a),
             _ => None,
@@ -32,7 +32,7 @@ impl Term {
     }
 
     /// A string, accepting `""` written as `[]`.
-    pub fn as_str(&self) -> Option<&str> {
+    pub(crate) fn as_str(&self) -> Option<&str> {
         match self {
             Term::Str(s) => Some(s),
             Term::List(l) if l.is_empty() => Some(""),
@@ -40,14 +40,14 @@ impl Term {
         }
     }
 
-    pub fn as_tuple(&self) -> Option<&[Term]> {
+    pub(crate) fn as_tuple(&self) -> Option<&[Term]> {
         match self {
             Term::Tuple(t) => Some(t),
             _ => None,
         }
     }
 
-    pub fn as_list(&self) -> Option<&[Term]> {
+    pub(crate) fn as_list(&self) -> Option<&[Term]> {
         match self {
             Term::List(l) => Some(l),
             Term::Str(s) if s.is_empty() => Some(&[]),
@@ -88,7 +88,7 @@ impl fmt::Display for Term {
 }
 
 /// Parses a file of dot-terminated terms (as `file:consult/1` reads).
-pub fn parse_terms(text: &str) -> Result<Vec<Term>, String> {
+pub(crate) fn parse_terms(text: &str) -> Result<Vec<Term>, String> {
     let mut p = Parser {
         s: text.as_bytes(),
         i: 0,

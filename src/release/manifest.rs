@@ -8,7 +8,7 @@
 //! SHA-256 of each fixed-size chunk so a transport can check each piece as it
 //! arrives).
 
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
@@ -19,14 +19,14 @@ pub const FORMAT: u32 = 1;
 
 /// 64 KiB chunks fit AWS IoT Core's 128 KB publish limit with room to spare.
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
-pub const MIN_CHUNK_SIZE: u32 = 4 * 1024;
-pub const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
+pub(crate) const MIN_CHUNK_SIZE: u32 = 4 * 1024;
+pub(crate) const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
 /// The largest manifest a device reads (about 200k chunk digests).
-pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+pub(crate) const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
 /// The largest release tarball a manifest may describe. Larger claims are
 /// refused before anything is allocated or downloaded.
-pub const MAX_TARBALL_BYTES: u64 = 16 * 1024 * 1024 * 1024;
-pub const MAX_UNPACKED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+pub(crate) const MAX_TARBALL_BYTES: u64 = 16 * 1024 * 1024 * 1024;
+pub(crate) const MAX_UNPACKED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -96,7 +96,7 @@ pub struct Part {
 }
 
 /// Most parts an indexed tarball may have.
-pub const MAX_PARTS: usize = 100_000;
+pub(crate) const MAX_PARTS: usize = 100_000;
 
 /// Parts must tile the tarball in order, each non-empty, each named by a
 /// plain unit path (what [`crate::staging`] creates), so that a device can
@@ -134,7 +134,7 @@ fn validate_parts(parts: &[Part], size: u64) -> std::result::Result<(), String> 
 
 /// `lib/X`, `releases/X`, `bin/X` or a single component, each component a
 /// safe name.
-pub fn is_unit_path(unit: &str) -> bool {
+pub(crate) fn is_unit_path(unit: &str) -> bool {
     let mut parts = unit.split('/');
     match (parts.next(), parts.next(), parts.next()) {
         (Some(first), None, None) => {
@@ -155,7 +155,7 @@ pub enum Scope {
 }
 
 impl Scope {
-    pub fn parse(s: &str) -> std::result::Result<Scope, String> {
+    pub(crate) fn parse(s: &str) -> std::result::Result<Scope, String> {
         if s == "any" {
             return Ok(Scope::Any);
         }
@@ -180,7 +180,7 @@ impl Scope {
 
 /// Names that end up in paths and topics: short, printable, no separators,
 /// not starting with a dot (so never `.` or `..`).
-pub fn is_safe_name(s: &str) -> bool {
+pub(crate) fn is_safe_name(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
         && !s.starts_with('.')
@@ -191,7 +191,7 @@ pub fn is_safe_name(s: &str) -> bool {
 impl Manifest {
     /// Checks everything about the manifest that does not depend on the
     /// device: types, sizes, digests, names safe to use in paths.
-    pub fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         let bad = |detail: String| Err(Error::InvalidManifest { detail });
         if self.kind != MANIFEST_TYPE {
             return bad(format!(
@@ -286,19 +286,19 @@ impl Manifest {
         Ok(())
     }
 
-    pub fn scopes(&self) -> Vec<Scope> {
+    pub(crate) fn scopes(&self) -> Vec<Scope> {
         self.target
             .iter()
             .filter_map(|s| Scope::parse(s).ok())
             .collect()
     }
 
-    pub fn expires(&self) -> Result<SystemTime> {
+    pub(crate) fn expires(&self) -> Result<SystemTime> {
         parse_time(&self.expires_at, "expires_at")
     }
 
     /// The chunk digests as bytes. Call after [`Manifest::validate`].
-    pub fn chunk_digests(&self) -> Vec<[u8; 32]> {
+    pub(crate) fn chunk_digests(&self) -> Vec<[u8; 32]> {
         self.tarball
             .chunks
             .iter()
@@ -306,26 +306,26 @@ impl Manifest {
             .collect()
     }
 
-    pub fn tarball_digest(&self) -> [u8; 32] {
+    pub(crate) fn tarball_digest(&self) -> [u8; 32] {
         parse_digest(&self.tarball.sha256).unwrap_or_default()
     }
 
     /// Length of chunk `i` (the last one may be short).
-    pub fn chunk_len(&self, i: usize) -> u64 {
+    pub(crate) fn chunk_len(&self, i: usize) -> u64 {
         let cs = u64::from(self.tarball.chunk_size);
         let start = i as u64 * cs;
         self.tarball.size.saturating_sub(start).min(cs)
     }
 }
 
-pub fn parse_digest(s: &str) -> Option<[u8; 32]> {
+pub(crate) fn parse_digest(s: &str) -> Option<[u8; 32]> {
     if s.len() != 64 {
         return None;
     }
     hex::decode(s).ok()?.try_into().ok()
 }
 
-pub fn parse_time(s: &str, field: &str) -> Result<SystemTime> {
+pub(crate) fn parse_time(s: &str, field: &str) -> Result<SystemTime> {
     humantime::parse_rfc3339(s).map_err(|e| Error::InvalidManifest {
         detail: format!("{field} {s:?} is not an RFC 3339 UTC time ({e})"),
     })
@@ -335,8 +335,9 @@ pub fn format_time(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+#[cfg(feature = "operator")]
 /// Parses `--expires` values such as `30d`, `12h`, `90min`.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
     humantime::parse_duration(s)
         .map_err(|e| format!("{s:?} is not a duration like 30d or 12h ({e})"))
 }

@@ -151,16 +151,16 @@ fn from_files(
 
 /// The contents of a `NAME.rel` file.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Rel {
-    pub name: String,
-    pub version: String,
-    pub erts: String,
+pub(crate) struct Rel {
+    pub(crate) name: String,
+    pub(crate) version: String,
+    pub(crate) erts: String,
     /// (application, version), in boot order.
-    pub apps: Vec<(String, String)>,
+    pub(crate) apps: Vec<(String, String)>,
 }
 
 /// Parses the text of a `NAME.rel` file.
-pub fn parse_rel(text: &str) -> std::result::Result<Rel, String> {
+pub(crate) fn parse_rel(text: &str) -> std::result::Result<Rel, String> {
     let terms = eterm::parse_terms(text)?;
     let bad = || "expected {release, {Name, Vsn}, {erts, ErtsVsn}, [Apps]}".to_string();
     let t = terms.first().and_then(Term::as_tuple).ok_or_else(bad)?;

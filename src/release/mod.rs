@@ -4,10 +4,10 @@
 //! a release (`.rel`, relup, `RELEASES`, `start_erl.data`). No tokio, no
 //! MQTT, no node.
 
-pub mod eterm;
+pub(crate) mod eterm;
 pub mod manifest;
 pub mod metadata;
-pub mod policy;
-pub mod releases_file;
-pub mod tarrules;
-pub mod version;
+pub(crate) mod policy;
+pub(crate) mod releases_file;
+pub(crate) mod tarrules;
+pub(crate) mod version;

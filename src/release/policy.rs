@@ -14,25 +14,25 @@ use crate::release::version;
 
 /// Who this device is, for target scopes.
 #[derive(Clone, Debug, Default)]
-pub struct Identity {
-    pub fleet: Option<String>,
-    pub device: Option<String>,
-    pub groups: Vec<String>,
+pub(crate) struct Identity {
+    pub(crate) fleet: Option<String>,
+    pub(crate) device: Option<String>,
+    pub(crate) groups: Vec<String>,
 }
 
 /// What the device knows that a manifest is checked against.
 #[derive(Clone, Debug, Default)]
-pub struct DeviceFacts {
+pub(crate) struct DeviceFacts {
     /// The permanent release's version; `None` when unknown (e.g. `beamup
     /// verify` on an operator's machine without `--installed`).
-    pub installed_version: Option<String>,
+    pub(crate) installed_version: Option<String>,
     /// The highest sequence number accepted so far.
-    pub last_sequence: Option<u64>,
+    pub(crate) last_sequence: Option<u64>,
     /// `None` skips the target check.
-    pub identity: Option<Identity>,
+    pub(crate) identity: Option<Identity>,
 }
 
-pub fn check(m: &Manifest, now: SystemTime, device: &DeviceFacts) -> Result<()> {
+pub(crate) fn check(m: &Manifest, now: SystemTime, device: &DeviceFacts) -> Result<()> {
     let expires = m.expires()?;
     if now >= expires {
         return Err(Error::Expired {
@@ -72,6 +72,7 @@ pub fn check(m: &Manifest, now: SystemTime, device: &DeviceFacts) -> Result<()> 
     Ok(())
 }
 
+#[cfg(feature = "operator")]
 /// Whether a manifest's target list admits this identity, as the device
 /// itself judges it (for an operator's check before offering).
 pub fn admits(targets: &[String], id: &Identity) -> bool {

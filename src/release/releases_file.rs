@@ -27,37 +27,37 @@ const MAX_RELEASES: usize = 1000;
 
 /// One release as `releases/RELEASES` lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Entry {
-    pub name: String,
-    pub vsn: String,
+pub(crate) struct Entry {
+    pub(crate) name: String,
+    pub(crate) vsn: String,
     /// `None` where release_handler wrote `undefined` (a release it only
     /// knew from `init:script_id()`).
-    pub erts: Option<String>,
+    pub(crate) erts: Option<String>,
     /// `(app, vsn, dir)`; `dir` as written (relative to the root or not).
-    pub libs: Vec<(String, String, String)>,
+    pub(crate) libs: Vec<(String, String, String)>,
     /// `permanent`, `old`, `unpacked` (RELEASES never says `current`).
-    pub status: String,
+    pub(crate) status: String,
 }
 
 /// What `releases/` says, as read from disk.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct OnDisk {
+pub(crate) struct OnDisk {
     /// Every `releases/VSN/NAME.rel` that names itself (`NAME`, `VSN`).
-    pub rels: Vec<Rel>,
+    pub(crate) rels: Vec<Rel>,
     /// `releases/RELEASES`: `None` when absent.
-    pub releases: Option<Vec<Entry>>,
+    pub(crate) releases: Option<Vec<Entry>>,
     /// Set when RELEASES exists but cannot be read as a release list (a
     /// power cut during release_handler's in-place write truncates it).
-    pub releases_unreadable: Option<String>,
+    pub(crate) releases_unreadable: Option<String>,
     /// `releases/start_erl.data`: (ERTS version, release version).
-    pub start_erl: Option<(String, String)>,
+    pub(crate) start_erl: Option<(String, String)>,
 }
 
 impl OnDisk {
     /// Reads `root/releases`. An unreadable `.rel` or `start_erl.data` is
     /// an error (the caller then deletes nothing); an unreadable RELEASES
     /// is recorded, since repairing it is the point.
-    pub fn read(root: &Path, name: &str) -> Result<OnDisk> {
+    pub(crate) fn read(root: &Path, name: &str) -> Result<OnDisk> {
         let dir = root.join("releases");
         let mut out = OnDisk::default();
         let entries = match fs::read_dir(&dir) {
@@ -106,13 +106,13 @@ impl OnDisk {
     }
 
     /// The `.rel` of version `vsn`, if it is on disk.
-    pub fn rel(&self, vsn: &str) -> Option<&Rel> {
+    pub(crate) fn rel(&self, vsn: &str) -> Option<&Rel> {
         self.rels.iter().find(|r| r.version == vsn)
     }
 
     /// The version the start script boots (`start_erl.data`), else the one
     /// RELEASES has as permanent.
-    pub fn boots(&self) -> Option<&str> {
+    pub(crate) fn boots(&self) -> Option<&str> {
         self.start_erl
             .as_ref()
             .map(|(_, v)| v.as_str())
@@ -146,7 +146,7 @@ fn read_text(path: &Path) -> Result<Option<String>> {
 }
 
 /// `ERTS_VSN REL_VSN` (one line, as relx, mix and `make_permanent` write it).
-pub fn parse_start_erl(text: &str) -> std::result::Result<(String, String), String> {
+pub(crate) fn parse_start_erl(text: &str) -> std::result::Result<(String, String), String> {
     let mut words = text.split_whitespace();
     match (words.next(), words.next(), words.next()) {
         (Some(erts), Some(vsn), None) if is_plain(erts) && is_plain(vsn) => {
@@ -160,7 +160,7 @@ pub fn parse_start_erl(text: &str) -> std::result::Result<(String, String), Stri
 }
 
 /// The text of `start_erl.data` that boots `vsn` on ERTS `erts`.
-pub fn format_start_erl(erts: &str, vsn: &str) -> String {
+pub(crate) fn format_start_erl(erts: &str, vsn: &str) -> String {
     format!("{erts} {vsn}\n")
 }
 
@@ -172,7 +172,7 @@ fn is_plain(s: &str) -> bool {
 }
 
 /// Parses RELEASES: `[{release, Name, Vsn, ErtsVsn, [{App, Vsn, Dir}], Status}]`.
-pub fn parse_releases(text: &str) -> std::result::Result<Vec<Entry>, String> {
+pub(crate) fn parse_releases(text: &str) -> std::result::Result<Vec<Entry>, String> {
     let terms = eterm::parse_terms(text)?;
     let bad = |what: &str| format!("not a RELEASES list ({what})");
     let [list] = terms.as_slice() else {
@@ -217,7 +217,7 @@ pub fn parse_releases(text: &str) -> std::result::Result<Vec<Entry>, String> {
 }
 
 /// RELEASES text as release_handler writes it (and reads it back).
-pub fn format_releases(entries: &[Entry]) -> String {
+pub(crate) fn format_releases(entries: &[Entry]) -> String {
     let q = |s: &str| {
         let mut o = String::from("\"");
         for c in s.chars() {
@@ -253,7 +253,7 @@ pub fn format_releases(entries: &[Entry]) -> String {
 /// The entry `create_RELEASES` makes of a `.rel`, with lib dirs relative to
 /// the release root (as relx writes them: the root may be mounted
 /// elsewhere, as in a container).
-pub fn entry_of(rel: &Rel, status: &str) -> Entry {
+pub(crate) fn entry_of(rel: &Rel, status: &str) -> Entry {
     Entry {
         name: rel.name.clone(),
         vsn: rel.version.clone(),
@@ -275,7 +275,7 @@ pub fn entry_of(rel: &Rel, status: &str) -> Entry {
 /// their `.rel`: entries release_handler made up from `init:script_id()`
 /// (no ERTS, no libraries), and the permanent release when RELEASES is
 /// missing or unreadable. Dropped: made-up entries with no `.rel` on disk.
-pub fn repaired(disk: &OnDisk, permanent: &str) -> Option<Vec<Entry>> {
+pub(crate) fn repaired(disk: &OnDisk, permanent: &str) -> Option<Vec<Entry>> {
     let complete = |e: &Entry| e.erts.is_some() && !e.libs.is_empty();
     let current = disk.releases.clone().unwrap_or_default();
     let permanent_listed = current
@@ -308,7 +308,7 @@ pub fn repaired(disk: &OnDisk, permanent: &str) -> Option<Vec<Entry>> {
 
 /// Writes RELEASES atomically and durably (release_handler itself writes
 /// it in place).
-pub fn write_releases(root: &Path, entries: &[Entry]) -> Result<PathBuf> {
+pub(crate) fn write_releases(root: &Path, entries: &[Entry]) -> Result<PathBuf> {
     let path = root.join("releases").join("RELEASES");
     fsutil::write_atomic(&path, 0o644, true, format_releases(entries).as_bytes())?;
     Ok(path)

@@ -11,22 +11,21 @@
 //! empty root) does: every other device creates a subset.
 
 use std::collections::HashMap;
-use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 /// Most entries a release tarball may have (OTP releases have thousands).
-pub const MAX_ENTRIES: u64 = 500_000;
+pub(crate) const MAX_ENTRIES: u64 = 500_000;
 const MAX_PATH: usize = 4096;
 
 /// What an entry that passed the rules is.
 #[derive(Debug)]
-pub struct Checked {
+pub(crate) struct Checked {
     /// Its path, relative to the release root.
-    pub rel: PathBuf,
+    pub(crate) rel: PathBuf,
     /// The link target of a symlink or hard link.
-    pub link: Option<String>,
+    pub(crate) link: Option<String>,
     /// Whether the unpack creates it (its unit is one the unpack creates).
-    pub created: bool,
+    pub(crate) created: bool,
 }
 
 /// What a created path is, for the rules on later entries.
@@ -38,7 +37,7 @@ enum Made {
 }
 
 /// The rules' state over one tar stream.
-pub struct Rules {
+pub(crate) struct Rules {
     unpacked_limit: u64,
     declared: u64,
     entries: u64,
@@ -48,7 +47,7 @@ pub struct Rules {
 impl Rules {
     /// `unpacked_limit`: the most bytes the entries may declare (the
     /// manifest's unpacked size).
-    pub fn new(unpacked_limit: u64) -> Rules {
+    pub(crate) fn new(unpacked_limit: u64) -> Rules {
         Rules {
             unpacked_limit,
             declared: 0,
@@ -61,7 +60,7 @@ impl Rules {
     /// target and declared size. `creates` says whether the unpack creates
     /// a unit (see [`top_of`]). `Ok(None)` for the archive's own `./`
     /// entry; the error names the entry and the rule it breaks.
-    pub fn check(
+    pub(crate) fn check(
         &mut self,
         raw: &[u8],
         kind: tar::EntryType,
@@ -180,12 +179,14 @@ impl Rules {
     }
 }
 
+#[cfg(feature = "operator")]
 /// Reads a whole gzip tar stream (every member, as a device does) and
 /// checks every entry as a device that creates all of it would. For bundle
 /// time; the error names the entry and the rule.
-pub fn check_stream(gz: impl Read) -> Result<(), String> {
-    let stream = |e: io::Error| format!("the compressed tar stream is truncated or corrupt ({e})");
-    let mut gz = flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, gz));
+pub(crate) fn check_stream(gz: impl std::io::Read) -> Result<(), String> {
+    let stream =
+        |e: std::io::Error| format!("the compressed tar stream is truncated or corrupt ({e})");
+    let mut gz = flate2::read::MultiGzDecoder::new(std::io::BufReader::with_capacity(1 << 20, gz));
     let mut rules = Rules::new(u64::MAX);
     let mut archive = tar::Archive::new(&mut gz);
     for entry in archive.entries().map_err(stream)? {
@@ -214,7 +215,7 @@ fn describe(t: tar::EntryType) -> &'static str {
 
 /// The top-level unit an entry belongs to: `lib/X`, `releases/X`, `bin/X`
 /// or, for anything else, its first component (e.g. `erts-13.1.5`).
-pub fn top_of(rel: &Path) -> Option<PathBuf> {
+pub(crate) fn top_of(rel: &Path) -> Option<PathBuf> {
     let mut c = rel.components();
     let first = c.next()?.as_os_str();
     if first == "lib" || first == "releases" || first == "bin" {
@@ -227,7 +228,7 @@ pub fn top_of(rel: &Path) -> Option<PathBuf> {
 
 /// A tar path as a plain relative path: no leading `/`, no `..`, no `.`
 /// components other than leading `./`. `Ok(None)` for the archive root.
-pub fn safe_relative_path(raw: &[u8]) -> Result<Option<PathBuf>, String> {
+pub(crate) fn safe_relative_path(raw: &[u8]) -> Result<Option<PathBuf>, String> {
     let s = std::str::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_string())?;
     let shown = || s.chars().take(200).collect::<String>();
     if s.len() > MAX_PATH {

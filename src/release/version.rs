@@ -10,7 +10,7 @@
 use std::cmp::Ordering;
 
 /// Compares two release versions; see the module docs for the rules.
-pub fn compare(a: &str, b: &str) -> Ordering {
+pub(crate) fn compare(a: &str, b: &str) -> Ordering {
     let (a_main, a_pre) = split(a);
     let (b_main, b_pre) = split(b);
     match compare_parts(a_main, b_main, true) {
@@ -26,7 +26,7 @@ pub fn compare(a: &str, b: &str) -> Ordering {
 }
 
 /// `true` when `candidate` is strictly newer than `installed`.
-pub fn is_newer(candidate: &str, installed: &str) -> bool {
+pub(crate) fn is_newer(candidate: &str, installed: &str) -> bool {
     compare(candidate, installed) == Ordering::Greater
 }
 

@@ -33,7 +33,7 @@ use crate::release::releases_file::OnDisk;
 
 /// Paths of a release root that must not be deleted.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Protected {
+pub(crate) struct Protected {
     /// Relative to the root: protected with everything inside them.
     paths: BTreeSet<PathBuf>,
     /// The one path under `bin/` that may go: the removed release's own
@@ -44,7 +44,7 @@ pub struct Protected {
 /// The boot set of a root (see the module doc). `removing` is the version
 /// whose files are about to be deleted; `node` what the node reports, when
 /// it answers.
-pub fn protected(
+pub(crate) fn protected(
     disk: &OnDisk,
     name: &str,
     removing: Option<&str>,
@@ -111,7 +111,7 @@ pub fn protected(
 impl Protected {
     /// Whether deleting `p` (relative to the root) would delete or reach
     /// into something a release may boot from.
-    pub fn covers(&self, p: &Path) -> bool {
+    pub(crate) fn covers(&self, p: &Path) -> bool {
         if !is_plain_relative(p) {
             return true;
         }
@@ -134,7 +134,7 @@ fn is_plain_relative(p: &Path) -> bool {
 /// Deletes the top-level paths `created` (relative to `root`, from the
 /// journal) that exist, except those the boot set covers. Returns the ones
 /// it kept for that reason; each is logged. Idempotent.
-pub fn remove(root: &Path, created: &[PathBuf], keep: &Protected) -> Result<Vec<PathBuf>> {
+pub(crate) fn remove(root: &Path, created: &[PathBuf], keep: &Protected) -> Result<Vec<PathBuf>> {
     let mut kept = Vec::new();
     for p in created {
         if keep.covers(p) {

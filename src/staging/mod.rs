@@ -13,7 +13,7 @@
 //! entries that are skipped, and the compressed stream is hashed again on the
 //! way through, so a bundle swapped after verification is caught.
 
-pub mod bootset;
+pub(crate) mod bootset;
 
 use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
@@ -36,7 +36,7 @@ use crate::release::tarrules::{Rules, top_of};
 pub struct Plan {
     /// Top-level paths, relative to the release root, that do not exist yet
     /// and that the unpack creates. Recovery removes exactly these.
-    pub creates: Vec<PathBuf>,
+    pub(crate) creates: Vec<PathBuf>,
 }
 
 /// Decides which paths the release adds to `root`. Pure apart from looking at
@@ -65,7 +65,7 @@ pub fn plan(root: &Path, release_name: &str, m: &Manifest) -> Plan {
 /// them; a plain one is read once through the chunk verifier (refusing
 /// entry names that [`unpack`] refuses, and stopping once the entries
 /// declare more than the manifest's unpacked size).
-pub fn plan_all(root: &Path, m: &Manifest, bundle: &Bundle) -> Result<Plan> {
+pub(crate) fn plan_all(root: &Path, m: &Manifest, bundle: &Bundle) -> Result<Plan> {
     let tops: std::collections::BTreeSet<PathBuf> = if m.tarball.parts.is_empty() {
         tops_of_stream(m, bundle.verified_tarball(m))?
     } else {
@@ -120,7 +120,7 @@ fn tops_of_stream(m: &Manifest, tarball: impl Read) -> Result<std::collections::
 /// The parts of an indexed tarball that [`unpack`] reads for `plan`: those
 /// whose unit the plan creates. Nothing for a plain tarball (which is read
 /// whole).
-pub fn parts_read<'m>(m: &'m Manifest, plan: &Plan) -> impl Iterator<Item = &'m Part> {
+pub(crate) fn parts_read<'m>(m: &'m Manifest, plan: &Plan) -> impl Iterator<Item = &'m Part> {
     let wanted: HashSet<PathBuf> = plan.creates.iter().cloned().collect();
     m.tarball
         .parts
@@ -133,7 +133,7 @@ pub fn parts_read<'m>(m: &'m Manifest, plan: &Plan) -> impl Iterator<Item = &'m 
 /// that hold a byte of a part it reads (see [`parts_read`]). An unpack
 /// reads nothing else of the bundle's tarball, so a bundle file holding
 /// only these chunks unpacks as well as a whole one.
-pub fn chunks_read(m: &Manifest, plan: &Plan) -> Vec<bool> {
+pub(crate) fn chunks_read(m: &Manifest, plan: &Plan) -> Vec<bool> {
     let n = m.tarball.chunks.len();
     if m.tarball.parts.is_empty() {
         return vec![true; n];
@@ -157,7 +157,7 @@ fn part_chunks(m: &Manifest, p: &Part) -> std::ops::RangeInclusive<usize> {
 /// Refuses a bundle file that lacks a chunk the unpack of `plan` reads
 /// (`have`: the chunks it holds): rather than a digest mismatch half-way
 /// through the unpack, a clear error before anything is changed.
-pub fn check_available(path: &Path, m: &Manifest, plan: &Plan, have: &[bool]) -> Result<()> {
+pub(crate) fn check_available(path: &Path, m: &Manifest, plan: &Plan, have: &[bool]) -> Result<()> {
     let need = chunks_read(m, plan);
     let missing: Vec<usize> = need
         .iter()
@@ -190,7 +190,7 @@ pub fn check_available(path: &Path, m: &Manifest, plan: &Plan, have: &[bool]) ->
 
 /// Removes what a plan created (or may have started to create). Idempotent;
 /// used on failure and by recovery.
-pub fn remove(root: &Path, plan: &Plan) -> Result<()> {
+pub(crate) fn remove(root: &Path, plan: &Plan) -> Result<()> {
     for p in &plan.creates {
         let full = root.join(p);
         match full.symlink_metadata() {
@@ -207,8 +207,8 @@ pub fn remove(root: &Path, plan: &Plan) -> Result<()> {
 /// Facts about a finished unpack.
 #[derive(Debug, Default)]
 pub struct Unpacked {
-    pub files: u64,
-    pub bytes: u64,
+    pub(crate) files: u64,
+    pub(crate) bytes: u64,
 }
 
 /// Unpacks the bundle's release tarball into `root`, creating only the
@@ -216,7 +216,7 @@ pub struct Unpacked {
 /// digests before it reaches the decompressor. A plain tarball is read to
 /// its end; an indexed one (see [`crate::release::manifest::Part`]) only in the parts
 /// whose unit the plan creates: the rest is neither read nor inflated. On
-/// error, whatever was created is left for the caller to [`remove`] (the
+/// error, whatever was created is left for the caller to `remove` (the
 /// journal lists it).
 ///
 /// Two threads share the work, as `gzip -d | tar -x` does: one reads,

@@ -3,7 +3,7 @@
 //! guard that drops oversize messages), the request window and the
 //! download file (`transfer`), and the durable outbox of events.
 
-pub mod mqtt;
-pub mod outbox;
+pub(crate) mod mqtt;
+pub(crate) mod outbox;
 pub mod protocol;
-pub mod transfer;
+pub(crate) mod transfer;

@@ -21,19 +21,19 @@ use crate::fsutil;
 
 /// Most messages kept: when the broker stays away for long, the oldest
 /// progress messages go first; outcomes are kept.
-pub const MAX_ENTRIES: usize = 1000;
+pub(crate) const MAX_ENTRIES: usize = 1000;
 const ENTRY_LIMIT: u64 = 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Entry {
-    pub topic: String,
-    pub payload: String,
-    pub retain: bool,
+pub(crate) struct Entry {
+    pub(crate) topic: String,
+    pub(crate) payload: String,
+    pub(crate) retain: bool,
     /// Outcomes are never dropped to make room.
-    pub keep: bool,
+    pub(crate) keep: bool,
 }
 
-pub struct Outbox {
+pub(crate) struct Outbox {
     dir: PathBuf,
     entries: BTreeMap<u64, Entry>,
     next: u64,
@@ -42,11 +42,11 @@ pub struct Outbox {
 
 impl Outbox {
     /// Opens (creating) the outbox and loads what an earlier run left.
-    pub fn open(dir: &Path) -> Result<Outbox> {
+    pub(crate) fn open(dir: &Path) -> Result<Outbox> {
         Self::open_with_limit(dir, MAX_ENTRIES)
     }
 
-    pub fn open_with_limit(dir: &Path, limit: usize) -> Result<Outbox> {
+    pub(crate) fn open_with_limit(dir: &Path, limit: usize) -> Result<Outbox> {
         fs::create_dir_all(dir).ctx(dir, "create")?;
         let mut entries = BTreeMap::new();
         for e in fs::read_dir(dir).ctx(dir, "read")? {
@@ -84,7 +84,7 @@ impl Outbox {
     }
 
     /// Stores a message durably; returns its id.
-    pub fn push(&mut self, entry: Entry) -> Result<u64> {
+    pub(crate) fn push(&mut self, entry: Entry) -> Result<u64> {
         while self.entries.len() >= self.limit {
             let Some(victim) = self
                 .entries
@@ -117,7 +117,7 @@ impl Outbox {
     }
 
     /// The broker has it: forget it.
-    pub fn remove(&mut self, id: u64) -> Result<()> {
+    pub(crate) fn remove(&mut self, id: u64) -> Result<()> {
         if self.entries.remove(&id).is_some() {
             let p = self.path(id);
             match fs::remove_file(&p) {
@@ -130,16 +130,13 @@ impl Outbox {
     }
 
     /// Oldest first.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &Entry)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (u64, &Entry)> {
         self.entries.iter().map(|(k, v)| (*k, v))
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 

@@ -24,34 +24,35 @@
 use serde::{Deserialize, Serialize};
 
 /// The version of every JSON payload.
-pub const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 1;
 
 /// Magic of a data reply carrying tarball bytes.
-pub const DATA_MAGIC: &[u8; 4] = b"BUD1";
+pub(crate) const DATA_MAGIC: &[u8; 4] = b"BUD1";
 /// Magic of a data reply saying the server cannot serve a request.
-pub const ERROR_MAGIC: &[u8; 4] = b"BUE1";
+pub(crate) const ERROR_MAGIC: &[u8; 4] = b"BUE1";
 /// magic + tarball SHA-256 + offset.
-pub const DATA_HEADER: usize = 4 + 32 + 8;
+pub(crate) const DATA_HEADER: usize = 4 + 32 + 8;
 
+#[cfg(feature = "operator")]
 /// Shared-subscription group of `beamup serve`: the broker hands each
 /// request to one of the servers subscribed in this group.
-pub const SERVE_SHARE_GROUP: &str = "beamup-serve";
+pub(crate) const SERVE_SHARE_GROUP: &str = "beamup-serve";
 
 /// A device id, fleet or group as a topic level: a safe name without `+`
 /// (an MQTT wildcard).
-pub fn is_topic_name(s: &str) -> bool {
+pub(crate) fn is_topic_name(s: &str) -> bool {
     crate::release::manifest::is_safe_name(s) && !s.contains('+')
 }
 
 /// Topic names under `PREFIX/FLEET`.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Topics {
+pub(crate) struct Topics {
     base: String,
 }
 
 /// What a topic is, as parsed by [`Topics::parse`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Topic {
+pub(crate) enum Topic {
     DeviceOffer(String),
     GroupOffer(String),
     Command(String),
@@ -68,7 +69,7 @@ pub enum Topic {
 impl Topics {
     /// `prefix` may contain `/` (e.g. `acme/beamup`); it and `fleet` were
     /// checked as configuration.
-    pub fn new(prefix: &str, fleet: &str) -> Topics {
+    pub(crate) fn new(prefix: &str, fleet: &str) -> Topics {
         Topics {
             base: format!("{}/{fleet}", prefix.trim_end_matches('/')),
         }
@@ -78,55 +79,62 @@ impl Topics {
         format!("{}/device/{id}/{leaf}", self.base)
     }
 
-    pub fn device_offer(&self, id: &str) -> String {
+    pub(crate) fn device_offer(&self, id: &str) -> String {
         self.device(id, "offer")
     }
-    pub fn group_offer(&self, group: &str) -> String {
+    pub(crate) fn group_offer(&self, group: &str) -> String {
         format!("{}/group/{group}/offer", self.base)
     }
-    pub fn command(&self, id: &str) -> String {
+    pub(crate) fn command(&self, id: &str) -> String {
         self.device(id, "cmd")
     }
-    pub fn data(&self, id: &str) -> String {
+    pub(crate) fn data(&self, id: &str) -> String {
         self.device(id, "data")
     }
-    pub fn state(&self, id: &str) -> String {
+    pub(crate) fn state(&self, id: &str) -> String {
         self.device(id, "state")
     }
-    pub fn online(&self, id: &str) -> String {
+    pub(crate) fn online(&self, id: &str) -> String {
         self.device(id, "online")
     }
-    pub fn events(&self, id: &str) -> String {
+    pub(crate) fn events(&self, id: &str) -> String {
         self.device(id, "events")
     }
-    pub fn request(&self, id: &str) -> String {
+    pub(crate) fn request(&self, id: &str) -> String {
         format!("{}/req/{id}", self.base)
     }
 
+    #[cfg(feature = "operator")]
     fn campaign(&self, id: &str, leaf: &str) -> String {
         format!("{}/campaign/{id}/{leaf}", self.base)
     }
+    #[cfg(feature = "operator")]
     pub fn campaign_status(&self, id: &str) -> String {
         self.campaign(id, "status")
     }
+    #[cfg(feature = "operator")]
     pub fn campaign_control(&self, id: &str) -> String {
         self.campaign(id, "control")
     }
+    #[cfg(feature = "operator")]
     pub fn campaign_controller(&self, id: &str) -> String {
         self.campaign(id, "controller")
     }
     /// Every campaign's retained view (`beamup campaign list`).
+    #[cfg(feature = "operator")]
     pub fn campaign_status_filter(&self) -> String {
         self.campaign("+", "status")
     }
+    #[cfg(feature = "operator")]
     pub fn device_offer_filter(&self) -> String {
         self.device("+", "offer")
     }
 
+    #[cfg(feature = "operator")]
     /// What `beamup serve` subscribes to: every device's requests, shared
     /// among the servers of the fleet (MQTT 5 shared subscription; mosquitto
     /// also honours it for 3.1.1 clients).
-    pub fn request_filter(&self, shared: bool) -> String {
+    pub(crate) fn request_filter(&self, shared: bool) -> String {
         let f = format!("{}/req/+", self.base);
         if shared {
             format!("$share/{SERVE_SHARE_GROUP}/{f}")
@@ -134,24 +142,27 @@ impl Topics {
             f
         }
     }
-    pub fn state_filter(&self) -> String {
+    #[cfg(feature = "operator")]
+    pub(crate) fn state_filter(&self) -> String {
         self.device("+", "state")
     }
-    pub fn online_filter(&self) -> String {
+    #[cfg(feature = "operator")]
+    pub(crate) fn online_filter(&self) -> String {
         self.device("+", "online")
     }
-    pub fn events_filter(&self) -> String {
+    #[cfg(feature = "operator")]
+    pub(crate) fn events_filter(&self) -> String {
         self.device("+", "events")
     }
 
     /// The subscriptions of a device: only what concerns it.
-    pub fn device_subscriptions(&self, id: &str, groups: &[String]) -> Vec<String> {
+    pub(crate) fn device_subscriptions(&self, id: &str, groups: &[String]) -> Vec<String> {
         let mut v = vec![self.device_offer(id), self.command(id), self.data(id)];
         v.extend(groups.iter().map(|g| self.group_offer(g)));
         v
     }
 
-    pub fn parse(&self, topic: &str) -> Option<Topic> {
+    pub(crate) fn parse(&self, topic: &str) -> Option<Topic> {
         let rest = topic.strip_prefix(&self.base)?.strip_prefix('/')?;
         let parts: Vec<&str> = rest.split('/').collect();
         let name = |s: &str| is_topic_name(s).then(|| s.to_string());
@@ -189,25 +200,26 @@ impl Topics {
 /// be shorter). No reply spans two chunks: `offset` and `piece` are chosen
 /// by the device so that every piece lies within one chunk.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ChunkRequest {
-    pub v: u32,
+pub(crate) struct ChunkRequest {
+    pub(crate) v: u32,
     /// SHA-256 (hex) of the release tarball, from the signed manifest.
-    pub bundle: String,
+    pub(crate) bundle: String,
     /// The first chunk concerned (for logs).
-    pub chunk: u32,
-    pub offset: u64,
-    pub len: u32,
+    pub(crate) chunk: u32,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
     /// Bytes per reply; absent: one reply of `len` bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub piece: Option<u32>,
+    pub(crate) piece: Option<u32>,
 }
 
 /// Most pieces one request asks for.
-pub const MAX_PIECES_PER_REQUEST: usize = 8;
+pub(crate) const MAX_PIECES_PER_REQUEST: usize = 8;
 
 impl ChunkRequest {
+    #[cfg(feature = "operator")]
     /// The replies it asks for: (offset, len) of each.
-    pub fn replies(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+    pub(crate) fn replies(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
         let piece = self.piece.unwrap_or(self.len).max(1);
         let n = self.len.div_ceil(piece);
         (0..n).map(move |k| {
@@ -219,7 +231,7 @@ impl ChunkRequest {
 
 /// A data reply, decoded.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum DataReply<'a> {
+pub(crate) enum DataReply<'a> {
     Data {
         bundle: [u8; 32],
         offset: u64,
@@ -241,7 +253,8 @@ pub fn encode_data(bundle: &[u8; 32], offset: u64, data: &[u8]) -> Vec<u8> {
     v
 }
 
-pub fn encode_error(bundle: &[u8; 32], offset: u64, message: &str) -> Vec<u8> {
+#[cfg(feature = "operator")]
+pub(crate) fn encode_error(bundle: &[u8; 32], offset: u64, message: &str) -> Vec<u8> {
     let mut v = Vec::with_capacity(DATA_HEADER + message.len());
     v.extend_from_slice(ERROR_MAGIC);
     v.extend_from_slice(bundle);
@@ -250,7 +263,7 @@ pub fn encode_error(bundle: &[u8; 32], offset: u64, message: &str) -> Vec<u8> {
     v
 }
 
-pub fn decode_data(payload: &[u8]) -> Result<DataReply<'_>, String> {
+pub(crate) fn decode_data(payload: &[u8]) -> Result<DataReply<'_>, String> {
     if payload.len() < DATA_HEADER {
         return Err(format!(
             "data reply of {} bytes is too short",
@@ -278,7 +291,7 @@ pub fn decode_data(payload: &[u8]) -> Result<DataReply<'_>, String> {
 /// Where a device is in handling an update.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum PhaseName {
+pub(crate) enum PhaseName {
     Idle,
     Downloading,
     Verifying,
@@ -296,7 +309,8 @@ pub enum PhaseName {
 }
 
 impl PhaseName {
-    pub fn name(self) -> &'static str {
+    #[cfg(feature = "operator")]
+    pub(crate) fn name(self) -> &'static str {
         match self {
             PhaseName::Idle => "idle",
             PhaseName::Downloading => "downloading",
@@ -316,22 +330,22 @@ impl PhaseName {
 
 /// The phase with what it concerns.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PhaseReport {
-    pub name: PhaseName,
+pub(crate) struct PhaseReport {
+    pub(crate) name: PhaseName,
     /// Downloading: percent of the tarball verified so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub percent: Option<u8>,
+    pub(crate) percent: Option<u8>,
     /// The release and version it concerns.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub release: Option<String>,
+    pub(crate) release: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<String>,
+    pub(crate) version: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub detail: String,
+    pub(crate) detail: String,
 }
 
 impl PhaseReport {
-    pub fn idle() -> PhaseReport {
+    pub(crate) fn idle() -> PhaseReport {
         PhaseReport {
             name: PhaseName::Idle,
             percent: None,
@@ -344,95 +358,95 @@ impl PhaseReport {
 
 /// The last outcome, as the install engine recorded it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct OutcomeReport {
+pub(crate) struct OutcomeReport {
     /// committed, rolled_back, rejected, needs_attention
-    pub outcome: String,
-    pub release: String,
-    pub version: String,
+    pub(crate) outcome: String,
+    pub(crate) release: String,
+    pub(crate) version: String,
     #[serde(default)]
-    pub sequence: Option<u64>,
+    pub(crate) sequence: Option<u64>,
     #[serde(default)]
-    pub reason: Option<String>,
-    pub at: String,
+    pub(crate) reason: Option<String>,
+    pub(crate) at: String,
 }
 
 /// The retained state of a device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DeviceStatus {
-    pub v: u32,
-    pub device: String,
-    pub fleet: String,
+pub(crate) struct DeviceStatus {
+    pub(crate) v: u32,
+    pub(crate) device: String,
+    pub(crate) fleet: String,
     #[serde(default)]
-    pub groups: Vec<String>,
-    pub agent_version: String,
+    pub(crate) groups: Vec<String>,
+    pub(crate) agent_version: String,
     /// What the node executes, as it reports it (`None`: not reachable).
-    pub running: Option<String>,
+    pub(crate) running: Option<String>,
     /// The release the node boots (release_handler's permanent one).
-    pub permanent: Option<String>,
-    pub phase: PhaseReport,
+    pub(crate) permanent: Option<String>,
+    pub(crate) phase: PhaseReport,
     /// The last outcome about a release: never replaced by input that was
     /// discarded (see `discarded`).
-    pub last_outcome: Option<OutcomeReport>,
+    pub(crate) last_outcome: Option<OutcomeReport>,
     /// Messages on the device's topics that it dropped before believing
     /// anything in them (unsigned or malformed offers, unreadable commands,
     /// messages above its packet limit), counted since the agent started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub discarded: Option<DiscardedReport>,
-    pub updated_at: String,
+    pub(crate) discarded: Option<DiscardedReport>,
+    pub(crate) updated_at: String,
 }
 
 /// Input a device dropped: how many, and the latest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DiscardedReport {
-    pub count: u64,
+pub(crate) struct DiscardedReport {
+    pub(crate) count: u64,
     /// The topic of the latest one.
-    pub topic: String,
+    pub(crate) topic: String,
     /// Why the latest one was dropped.
-    pub reason: String,
-    pub at: String,
+    pub(crate) reason: String,
+    pub(crate) at: String,
 }
 
 /// Retained on `.../online`; the last will publishes `online: false`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Online {
-    pub v: u32,
-    pub online: bool,
+pub(crate) struct Online {
+    pub(crate) v: u32,
+    pub(crate) online: bool,
 }
 
 /// One event of a device: progress, or the outcome of an offer.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    pub v: u32,
+pub(crate) struct Event {
+    pub(crate) v: u32,
     /// Increasing per device; a consumer drops repeats (delivery is at
     /// least once).
-    pub id: u64,
-    pub device: String,
-    pub kind: EventKind,
-    pub phase: PhaseName,
+    pub(crate) id: u64,
+    pub(crate) device: String,
+    pub(crate) kind: EventKind,
+    pub(crate) phase: PhaseName,
     #[serde(default)]
-    pub release: Option<String>,
+    pub(crate) release: Option<String>,
     #[serde(default)]
-    pub version: Option<String>,
+    pub(crate) version: Option<String>,
     #[serde(default)]
-    pub sequence: Option<u64>,
+    pub(crate) sequence: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub percent: Option<u8>,
+    pub(crate) percent: Option<u8>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    pub at: String,
+    pub(crate) reason: Option<String>,
+    pub(crate) at: String,
 }
 
 /// An operator's command to one device.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Command {
-    pub v: u32,
-    pub cmd: CommandKind,
+pub(crate) struct Command {
+    pub(crate) v: u32,
+    pub(crate) cmd: CommandKind,
 }
 
 /// What an event reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum EventKind {
+pub(crate) enum EventKind {
     /// A step of a transfer or an install.
     Progress,
     /// The final word on an offer (committed, rolled back, rejected, needs
@@ -443,7 +457,7 @@ pub enum EventKind {
 /// What a command asks of a device.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum CommandKind {
+pub(crate) enum CommandKind {
     /// Install the last offered release again, even though it was rolled
     /// back (once; a new rollback is final again).
     Retry,

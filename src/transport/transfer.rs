@@ -31,15 +31,15 @@ use crate::release::manifest::Manifest;
 
 /// A piece of the tarball to request: never spans two chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Piece {
-    pub chunk: u32,
-    pub offset: u64,
-    pub len: u32,
+pub(crate) struct Piece {
+    pub(crate) chunk: u32,
+    pub(crate) offset: u64,
+    pub(crate) len: u32,
 }
 
 /// What to do with a piece that arrived.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Accept {
+pub(crate) enum Accept {
     /// Store it; `complete` when it was the last missing piece of its chunk,
     /// which must now be checked against its digest.
     Store { chunk: u32, complete: bool },
@@ -54,7 +54,7 @@ struct Sent {
 
 /// The request window over the pieces of one tarball, or of the chunks of
 /// it that are needed (see [`Window::needing`]).
-pub struct Window {
+pub(crate) struct Window {
     size: u64,
     chunk_size: u32,
     piece: u32,
@@ -77,15 +77,15 @@ pub struct Window {
     verifying: std::collections::HashSet<u32>,
     /// Digest failures per chunk.
     failures: HashMap<u32, u32>,
-    pub requested: u64,
-    pub ignored: u64,
+    pub(crate) requested: u64,
+    pub(crate) ignored: u64,
 }
 
 impl Window {
     /// `have` lists the chunks already verified; `piece` is the largest
     /// piece the transport carries (at most the chunk size). Every chunk is
     /// needed.
-    pub fn new(
+    pub(crate) fn new(
         size: u64,
         chunk_size: u32,
         piece: u32,
@@ -118,7 +118,7 @@ impl Window {
     /// the others are neither requested nor waited for. Chunks already
     /// verified stay verified whether needed or not. Requests in flight for
     /// chunks no longer needed are forgotten.
-    pub fn needing(mut self, need: Vec<bool>) -> Window {
+    pub(crate) fn needing(mut self, need: Vec<bool>) -> Window {
         if need.len() == self.have.len() {
             self.need = need;
             self.missing = self
@@ -135,20 +135,12 @@ impl Window {
         self
     }
 
-    pub fn chunks(&self) -> usize {
-        self.have.len()
-    }
-
-    pub fn have(&self) -> &[bool] {
+    pub(crate) fn have(&self) -> &[bool] {
         &self.have
     }
 
-    pub fn need(&self) -> &[bool] {
-        &self.need
-    }
-
     /// How many chunks are needed, and their total size in bytes.
-    pub fn needed(&self) -> (usize, u64) {
+    pub(crate) fn needed(&self) -> (usize, u64) {
         self.need
             .iter()
             .enumerate()
@@ -159,24 +151,24 @@ impl Window {
     }
 
     /// Every needed chunk is verified.
-    pub fn done(&self) -> bool {
+    pub(crate) fn done(&self) -> bool {
         self.missing == 0
     }
 
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         self.inflight.len()
     }
 
     /// Pieces the window has room for: requested and not answered, or
     /// answered and still being checked, count against it (so memory for
     /// chunks waiting to be hashed is bounded too).
-    pub fn room(&self) -> usize {
+    pub(crate) fn room(&self) -> usize {
         self.window
             .saturating_sub(self.inflight.len() + self.verifying.len())
     }
 
     /// Percent of the needed chunks verified, 0..=100.
-    pub fn percent(&self) -> u8 {
+    pub(crate) fn percent(&self) -> u8 {
         let needed = self.need.iter().filter(|&&n| n).count();
         if needed == 0 {
             return 100;
@@ -195,7 +187,7 @@ impl Window {
 
     /// A new largest piece size (another broker limit after a reconnect):
     /// partial chunks and requests in flight are dropped.
-    pub fn set_piece(&mut self, piece: u32) {
+    pub(crate) fn set_piece(&mut self, piece: u32) {
         let piece = piece.clamp(1, self.chunk_size);
         if piece != self.piece {
             self.piece = piece;
@@ -206,13 +198,13 @@ impl Window {
 
     /// Forgets every request in flight (the connection was lost: replies
     /// to them may never come); they are asked again.
-    pub fn reset_in_flight(&mut self) {
+    pub(crate) fn reset_in_flight(&mut self) {
         self.inflight.clear();
     }
 
     /// Requests to send now: timed-out ones again, then missing pieces in
     /// order, up to the window.
-    pub fn next_requests(&mut self, now: Instant) -> Vec<Piece> {
+    pub(crate) fn next_requests(&mut self, now: Instant) -> Vec<Piece> {
         let timeout = self.timeout;
         self.inflight
             .retain(|_, s| now.saturating_duration_since(s.at) < timeout);
@@ -255,7 +247,7 @@ impl Window {
 
     /// A piece arrived: only what was asked for, in the size asked for, and
     /// not yet held, is stored.
-    pub fn on_piece(&mut self, offset: u64, len: usize) -> Accept {
+    pub(crate) fn on_piece(&mut self, offset: u64, len: usize) -> Accept {
         let Some(sent) = self.inflight.get(&offset) else {
             self.ignored += 1;
             return Accept::Ignore("not requested (or a duplicate)");
@@ -290,7 +282,7 @@ impl Window {
     }
 
     /// The chunk's data matched its digest (and is stored).
-    pub fn chunk_verified(&mut self, chunk: u32) {
+    pub(crate) fn chunk_verified(&mut self, chunk: u32) {
         self.partial.remove(&chunk);
         self.verifying.remove(&chunk);
         if !self.have[chunk as usize] {
@@ -303,7 +295,7 @@ impl Window {
 
     /// The chunk's data did not match: all of it is asked again. Returns how
     /// often this chunk failed so far.
-    pub fn chunk_failed(&mut self, chunk: u32) -> u32 {
+    pub(crate) fn chunk_failed(&mut self, chunk: u32) -> u32 {
         self.partial.remove(&chunk);
         self.verifying.remove(&chunk);
         let n = self.failures.entry(chunk).or_insert(0);
@@ -317,11 +309,11 @@ const BITMAP_FILE: &str = "chunks.bitmap";
 const BITMAP_MAGIC: &[u8; 4] = b"BUBM";
 /// A chunk that fails its digest this often stops the transfer: the
 /// server's copy is bad, re-asking will not help.
-pub const MAX_CHUNK_FAILURES: u32 = 10;
+pub(crate) const MAX_CHUNK_FAILURES: u32 = 10;
 
 /// What [`Download::on_data`] did with a piece.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Received {
+pub(crate) enum Received {
     Ignored(&'static str),
     Stored,
     Verified(u32),
@@ -351,7 +343,7 @@ struct Batch {
 }
 
 /// A transfer in progress, in `STATE_DIR/download/`.
-pub struct Download {
+pub(crate) struct Download {
     dir: PathBuf,
     file: File,
     /// Verified chunks not written yet (always written before a checkpoint
@@ -361,7 +353,7 @@ pub struct Download {
     digests: Vec<[u8; 32]>,
     tarball: [u8; 32],
     chunk_size: u32,
-    pub window: Window,
+    pub(crate) window: Window,
     unsynced: usize,
     last_checkpoint: Instant,
     /// A checkpoint running in the background: fdatasync, then the bitmap
@@ -371,13 +363,13 @@ pub struct Download {
 
 impl Download {
     /// The envelope bytes of the download kept in `dir`, if there is one.
-    pub fn existing_offer(dir: &Path) -> Option<Vec<u8>> {
+    pub(crate) fn existing_offer(dir: &Path) -> Option<Vec<u8>> {
         let b = Bundle::open(&dir.join(PART_FILE)).ok()?;
         Some(b.manifest_bytes().to_vec())
     }
 
     /// Removes whatever download `dir` holds.
-    pub fn discard(dir: &Path) -> Result<()> {
+    pub(crate) fn discard(dir: &Path) -> Result<()> {
         match fs::remove_dir_all(dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -390,7 +382,7 @@ impl Download {
     /// marks (one flag per chunk, see [`Window::needing`]). A resumed
     /// download re-checks the chunks its bitmap lists and keeps only the
     /// good ones.
-    pub fn open(
+    pub(crate) fn open(
         dir: &Path,
         envelope: &[u8],
         m: &Manifest,
@@ -486,12 +478,12 @@ impl Download {
         Ok(d)
     }
 
-    pub fn path(&self) -> PathBuf {
+    pub(crate) fn path(&self) -> PathBuf {
         self.dir.join(PART_FILE)
     }
 
     /// The tarball's SHA-256: what requests name.
-    pub fn tarball_id(&self) -> &[u8; 32] {
+    pub(crate) fn tarball_id(&self) -> &[u8; 32] {
         &self.tarball
     }
 
@@ -499,7 +491,7 @@ impl Download {
     /// touches the disk (and written with the adjacent ones, see
     /// [`WRITE_BATCH`]); pieces of a larger chunk are written, and the chunk
     /// is checked once all are in.
-    pub fn on_data(&mut self, offset: u64, data: bytes::Bytes) -> Result<Received> {
+    pub(crate) fn on_data(&mut self, offset: u64, data: bytes::Bytes) -> Result<Received> {
         let (chunk, complete) = match self.window.on_piece(offset, data.len()) {
             Accept::Ignore(why) => return Ok(Received::Ignored(why)),
             Accept::Store { chunk, complete } => (chunk, complete),
@@ -580,7 +572,7 @@ impl Download {
 
     /// Makes the verified chunks durable: data first, then the bitmap that
     /// names them. Waits for a background checkpoint first.
-    pub fn checkpoint(&mut self) -> Result<()> {
+    pub(crate) fn checkpoint(&mut self) -> Result<()> {
         if let Some(h) = self.syncing.take() {
             h.join().expect("checkpoint thread")?;
         }
@@ -598,7 +590,7 @@ impl Download {
     /// Checkpoints in the background when enough was received, or enough
     /// time passed, so that the transfer does not wait for the disk. The
     /// bitmap written names only chunks written before its fdatasync began.
-    pub fn maybe_checkpoint(&mut self, every: Duration, chunks: usize) -> Result<()> {
+    pub(crate) fn maybe_checkpoint(&mut self, every: Duration, chunks: usize) -> Result<()> {
         if let Some(h) = &self.syncing {
             if !h.is_finished() {
                 return Ok(());
@@ -673,7 +665,7 @@ fn allocate(file: &File, len: u64) -> std::io::Result<()> {
 
 /// The chunks a bitmap file lists; nothing when it is missing, damaged or
 /// belongs to another tarball.
-pub fn read_bitmap(path: &Path, tarball: &[u8; 32], chunks: usize) -> Vec<bool> {
+pub(crate) fn read_bitmap(path: &Path, tarball: &[u8; 32], chunks: usize) -> Vec<bool> {
     let none = vec![false; chunks];
     let Ok(bytes) = fs::read(path) else {
         return none;
@@ -690,8 +682,9 @@ pub fn read_bitmap(path: &Path, tarball: &[u8; 32], chunks: usize) -> Vec<bool> 
         .collect()
 }
 
+#[cfg(test)]
 /// The bitmap file of the download in `dir` (for tests and `status`).
-pub fn bitmap_path(dir: &Path) -> PathBuf {
+pub(crate) fn bitmap_path(dir: &Path) -> PathBuf {
     dir.join(BITMAP_FILE)
 }
 

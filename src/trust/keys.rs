@@ -9,8 +9,8 @@
 
 use std::fmt;
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -22,16 +22,16 @@ use crate::fsutil;
 const KEY_FILE_LIMIT: u64 = 4096;
 
 /// The id of a public key: 16 lowercase hex digits.
-pub fn key_id(key: &VerifyingKey) -> String {
+pub(crate) fn key_id(key: &VerifyingKey) -> String {
     let digest = Sha256::digest(key.as_bytes());
     hex::encode(&digest[..8])
 }
 
 /// A trusted (or to-be-trusted) public key.
 #[derive(Clone, PartialEq, Eq)]
-pub struct PublicKey {
-    pub id: String,
-    pub key: VerifyingKey,
+pub(crate) struct PublicKey {
+    pub(crate) id: String,
+    pub(crate) key: VerifyingKey,
 }
 
 impl fmt::Debug for PublicKey {
@@ -43,7 +43,7 @@ impl fmt::Debug for PublicKey {
 impl PublicKey {
     /// Parses a hex-encoded 32-byte public key, refusing weak (small-order)
     /// keys, for which a signature proves nothing.
-    pub fn from_hex(hex_key: &str) -> std::result::Result<Self, String> {
+    pub(crate) fn from_hex(hex_key: &str) -> std::result::Result<Self, String> {
         let bytes: [u8; 32] = hex::decode(hex_key)
             .map_err(|e| format!("public key is not hex: {e}"))?
             .try_into()
@@ -59,11 +59,13 @@ impl PublicKey {
         })
     }
 
-    pub fn to_hex(&self) -> String {
+    #[cfg(feature = "operator")]
+    pub(crate) fn to_hex(&self) -> String {
         hex::encode(self.key.as_bytes())
     }
 
-    pub fn load(path: &Path) -> Result<Self> {
+    #[cfg(feature = "operator")]
+    pub(crate) fn load(path: &Path) -> Result<Self> {
         let bytes = fsutil::read_limited(path, KEY_FILE_LIMIT, "key file")?;
         let invalid = |detail: String| Error::InvalidKey {
             path: path.to_path_buf(),
@@ -101,7 +103,8 @@ impl fmt::Debug for SecretKey {
 }
 
 impl SecretKey {
-    pub fn generate() -> Result<Self> {
+    #[cfg(feature = "operator")]
+    pub(crate) fn generate() -> Result<Self> {
         let mut seed = [0u8; 32];
         getrandom::fill(&mut seed).map_err(|e| Error::Internal {
             detail: format!("no OS randomness: {e}"),
@@ -111,7 +114,8 @@ impl SecretKey {
         Ok(SecretKey { signing })
     }
 
-    pub fn public(&self) -> PublicKey {
+    #[cfg(feature = "operator")]
+    pub(crate) fn public(&self) -> PublicKey {
         let key = self.signing.verifying_key();
         PublicKey {
             id: key_id(&key),
@@ -119,11 +123,11 @@ impl SecretKey {
         }
     }
 
-    pub fn id(&self) -> String {
+    pub(crate) fn id(&self) -> String {
         key_id(&self.signing.verifying_key())
     }
 
-    pub fn sign(&self, message: &[u8]) -> ed25519_dalek::Signature {
+    pub(crate) fn sign(&self, message: &[u8]) -> ed25519_dalek::Signature {
         self.signing.sign(message)
     }
 
@@ -180,16 +184,18 @@ enum KeyFile {
     Public { keyid: String, public_key: String },
 }
 
+#[cfg(feature = "operator")]
 /// The two files `beamup keygen` wrote.
-pub struct KeyPairPaths {
-    pub secret: PathBuf,
-    pub public: PathBuf,
-    pub id: String,
+pub(crate) struct KeyPairPaths {
+    pub(crate) secret: std::path::PathBuf,
+    pub(crate) public: std::path::PathBuf,
+    pub(crate) id: String,
 }
 
+#[cfg(feature = "operator")]
 /// Generates a key pair into `dir` as `NAME.key` (mode 0600) and `NAME.pub`.
 /// Refuses to overwrite either file; creates `dir` (mode 0700) if missing.
-pub fn keygen(dir: &Path, name: &str) -> Result<KeyPairPaths> {
+pub(crate) fn keygen(dir: &Path, name: &str) -> Result<KeyPairPaths> {
     if name.is_empty() || name.contains('/') || name.starts_with('.') {
         return Err(Error::Usage(format!(
             "key name {name:?} must be a plain file name"
@@ -202,6 +208,7 @@ pub fn keygen(dir: &Path, name: &str) -> Result<KeyPairPaths> {
             return Err(Error::Exists { path: p.clone() });
         }
     }
+    use std::os::unix::fs::DirBuilderExt;
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

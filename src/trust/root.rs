@@ -10,19 +10,20 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
-use crate::trust::keys::{PublicKey, SecretKey};
+use crate::trust::keys::PublicKey;
+#[cfg(feature = "operator")]
+use crate::trust::keys::SecretKey;
 use crate::trust::signed::{DocKind, Envelope, Trust};
 
 const ROOT_TYPE: &str = "beamup-root";
 /// A root lists a handful of keys; anything near this is not a root.
-pub const ROOT_FILE_LIMIT: u64 = 1024 * 1024;
-pub const MAX_KEYS: usize = 256;
+pub(crate) const ROOT_FILE_LIMIT: u64 = 1024 * 1024;
+pub(crate) const MAX_KEYS: usize = 256;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -41,15 +42,17 @@ struct RootBody {
 /// A parsed, self-consistent trust root.
 #[derive(Clone, Debug)]
 pub struct Root {
-    pub version: u64,
-    pub threshold: usize,
-    pub keys: BTreeMap<String, PublicKey>,
-    pub revoked: BTreeSet<String>,
-    pub created_at: String,
+    pub(crate) version: u64,
+    pub(crate) threshold: usize,
+    pub(crate) keys: BTreeMap<String, PublicKey>,
+    pub(crate) revoked: BTreeSet<String>,
+    /// Carried into a rotated root (an operator command).
+    #[cfg_attr(not(feature = "operator"), allow(dead_code))]
+    pub(crate) created_at: String,
 }
 
 impl Root {
-    pub fn trust(&self) -> Trust<'_> {
+    pub(crate) fn trust(&self) -> Trust<'_> {
         Trust {
             keys: &self.keys,
             revoked: &self.revoked,
@@ -112,6 +115,7 @@ impl Root {
         })
     }
 
+    #[cfg(feature = "operator")]
     fn body(&self) -> RootBody {
         RootBody {
             kind: ROOT_TYPE.into(),
@@ -127,19 +131,25 @@ impl Root {
         }
     }
 
+    #[cfg(feature = "operator")]
     /// A first root (version 1), signed by `signers`, who must be a threshold
     /// of the listed keys.
-    pub fn init(keys: Vec<PublicKey>, threshold: usize, signers: &[SecretKey]) -> Result<Envelope> {
+    pub(crate) fn init(
+        keys: Vec<PublicKey>,
+        threshold: usize,
+        signers: &[SecretKey],
+    ) -> Result<Envelope> {
         let root = Root::new(1, keys, threshold, BTreeSet::new())?;
         let env = Envelope::sign(DocKind::Root, &root.body(), signers);
         env.verify(DocKind::Root, &root.trust(), "new trust root")?;
         Ok(env)
     }
 
+    #[cfg(feature = "operator")]
     /// The successor of `self` with a new key list and threshold, signed by
     /// `signers`, who must be a threshold of both the current and the new
     /// keys. Keys that leave are added to the revoked list.
-    pub fn rotate(
+    pub(crate) fn rotate(
         &self,
         keys: Vec<PublicKey>,
         threshold: usize,
@@ -169,7 +179,7 @@ impl Root {
 
     /// Checks that `bytes` is a valid successor of `self`: version exactly one
     /// higher, signed by a threshold of the current keys and of its own.
-    pub fn verify_successor(&self, bytes: &[u8], path: &Path) -> Result<Root> {
+    pub(crate) fn verify_successor(&self, bytes: &[u8], path: &Path) -> Result<Root> {
         let (next, env) = Self::parse(bytes, path)?;
         if next.version != self.version + 1 {
             return Err(Error::InvalidRoot {
@@ -188,6 +198,7 @@ impl Root {
         Ok(next)
     }
 
+    #[cfg(feature = "operator")]
     fn new(
         version: u64,
         keys: Vec<PublicKey>,
@@ -202,7 +213,7 @@ impl Root {
             threshold,
             keys,
             revoked,
-            created_at: humantime::format_rfc3339_seconds(SystemTime::now()).to_string(),
+            created_at: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         })
     }
 }

@@ -18,7 +18,7 @@ use crate::trust::keys::{PublicKey, SecretKey};
 
 /// Most signatures an envelope may carry; each costs a verification, and a
 /// hostile file could otherwise carry millions.
-pub const MAX_SIGNATURES: usize = 64;
+pub(crate) const MAX_SIGNATURES: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DocKind {
@@ -38,22 +38,22 @@ impl DocKind {
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Envelope {
-    pub signed: Box<RawValue>,
-    pub signatures: Vec<SignatureEntry>,
+    pub(crate) signed: Box<RawValue>,
+    pub(crate) signatures: Vec<SignatureEntry>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SignatureEntry {
-    pub keyid: String,
-    pub sig: String,
+pub(crate) struct SignatureEntry {
+    pub(crate) keyid: String,
+    pub(crate) sig: String,
 }
 
 /// The keys and threshold a document is checked against.
-pub struct Trust<'a> {
-    pub keys: &'a BTreeMap<String, PublicKey>,
-    pub revoked: &'a BTreeSet<String>,
-    pub threshold: usize,
+pub(crate) struct Trust<'a> {
+    pub(crate) keys: &'a BTreeMap<String, PublicKey>,
+    pub(crate) revoked: &'a BTreeSet<String>,
+    pub(crate) threshold: usize,
 }
 
 fn message(kind: DocKind, body: &[u8]) -> Vec<u8> {
@@ -83,21 +83,6 @@ impl Envelope {
         }
     }
 
-    /// Adds signatures to an existing envelope without touching the signed
-    /// bytes, for co-signing by several key holders.
-    pub fn add_signatures(&mut self, kind: DocKind, keys: &[SecretKey]) {
-        let msg = message(kind, self.signed.get().as_bytes());
-        for k in keys {
-            if self.signatures.iter().any(|s| s.keyid == k.id()) {
-                continue;
-            }
-            self.signatures.push(SignatureEntry {
-                keyid: k.id(),
-                sig: hex::encode(k.sign(&msg).to_bytes()),
-            });
-        }
-    }
-
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut v = serde_json::to_vec_pretty(self).expect("envelope serializes");
         v.push(b'\n');
@@ -106,7 +91,7 @@ impl Envelope {
 
     /// Parses an envelope; the caller decides what a failure means (a bundle
     /// that is not one, a broken root file).
-    pub fn parse(bytes: &[u8]) -> std::result::Result<Envelope, String> {
+    pub(crate) fn parse(bytes: &[u8]) -> std::result::Result<Envelope, String> {
         let env: Envelope = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
         if env.signatures.len() > MAX_SIGNATURES {
             return Err(format!(
@@ -118,7 +103,7 @@ impl Envelope {
     }
 
     /// The signed document, parsed. Call only after [`Envelope::verify`].
-    pub fn body<T: for<'de> Deserialize<'de>>(&self) -> std::result::Result<T, String> {
+    pub(crate) fn body<T: for<'de> Deserialize<'de>>(&self) -> std::result::Result<T, String> {
         serde_json::from_str(self.signed.get()).map_err(|e| e.to_string())
     }
 
@@ -126,7 +111,12 @@ impl Envelope {
     /// whose signatures verified when they meet the threshold; otherwise the
     /// most telling reason they do not (a bad signature from a trusted key
     /// first: that means tampering).
-    pub fn verify(&self, kind: DocKind, trust: &Trust<'_>, what: &str) -> Result<Vec<String>> {
+    pub(crate) fn verify(
+        &self,
+        kind: DocKind,
+        trust: &Trust<'_>,
+        what: &str,
+    ) -> Result<Vec<String>> {
         let msg = message(kind, self.signed.get().as_bytes());
         let mut valid = BTreeSet::new();
         let mut bad = None;

@@ -13,7 +13,7 @@ use tokio::time::{Instant, timeout_at};
 use super::DistError;
 
 /// The port EPMD listens on unless told otherwise (`ERL_EPMD_PORT`).
-pub const DEFAULT_EPMD_PORT: u16 = 4369;
+pub(crate) const DEFAULT_EPMD_PORT: u16 = 4369;
 
 const PORT_PLEASE2_REQ: u8 = 122;
 const PORT2_RESP: u8 = 119;
@@ -22,15 +22,15 @@ const PORT2_RESP: u8 = 119;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeEntry {
     /// The address EPMD was reached at; the node listens on the same host.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// The node's distribution listen port.
-    pub port: u16,
+    pub(crate) port: u16,
     /// 77 ('M') for a normal Erlang node, 72 ('H') for a hidden one.
-    pub node_type: u8,
-    pub highest_version: u16,
-    pub lowest_version: u16,
+    pub(crate) node_type: u8,
+    pub(crate) highest_version: u16,
+    pub(crate) lowest_version: u16,
     /// The name as registered (the part before '@').
-    pub name: String,
+    pub(crate) name: String,
 }
 
 /// Asks EPMD on `host:epmd_port` for the port of the node registered as

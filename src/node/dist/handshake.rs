@@ -29,7 +29,7 @@ use super::DistError;
 /// We ask for nothing beyond them: no atom cache (so every message arrives
 /// as a plain "pass through" frame), no fragments, no `SEND_SENDER`, no
 /// aliases. Not setting `PUBLISHED` is what makes us a hidden node.
-pub const FLAGS: u64 = DFLAG_EXTENDED_REFERENCES
+pub(crate) const FLAGS: u64 = DFLAG_EXTENDED_REFERENCES
     | DFLAG_FUN_TAGS
     | DFLAG_EXTENDED_PIDS_PORTS
     | DFLAG_NEW_FUN_TAGS
@@ -60,15 +60,13 @@ const MANDATORY_25: u64 = FLAGS & !DFLAG_MANDATORY_25_DIGEST;
 
 /// What the peer told us about itself.
 #[derive(Debug, Clone)]
-pub struct Peer {
-    pub name: String,
-    pub flags: u64,
-    pub creation: u32,
+pub(crate) struct Peer {
+    pub(crate) name: String,
 }
 
 /// Runs the handshake on a fresh connection. `node` names the peer in
 /// errors; the caller bounds the whole exchange with a deadline.
-pub async fn handshake(
+pub(crate) async fn handshake(
     stream: &mut TcpStream,
     node: &str,
     our_name: &str,
@@ -129,7 +127,6 @@ pub async fn handshake(
     }
     let mut flags = u64::from_be_bytes(ch[1..9].try_into().unwrap());
     let challenge = u32::from_be_bytes(ch[9..13].try_into().unwrap());
-    let creation = u32::from_be_bytes(ch[13..17].try_into().unwrap());
     let nlen = usize::from(u16::from_be_bytes(ch[17..19].try_into().unwrap()));
     let name = ch
         .get(19..19 + nlen)
@@ -158,11 +155,7 @@ pub async fn handshake(
         node: node.to_owned(),
     })?;
     match ack.split_first() {
-        Some((b'a', sum)) if sum == digest(our_challenge, cookie) => Ok(Peer {
-            name,
-            flags,
-            creation,
-        }),
+        Some((b'a', sum)) if sum == digest(our_challenge, cookie) => Ok(Peer { name }),
         Some((b'a', _)) => Err(rejected(
             "the node's challenge ack does not match our cookie; check the cookie".into(),
         )),
@@ -171,7 +164,7 @@ pub async fn handshake(
 }
 
 /// `erlang:md5([Cookie | integer_to_list(Challenge)])`.
-pub fn digest(challenge: u32, cookie: &str) -> [u8; 16] {
+pub(crate) fn digest(challenge: u32, cookie: &str) -> [u8; 16] {
     let mut h = Md5::new();
     h.update(cookie.as_bytes());
     h.update(challenge.to_string().as_bytes());

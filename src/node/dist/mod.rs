@@ -12,14 +12,14 @@
 
 mod connection;
 pub mod epmd;
-pub mod handshake;
-pub mod term;
+pub(crate) mod handshake;
+pub(crate) mod term;
 
 use std::io;
 use std::time::Duration;
 
 pub use connection::Connection;
-pub use epmd::DEFAULT_EPMD_PORT;
+pub(crate) use epmd::DEFAULT_EPMD_PORT;
 pub use term::{DecodeError, Term};
 
 /// How to reach a node and how patient to be with it.
@@ -152,7 +152,7 @@ pub(crate) fn deadline_after(after: Duration) -> tokio::time::Instant {
 }
 
 /// Splits `alive@host`, refusing what OTP itself would refuse.
-pub fn split_node_name(node: &str) -> Result<(&str, &str), DistError> {
+pub(crate) fn split_node_name(node: &str) -> Result<(&str, &str), DistError> {
     let bad = |why| DistError::InvalidNodeName {
         name: node.to_owned(),
         why,

@@ -11,34 +11,34 @@
 use std::fmt;
 
 /// External term format version byte that starts every encoded term.
-pub const VERSION: u8 = 131;
+pub(crate) const VERSION: u8 = 131;
 /// Deepest nesting accepted when decoding; far beyond any reply shape
 /// release_handler produces, small enough to never exhaust a task's stack.
-pub const MAX_DEPTH: usize = 256;
+pub(crate) const MAX_DEPTH: usize = 256;
 
 /// An Erlang process identifier.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Pid {
-    pub node: String,
-    pub id: u32,
-    pub serial: u32,
-    pub creation: u32,
+    pub(crate) node: String,
+    pub(crate) id: u32,
+    pub(crate) serial: u32,
+    pub(crate) creation: u32,
 }
 
 /// An Erlang port identifier.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Port {
-    pub node: String,
-    pub id: u64,
-    pub creation: u32,
+    pub(crate) node: String,
+    pub(crate) id: u64,
+    pub(crate) creation: u32,
 }
 
 /// An Erlang reference.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Reference {
-    pub node: String,
-    pub creation: u32,
-    pub ids: Vec<u32>,
+    pub(crate) node: String,
+    pub(crate) creation: u32,
+    pub(crate) ids: Vec<u32>,
 }
 
 /// A fun received from the node. We never build funs; the raw encoding is
@@ -46,15 +46,15 @@ pub struct Reference {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fun {
     /// Module the fun belongs to.
-    pub module: String,
+    pub(crate) module: String,
     /// `Some((function, arity))` for `fun M:F/A`, `None` for a closure.
-    pub export: Option<(String, u8)>,
+    pub(crate) export: Option<(String, u8)>,
     /// Complete encoding including the tag byte.
     raw: Vec<u8>,
 }
 
 /// An Erlang term. Strings arrive as lists of integers (that is what they are
-/// in Erlang); see [`Term::as_charlist`] and [`Term::charlist`].
+/// in Erlang); see `Term::as_charlist` and `Term::charlist`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Term {
     Atom(String),
@@ -89,7 +89,7 @@ impl Term {
 
     /// An Erlang string (list of code points), as file names and versions
     /// are passed to release_handler.
-    pub fn charlist(s: &str) -> Term {
+    pub(crate) fn charlist(s: &str) -> Term {
         Term::List(
             s.chars()
                 .map(|c| Term::Int(i64::from(u32::from(c))))
@@ -97,7 +97,7 @@ impl Term {
         )
     }
 
-    pub fn tuple(items: Vec<Term>) -> Term {
+    pub(crate) fn tuple(items: Vec<Term>) -> Term {
         Term::Tuple(items)
     }
 
@@ -105,7 +105,7 @@ impl Term {
         Term::List(Vec::new())
     }
 
-    pub fn as_atom(&self) -> Option<&str> {
+    pub(crate) fn as_atom(&self) -> Option<&str> {
         match self {
             Term::Atom(a) => Some(a),
             _ => None,
@@ -123,14 +123,14 @@ impl Term {
         }
     }
 
-    pub fn as_list(&self) -> Option<&[Term]> {
+    pub(crate) fn as_list(&self) -> Option<&[Term]> {
         match self {
             Term::List(l) => Some(l),
             _ => None,
         }
     }
 
-    pub fn as_int(&self) -> Option<i64> {
+    pub(crate) fn as_int(&self) -> Option<i64> {
         match self {
             Term::Int(i) => Some(*i),
             _ => None,
@@ -138,7 +138,7 @@ impl Term {
     }
 
     /// The text of an Erlang string (a proper list of Unicode code points).
-    pub fn as_charlist(&self) -> Option<String> {
+    pub(crate) fn as_charlist(&self) -> Option<String> {
         self.as_list()?
             .iter()
             .map(|t| {
@@ -150,14 +150,14 @@ impl Term {
     }
 
     /// Encodes with the leading version byte, as `term_to_binary/1` does.
-    pub fn encode(&self) -> Vec<u8> {
+    pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = vec![VERSION];
         self.encode_into(&mut out);
         out
     }
 
     /// Appends the encoding without the version byte.
-    pub fn encode_into(&self, out: &mut Vec<u8>) {
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
         match self {
             Term::Atom(a) => encode_atom(a, out),
             Term::Int(i) => {
@@ -270,7 +270,8 @@ impl Term {
 
     /// Decodes one term that starts with the version byte and must fill
     /// `bytes` exactly.
-    pub fn decode(bytes: &[u8]) -> Result<Term, DecodeError> {
+    #[cfg(test)]
+    pub(crate) fn decode(bytes: &[u8]) -> Result<Term, DecodeError> {
         let mut d = Decoder::new(bytes);
         let term = d.versioned()?;
         if d.pos != bytes.len() {
@@ -281,7 +282,7 @@ impl Term {
 
     /// Renders the term as Erlang source text, cut to about `max` chars so
     /// a huge crash reason cannot flood a log line.
-    pub fn to_text_limited(&self, max: usize) -> String {
+    pub(crate) fn to_text_limited(&self, max: usize) -> String {
         let mut s = self.to_string();
         if s.len() > max {
             let mut cut = max;
@@ -320,8 +321,8 @@ fn encode_atom(name: &str, out: &mut Vec<u8>) {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("malformed external term at byte {offset}: {what}")]
 pub struct DecodeError {
-    pub offset: usize,
-    pub what: String,
+    pub(crate) offset: usize,
+    pub(crate) what: String,
 }
 
 /// Cursor over untrusted bytes. Every length is checked against the bytes
@@ -333,7 +334,7 @@ pub(crate) struct Decoder<'a> {
 }
 
 impl<'a> Decoder<'a> {
-    pub fn new(bytes: &'a [u8]) -> Self {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
         Decoder {
             bytes,
             pos: 0,
@@ -341,11 +342,11 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    pub fn position(&self) -> usize {
+    pub(crate) fn position(&self) -> usize {
         self.pos
     }
 
-    pub fn remaining(&self) -> usize {
+    pub(crate) fn remaining(&self) -> usize {
         self.bytes.len() - self.pos
     }
 
@@ -356,7 +357,7 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    pub fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+    pub(crate) fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
         if n > self.remaining() {
             return Err(self.err(format!("needs {n} bytes, {} left", self.remaining())));
         }
@@ -365,15 +366,15 @@ impl<'a> Decoder<'a> {
         Ok(s)
     }
 
-    pub fn u8(&mut self) -> Result<u8, DecodeError> {
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take(1)?[0])
     }
 
-    pub fn u16(&mut self) -> Result<u16, DecodeError> {
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         Ok(u16::from_be_bytes(self.take(2)?.try_into().unwrap()))
     }
 
-    pub fn u32(&mut self) -> Result<u32, DecodeError> {
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
         Ok(u32::from_be_bytes(self.take(4)?.try_into().unwrap()))
     }
 
@@ -394,14 +395,14 @@ impl<'a> Decoder<'a> {
     }
 
     /// A term preceded by the version byte 131.
-    pub fn versioned(&mut self) -> Result<Term, DecodeError> {
+    pub(crate) fn versioned(&mut self) -> Result<Term, DecodeError> {
         match self.u8()? {
             VERSION => self.term(),
             v => Err(self.err(format!("version byte {v}, expected {VERSION}"))),
         }
     }
 
-    pub fn term(&mut self) -> Result<Term, DecodeError> {
+    pub(crate) fn term(&mut self) -> Result<Term, DecodeError> {
         if self.depth >= MAX_DEPTH {
             return Err(self.err(format!("nested deeper than {MAX_DEPTH}")));
         }

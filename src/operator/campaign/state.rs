@@ -111,18 +111,6 @@ impl Verdict {
         matches!(self, Verdict::Offered | Verdict::Updating)
     }
 
-    /// The device's part in the wave is decided.
-    pub fn is_final(self) -> bool {
-        !matches!(
-            self,
-            Verdict::Waiting | Verdict::Offered | Verdict::Updating | Verdict::RetryWait
-        )
-    }
-
-    pub fn is_success(self) -> bool {
-        matches!(self, Verdict::Committed | Verdict::AlreadyCurrent)
-    }
-
     pub fn is_failure(self) -> bool {
         matches!(
             self,

@@ -26,31 +26,31 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixListener, UnixStream};
 
 /// The payload rumqttc sees in place of a dropped message.
-pub const MARKER: &[u8] = b"\0beamup: oversize message dropped\0";
+pub(crate) const MARKER: &[u8] = b"\0beamup: oversize message dropped\0";
 
 /// A message the guard dropped.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Dropped {
-    pub topic: String,
+pub(crate) struct Dropped {
+    pub(crate) topic: String,
     /// The whole packet as the broker sent it, in bytes.
-    pub size: u64,
+    pub(crate) size: u64,
 }
 
 /// What the guard tells the connection.
 #[derive(Default)]
-pub struct Shared {
+pub(crate) struct Shared {
     /// Dropped messages, in the order their markers reach rumqttc.
-    pub dropped: VecDeque<Dropped>,
+    pub(crate) dropped: VecDeque<Dropped>,
     /// Why the last connection to the broker could not be made.
-    pub upstream_error: Option<String>,
+    pub(crate) upstream_error: Option<String>,
 }
 
 /// Where the guard connects to.
 #[derive(Clone)]
-pub struct Upstream {
-    pub host: String,
-    pub port: u16,
-    pub tls: Option<Arc<rustls::ClientConfig>>,
+pub(crate) struct Upstream {
+    pub(crate) host: String,
+    pub(crate) port: u16,
+    pub(crate) tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 #[derive(Debug)]
@@ -73,7 +73,7 @@ enum State {
 /// The broker-to-client byte stream, rewritten: pure, fed any slicing of
 /// the stream.
 #[derive(Debug)]
-pub struct Filter {
+pub(crate) struct Filter {
     limit: usize,
     v5: bool,
     state: State,
@@ -81,7 +81,7 @@ pub struct Filter {
 
 /// Why the stream cannot be followed (the connection is then closed).
 #[derive(Debug, PartialEq, Eq)]
-pub struct Malformed(pub String);
+pub(crate) struct Malformed(pub(crate) String);
 
 fn encode_len(mut n: usize, out: &mut Vec<u8>) {
     loop {
@@ -98,7 +98,7 @@ fn encode_len(mut n: usize, out: &mut Vec<u8>) {
 }
 
 impl Filter {
-    pub fn new(limit: usize, v5: bool) -> Filter {
+    pub(crate) fn new(limit: usize, v5: bool) -> Filter {
         Filter {
             limit,
             v5,
@@ -108,7 +108,7 @@ impl Filter {
 
     /// Feeds bytes from the broker; appends what rumqttc gets to `out` and
     /// the messages dropped to `dropped`.
-    pub fn feed(
+    pub(crate) fn feed(
         &mut self,
         mut input: &[u8],
         out: &mut Vec<u8>,
@@ -278,7 +278,7 @@ async fn pump(
 }
 
 /// A running guard; stops (and removes its socket) when dropped.
-pub struct Guard {
+pub(crate) struct Guard {
     task: tokio::task::JoinHandle<()>,
     path: PathBuf,
 }
@@ -293,7 +293,7 @@ impl Drop for Guard {
 impl Guard {
     /// Listens on `path` (a stale socket there is replaced) and serves
     /// connections to `up`, one at a time.
-    pub fn start(
+    pub(crate) fn start(
         path: &Path,
         up: Upstream,
         limit: usize,

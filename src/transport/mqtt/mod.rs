@@ -24,22 +24,22 @@ use crate::fsutil;
 
 /// Largest packet we accept from the broker: a manifest (16 MiB at most)
 /// or a data reply of the largest chunk, plus headers.
-pub const MAX_INCOMING: u32 = 16 * 1024 * 1024 + 64 * 1024;
+pub(crate) const MAX_INCOMING: u32 = 16 * 1024 * 1024 + 64 * 1024;
 /// Largest packet we send (MQTT 5: further bounded by the broker's Maximum
 /// Packet Size from CONNACK).
-pub const MAX_OUTGOING: u32 = MAX_INCOMING;
+pub(crate) const MAX_OUTGOING: u32 = MAX_INCOMING;
 /// QoS 1 publishes rumqttc keeps in flight at most; caller-chosen packet
 /// ids must lie in `1..=INFLIGHT`.
-pub const INFLIGHT: u16 = 64;
+pub(crate) const INFLIGHT: u16 = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Version {
+pub(crate) enum Version {
     V5,
     V311,
 }
 
 impl Version {
-    pub fn parse(s: &str) -> std::result::Result<Version, String> {
+    pub(crate) fn parse(s: &str) -> std::result::Result<Version, String> {
         match s {
             "5" | "5.0" => Ok(Version::V5),
             "3.1.1" | "3" | "4" => Ok(Version::V311),
@@ -50,25 +50,25 @@ impl Version {
 
 /// Where and how to connect.
 #[derive(Clone, Debug)]
-pub struct Broker {
-    pub url: String,
-    pub version: Version,
-    pub ca_file: Option<PathBuf>,
-    pub cert_file: Option<PathBuf>,
-    pub key_file: Option<PathBuf>,
-    pub username: Option<String>,
-    pub password_file: Option<PathBuf>,
+pub(crate) struct Broker {
+    pub(crate) url: String,
+    pub(crate) version: Version,
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) cert_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
+    pub(crate) username: Option<String>,
+    pub(crate) password_file: Option<PathBuf>,
 }
 
 /// A parsed `mqtt://host:port` or `mqtts://host:port` URL.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub tls: bool,
-    pub host: String,
-    pub port: u16,
+pub(crate) struct Endpoint {
+    pub(crate) tls: bool,
+    pub(crate) host: String,
+    pub(crate) port: u16,
 }
 
-pub fn parse_url(url: &str) -> std::result::Result<Endpoint, String> {
+pub(crate) fn parse_url(url: &str) -> std::result::Result<Endpoint, String> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("mqtts://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("mqtt://") {
@@ -109,27 +109,27 @@ pub fn parse_url(url: &str) -> std::result::Result<Endpoint, String> {
 
 /// How this client presents itself.
 #[derive(Clone, Debug)]
-pub struct Session {
-    pub client_id: String,
+pub(crate) struct Session {
+    pub(crate) client_id: String,
     /// Keep the session (subscriptions, queued QoS 1 messages) across
     /// disconnects: `clean_start = false` with a session expiry (MQTT 5),
     /// `clean_session = false` (3.1.1).
-    pub persistent: bool,
-    pub keep_alive: Duration,
+    pub(crate) persistent: bool,
+    pub(crate) keep_alive: Duration,
     /// Last will: topic, payload, retained, QoS 1.
-    pub will: Option<(String, Vec<u8>)>,
+    pub(crate) will: Option<(String, Vec<u8>)>,
 }
 
 /// Quality of service, as far as beamup uses it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Qos {
+pub(crate) enum Qos {
     AtMostOnce,
     AtLeastOnce,
 }
 
 /// What the connection reports.
 #[derive(Debug)]
-pub enum Event {
+pub(crate) enum Event {
     Connected {
         session_present: bool,
         /// MQTT 5: the broker's Maximum Packet Size, if it sets one.
@@ -154,7 +154,7 @@ pub enum Event {
 
 /// Why a connection attempt or a connection failed.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ConnError {
+pub(crate) enum ConnError {
     /// The broker refused our credentials (or the lack of them): trying
     /// again with the same ones will not help. Says what was presented and
     /// what to check.
@@ -175,7 +175,7 @@ impl std::fmt::Display for ConnError {
 impl ConnError {
     /// The error a command exits with: [`Error::MqttAuth`] (exit code 31)
     /// for refused credentials, [`Error::Mqtt`] (30) otherwise.
-    pub fn into_error(self, url: &str) -> Error {
+    pub(crate) fn into_error(self, url: &str) -> Error {
         match self {
             ConnError::Auth(detail) => Error::MqttAuth {
                 url: url.to_string(),
@@ -234,7 +234,7 @@ enum Inner {
 }
 
 /// A connection, reconnecting on every [`Conn::poll`] after an error.
-pub struct Conn {
+pub(crate) struct Conn {
     inner: Inner,
     url: String,
     /// What we present, for [`ConnError::Auth`].
@@ -349,7 +349,7 @@ fn password(b: &Broker) -> Result<Option<(String, String)>> {
 
 impl Conn {
     /// A direct connection: rumqttc to the broker.
-    pub fn new(b: &Broker, s: &Session) -> Result<Conn> {
+    pub(crate) fn new(b: &Broker, s: &Session) -> Result<Conn> {
         Self::open(b, s, None)
     }
 
@@ -358,7 +358,7 @@ impl Conn {
     /// [`MAX_INCOMING`] are dropped as they stream in and reported as
     /// [`Event::Dropped`], instead of ending the connection on every
     /// delivery (see `guard`). Must be called within a tokio runtime.
-    pub fn guarded(b: &Broker, s: &Session, socket: &Path) -> Result<Conn> {
+    pub(crate) fn guarded(b: &Broker, s: &Session, socket: &Path) -> Result<Conn> {
         Self::open(b, s, Some(socket))
     }
 
@@ -520,7 +520,7 @@ impl Conn {
 
     /// The next event. After an error the caller should wait (back off)
     /// before polling again, which reconnects.
-    pub async fn poll(&mut self) -> std::result::Result<Event, ConnError> {
+    pub(crate) async fn poll(&mut self) -> std::result::Result<Event, ConnError> {
         let ev = self
             .poll_inner()
             .await
@@ -579,7 +579,13 @@ impl Conn {
 
     /// Queues a QoS 0 publish, or a QoS 1 publish whose acknowledgement the
     /// caller does not track. Fails when the request queue is full.
-    pub fn publish(&self, topic: &str, qos: Qos, retain: bool, payload: Vec<u8>) -> Result<()> {
+    pub(crate) fn publish(
+        &self,
+        topic: &str,
+        qos: Qos,
+        retain: bool,
+        payload: Vec<u8>,
+    ) -> Result<()> {
         let r = match &self.inner {
             Inner::V5 { client, .. } => client
                 .try_publish(topic, v5_qos(qos), retain, payload)
@@ -594,9 +600,10 @@ impl Conn {
         })
     }
 
+    #[cfg(feature = "operator")]
     /// Like [`Conn::publish`], waiting for room in the request queue (the
     /// event loop must be polled by another task meanwhile).
-    pub async fn publish_wait(
+    pub(crate) async fn publish_wait(
         client: &Client,
         topic: &str,
         qos: Qos,
@@ -624,7 +631,13 @@ impl Conn {
     /// `Event::PubAck(pkid)`. Goes out ahead of queued requests, and is
     /// dropped by rumqttc if the next connection starts a new session (the
     /// caller sends it again on `Connected { session_present: false }`).
-    pub fn publish_tracked(&mut self, topic: &str, retain: bool, payload: Vec<u8>, pkid: u16) {
+    pub(crate) fn publish_tracked(
+        &mut self,
+        topic: &str,
+        retain: bool,
+        payload: Vec<u8>,
+        pkid: u16,
+    ) {
         debug_assert!((1..=INFLIGHT).contains(&pkid));
         match &mut self.inner {
             Inner::V5 { el, .. } => {
@@ -647,7 +660,7 @@ impl Conn {
         }
     }
 
-    pub fn subscribe(&self, filter: &str, qos: Qos) -> Result<()> {
+    pub(crate) fn subscribe(&self, filter: &str, qos: Qos) -> Result<()> {
         let r = match &self.inner {
             Inner::V5 { client, .. } => client
                 .try_subscribe(filter, v5_qos(qos))
@@ -662,8 +675,9 @@ impl Conn {
         })
     }
 
+    #[cfg(feature = "operator")]
     /// A handle for publishing from another task.
-    pub fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         match &self.inner {
             Inner::V5 { client, .. } => Client::V5(client.clone()),
             Inner::V3 { client, .. } => Client::V3(client.clone()),
@@ -671,7 +685,7 @@ impl Conn {
     }
 
     /// Sends DISCONNECT (no last will) and lets the event loop write it.
-    pub async fn disconnect(&mut self) {
+    pub(crate) async fn disconnect(&mut self) {
         let _ = match &self.inner {
             Inner::V5 { client, .. } => client.try_disconnect().map_err(|e| e.to_string()),
             Inner::V3 { client, .. } => client.try_disconnect().map_err(|e| e.to_string()),
@@ -683,9 +697,10 @@ impl Conn {
     }
 }
 
+#[cfg(feature = "operator")]
 /// A cloneable publishing handle.
 #[derive(Clone)]
-pub enum Client {
+pub(crate) enum Client {
     V5(v5::AsyncClient),
     V3(rumqttc::AsyncClient),
 }
@@ -729,14 +744,14 @@ fn describe_v3(e: &rumqttc::ConnectionError, credentials: &str) -> ConnError {
 
 /// Reconnect delays: doubling from `min` to `max`, reset on success.
 #[derive(Clone, Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
 }
 
 impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Backoff {
         Backoff {
             min,
             max,
@@ -746,7 +761,7 @@ impl Backoff {
 
     /// The delay before the next attempt, with up to 25% jitter so that a
     /// fleet does not reconnect in lockstep after a broker restart.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let d = self.next;
         self.next = (self.next * 2).min(self.max);
         let mut b = [0u8; 2];
@@ -755,7 +770,7 @@ impl Backoff {
         d + Duration::from_millis(jitter)
     }
 
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.min;
     }
 }
