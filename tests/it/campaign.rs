@@ -415,3 +415,54 @@ fn plan_errors_name_the_key_and_the_file() {
     r.fails(i32::from(exit::CONFIG), "rollout.max_in_flight");
     assert!(r.stderr.contains("p.toml"), "{}", r.stderr);
 }
+
+/// docs/mosquitto/beamup.acl, as shipped: a device can neither write nor
+/// read campaign topics; an operator can.
+#[test]
+fn the_shipped_acl_keeps_devices_off_campaign_topics() {
+    use crate::support::mqtt::{Broker, Sub, password_file};
+    let dir = tempfile::tempdir().unwrap();
+    let passwords = dir.path().join("passwords");
+    password_file(
+        &passwords,
+        &[("gw-1", "device-secret"), ("operator", "operator-secret")],
+    );
+    let acl = crate::support::repo().join("docs/mosquitto/beamup.acl");
+    let broker = Broker::start_with(&format!(
+        "password_file {}\nacl_file {}\n",
+        passwords.display(),
+        acl.display()
+    ));
+    let op = Sub::login(
+        &broker,
+        &["beamup/acme/campaign/#"],
+        "operator",
+        "operator-secret",
+    );
+    let device = Sub::login(
+        &broker,
+        &["beamup/acme/campaign/#"],
+        "gw-1",
+        "device-secret",
+    );
+    let control = |by: &str| {
+        format!(r#"{{"v":1,"seq":1,"action":"abort","by":"{by}","at":""}}"#).into_bytes()
+    };
+    device.publish("beamup/acme/campaign/c1/control", control("gw-1"), true);
+    device.publish("beamup/acme/campaign/c1/status", b"{}".to_vec(), true);
+    op.publish("beamup/acme/campaign/c1/control", control("operator"), true);
+    op.wait_for("the operator's own control", Duration::from_secs(10), |m| {
+        m.topic.ends_with("/control") && m.json()["by"] == "operator"
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        op.messages()
+            .iter()
+            .all(|m| m.json()["by"] != "gw-1" && m.payload != b"{}"),
+        "a device wrote a campaign topic"
+    );
+    assert!(
+        device.messages().is_empty(),
+        "a device read a campaign topic"
+    );
+}

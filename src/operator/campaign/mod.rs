@@ -488,11 +488,17 @@ pub async fn from_broker(
 }
 
 fn operator_name() -> String {
-    format!(
-        "{}@{}",
-        std::env::var("USER").unwrap_or_else(|_| "?".into()),
-        controller::hostname()
-    )
+    let user = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(|| {
+            nix::unistd::User::from_uid(nix::unistd::getuid())
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        })
+        .unwrap_or_else(|| format!("uid {}", nix::unistd::getuid()));
+    format!("{user}@{}", controller::hostname())
 }
 
 /// Sends a control and, if a controller is online, waits (up to
