@@ -425,3 +425,83 @@ fn a_wave_where_nobody_committed_does_not_advance() {
     assert_eq!(c.status, Status::Paused);
     assert!(c.reason.as_ref().unwrap().contains("no device was reached"));
 }
+
+#[test]
+fn offers_wait_for_the_start_time_and_stay_inside_the_window() {
+    let f = fleet(2);
+    // Starts at 02:00 UTC on day 1; offers only 02:00-03:00.
+    let day = 86_400_000;
+    let at = |h: u64, m: u64| day + (h * 60 + m) * 60_000;
+    let mut c = campaign(
+        "[[waves]]\nrest = true\n[rollout]\norder = \"id\"\nmax_in_flight = 1\nstart_at = \"1970-01-02T02:00:00Z\"\nwindow = \"02:00-03:00\"\n",
+        &f,
+    );
+    assert_eq!(c.status, Status::Scheduled);
+    assert!(offers(&step(&mut c, &f, at(1, 59))).is_empty());
+    assert_eq!(c.status, Status::Scheduled);
+    assert_eq!(offers(&step(&mut c, &f, at(2, 0))), ["gw-1"]);
+    assert_eq!(c.status, Status::Running);
+    let mut f2 = f.clone();
+    outcome(&mut f2, "gw-1", "committed", "1970-01-02T03:00:30Z");
+    // Outside the window: gw-1's outcome is taken, gw-2 is not offered.
+    assert!(offers(&step(&mut c, &f2, at(3, 1))).is_empty());
+    assert_eq!(verdict(&c, "gw-1"), Verdict::Committed);
+    assert_eq!(verdict(&c, "gw-2"), Verdict::Waiting);
+    // The next day's window.
+    assert_eq!(offers(&step(&mut c, &f2, at(26, 0))), ["gw-2"]);
+}
+
+#[test]
+fn an_abort_offers_the_revert_to_the_devices_that_committed() {
+    let mut f = fleet(3);
+    let p = plan::parse(
+        "bundle = \"b\"\nfleet = \"acme\"\n[[waves]]\nrest = true\nmax_failures = 5\n[rollout]\norder = \"id\"\nmax_in_flight = 3\n[revert]\nbundle = \"r\"\n",
+        Path::new("/"),
+    )
+    .unwrap();
+    let revert = Target {
+        name: "thermo".into(),
+        version: "1.0.0".into(),
+        sequence: SEQ + 1,
+        digest: "r1".into(),
+    };
+    let mut c = create("c".into(), p, target(), Some(revert), &f.devices, 1, 0);
+    step(&mut c, &f, 0);
+    outcome(&mut f, "gw-1", "committed", "2026-01-01T00:00:01Z");
+    outcome(&mut f, "gw-2", "rolled_back", "2026-01-01T00:00:01Z");
+    step(&mut c, &f, 1_000);
+    control(&mut c, ControlAction::Abort, 1, "op", 2_000);
+    let e = step(&mut c, &f, 2_000);
+    assert!(
+        e.contains(&Effect::Offer {
+            device: "gw-1".into(),
+            revert: true
+        }),
+        "{e:?}"
+    );
+    assert!(
+        !e.iter()
+            .any(|e| matches!(e, Effect::Offer { device, .. } if device == "gw-2"))
+    );
+    assert!(!c.finished(), "the revert is in flight");
+    // gw-1 reports the revert committed: 1.0.0 again.
+    let s = f.devices.get_mut("gw-1").unwrap().state.as_mut().unwrap();
+    s.last_outcome = Some(OutcomeReport {
+        outcome: "committed".into(),
+        release: "thermo".into(),
+        version: "1.0.0".into(),
+        sequence: Some(SEQ + 1),
+        reason: None,
+        at: "2026-01-01T00:00:05Z".into(),
+    });
+    s.running = Some("1.0.0".into());
+    // gw-3 was withdrawn (offered, not taken up).
+    step(&mut c, &f, 5_000);
+    assert_eq!(
+        c.devices["gw-1"].revert.as_ref().unwrap().verdict(),
+        Verdict::Committed
+    );
+    assert_eq!(c.devices["gw-1"].after.as_deref(), Some("1.0.0"));
+    assert_eq!(verdict(&c, "gw-3"), Verdict::Withdrawn);
+    assert!(c.finished());
+}
