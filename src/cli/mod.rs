@@ -65,6 +65,11 @@ pub(crate) enum Command {
         /// Print the outcome as JSON on stdout.
         #[arg(long)]
         json: bool,
+        /// Say what the install would do (every check, hot or cold and
+        /// why, what it would unpack and read), changing nothing. Exit 0
+        /// when it would go ahead; a refusal exits with its code.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Unpack a bundle's release into a directory, with no node running:
     /// provision a device, or stage a new version beside an installed one.
@@ -236,6 +241,14 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             config,
             retry,
             json,
+            dry_run: true,
+        } => return dry_run_command(&bundle, &config, retry, json),
+        Command::Install {
+            bundle,
+            config,
+            retry,
+            json,
+            dry_run: false,
         } => return install_command(&bundle, &config, retry, json),
         Command::Recover { config, json } => return recover_command(&config, json),
         Command::Status { config, json } => return status_command(&config, json),
@@ -621,6 +634,70 @@ fn install_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Res
             Err(e)
         }
     }
+}
+
+fn dry_run_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Result<ExitCode> {
+    let cfg = Config::load(config)?;
+    let d = runtime()?.block_on(async {
+        let mut engine = install::Engine::open(
+            EngineSettings::from_config(&cfg)?,
+            Box::new(TerminalProgress),
+        )?;
+        engine.dry_run(bundle, retry).await
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&d).expect("json"));
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / (1024.0 * 1024.0));
+    println!("dry run     nothing was changed; an install would go ahead");
+    println!(
+        "release     {} {} (sequence {}): signatures, expiry, target and anti-rollback checked",
+        d.release, d.version, d.sequence
+    );
+    println!("node        runs {} (permanent {})", d.running, d.permanent);
+    println!(
+        "install     {}: {}",
+        if d.strategy == "hot" {
+            "hot upgrade through the relup, no restart"
+        } else {
+            "cold: the node restarts into the new release"
+        },
+        d.why
+    );
+    if d.writes_releases_file {
+        println!(
+            "            releases/RELEASES written first from the .rel files (the root has none release_handler can use)"
+        );
+    }
+    if d.forgets_unpacked {
+        println!(
+            "            release_handler forgets an earlier unpack of {} first",
+            d.version
+        );
+    }
+    println!("unpacks     {}", d.creates.join(", "));
+    println!(
+        "reads       {} of {} chunks ({} of {}); over MQTT the agent fetches those",
+        d.chunks_read,
+        d.chunks_total,
+        mib(d.bytes_read),
+        mib(d.tarball_size)
+    );
+    println!(
+        "disk        needs {}, {} free",
+        mib(d.space_needed),
+        mib(d.space_free)
+    );
+    if d.prunes_after_commit.is_empty() {
+        println!("after       nothing pruned after the commit");
+    } else {
+        println!(
+            "after       the commit prunes {} (installed by beamup earlier)",
+            d.prunes_after_commit.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn recover_command(config: &Path, json: bool) -> Result<ExitCode> {

@@ -16,12 +16,32 @@ pub(crate) fn strategy(
     running: &Running,
     rule: StrategyRule,
 ) -> Result<Strategy, String> {
-    let relup_covers = m.upgrade_from.contains(&running.current);
-    let same_erts = m.erts == running.erts;
-    if relup_covers && same_erts {
+    if hot(m, running) {
         return Ok(Strategy::Hot);
     }
-    let why = if !relup_covers {
+    let why = strategy_reason(m, running);
+    match rule {
+        StrategyRule::Auto => Ok(Strategy::Cold),
+        StrategyRule::HotOnly => Err(format!(
+            "{why}, so it needs a restart, and [install] strategy is hot-only"
+        )),
+    }
+}
+
+fn hot(m: &Manifest, running: &Running) -> bool {
+    m.upgrade_from.contains(&running.current) && m.erts == running.erts
+}
+
+/// Why the install of `m` would be hot or cold, in words.
+pub(crate) fn strategy_reason(m: &Manifest, running: &Running) -> String {
+    if hot(m, running) {
+        return format!(
+            "its relup upgrades from the running {} and ERTS stays {}",
+            running.current, running.erts
+        );
+    }
+    let relup_covers = m.upgrade_from.contains(&running.current);
+    if !relup_covers {
         if m.upgrade_from.is_empty() {
             format!("{} {} has no relup", m.release.name, m.release.version)
         } else {
@@ -34,12 +54,6 @@ pub(crate) fn strategy(
         }
     } else {
         format!("it changes ERTS from {} to {}", running.erts, m.erts)
-    };
-    match rule {
-        StrategyRule::Auto => Ok(Strategy::Cold),
-        StrategyRule::HotOnly => Err(format!(
-            "{why}, so it needs a restart, and [install] strategy is hot-only"
-        )),
     }
 }
 

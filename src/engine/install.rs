@@ -106,6 +106,36 @@ struct Prepared {
     registered: Option<ReleaseStatus>,
 }
 
+/// What an install would do (`beamup install --dry-run`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct DryRun {
+    pub(crate) release: String,
+    pub(crate) version: String,
+    pub(crate) sequence: u64,
+    pub(crate) running: String,
+    pub(crate) permanent: String,
+    /// hot or cold
+    pub(crate) strategy: &'static str,
+    pub(crate) why: String,
+    /// Top-level paths the unpack would create in the release root.
+    pub(crate) creates: Vec<String>,
+    /// release_handler lists the version as unpacked or old: it would be
+    /// forgotten first.
+    pub(crate) forgets_unpacked: bool,
+    /// The root has no usable RELEASES (mix, relx without ERTS): it would
+    /// be written from the `.rel` files first.
+    pub(crate) writes_releases_file: bool,
+    /// Of the tarball, what the unpack reads (and what the agent fetches).
+    pub(crate) chunks_read: usize,
+    pub(crate) chunks_total: usize,
+    pub(crate) bytes_read: u64,
+    pub(crate) tarball_size: u64,
+    pub(crate) space_needed: u64,
+    pub(crate) space_free: u64,
+    /// Releases beamup installed that the commit would prune.
+    pub(crate) prunes_after_commit: Vec<String>,
+}
+
 impl Engine {
     /// Takes the state-dir lock and sets up the node link.
     pub(crate) fn open(settings: EngineSettings, progress: Box<dyn Progress>) -> Result<Engine> {
@@ -337,7 +367,7 @@ impl Engine {
     async fn ensure_releases_file(&mut self, running: &Running) {
         if let Err(e) = self.try_ensure_releases_file(running).await {
             tracing::warn!(
-                "release_handler does not know what {} {} consists of, and RELEASES could not be                  repaired ({e}); a rollback will restart the node",
+                "release_handler does not know what {} {} consists of, and RELEASES could not be repaired ({e}); a rollback will restart the node",
                 self.settings.release_name,
                 running.permanent
             );
@@ -386,6 +416,79 @@ impl Engine {
                 reason: format!("after the restart release_handler still lists {after:?}"),
             })
         }
+    }
+
+    /// What `install` would do with this bundle, changing nothing: every
+    /// check `prepare` makes (signatures, policy against the node, disk
+    /// space, hot or cold, the unpack plan), read-only. No recovery runs,
+    /// no RELEASES is written, no journal, no lock beyond the engine's.
+    pub(crate) async fn dry_run(&mut self, path: &Path, retry: bool) -> Result<DryRun> {
+        if let Some(j) = &self.state.current {
+            return Err(Error::Refused {
+                reason: format!(
+                    "an interrupted install of {} is in the journal (phase {}); an install would finish or undo it first (`beamup recover`)",
+                    j.to_version,
+                    j.phase.name()
+                ),
+            });
+        }
+        let root = Root::load(&self.settings.trust_root)?;
+        let bundle = Bundle::open(path)?;
+        let (m, _) = bundle.verify_manifest(&root)?;
+        let running = self.check_offer(&m, retry).await?;
+        let (space_needed, space_free) = space(self.root(), m.tarball.unpacked_size)?;
+        check_space(self.root(), m.tarball.unpacked_size)?;
+        let strategy = decide::strategy(&m, &running, self.settings.strategy)
+            .map_err(|reason| Error::Refused { reason })?;
+        let (registered, plan) = self.plan_with_leftovers(&m).await?;
+        // The install checks each chunk as it unpacks; a dry run that
+        // promised an install would go ahead checks them all now.
+        bundle.verify_tarball(&m)?;
+        let needed = staging::chunks_read(&m, &plan);
+        let chunks_read = needed.iter().filter(|n| **n).count();
+        let bytes_read = needed
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| **n)
+            .map(|(i, _)| {
+                let start = i as u64 * u64::from(m.tarball.chunk_size);
+                (start + u64::from(m.tarball.chunk_size)).min(m.tarball.size) - start
+            })
+            .sum();
+        let releases_file = OnDisk::read(self.root(), &self.settings.release_name)
+            .ok()
+            .and_then(|disk| releases_file::repaired(&disk, &running.permanent))
+            .is_some();
+        let prunable = self
+            .state
+            .installed
+            .keys()
+            .filter(|v| **v != running.permanent && **v != m.release.version)
+            .cloned()
+            .collect();
+        Ok(DryRun {
+            release: m.release.name.clone(),
+            version: m.release.version.clone(),
+            sequence: m.sequence,
+            running: running.current.clone(),
+            permanent: running.permanent.clone(),
+            strategy: strategy.name(),
+            why: decide::strategy_reason(&m, &running),
+            creates: plan
+                .creates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect(),
+            forgets_unpacked: registered.is_some(),
+            writes_releases_file: releases_file,
+            chunks_read,
+            chunks_total: m.tarball.chunks.len(),
+            bytes_read,
+            tarball_size: m.tarball.size,
+            space_needed,
+            space_free,
+            prunes_after_commit: prunable,
+        })
     }
 
     /// What an install of `m` would unpack into the release root as it is
@@ -1110,11 +1213,16 @@ fn crash_point(point: &str) {
     }
 }
 
-pub(crate) fn check_space(root: &Path, need: u64) -> Result<()> {
+/// The space an unpack of `need` bytes wants (the files plus a margin for
+/// directories and the journal), and what the file system has free.
+fn space(root: &Path, need: u64) -> Result<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(root).map_err(|e| Error::io(root, "statvfs", e.into()))?;
     let have = st.blocks_available() as u64 * st.fragment_size() as u64;
-    // Room for the files plus a margin for directories and the journal.
-    let want = need + need / 20 + 1024 * 1024;
+    Ok((need + need / 20 + 1024 * 1024, have))
+}
+
+pub(crate) fn check_space(root: &Path, need: u64) -> Result<()> {
+    let (want, have) = space(root, need)?;
     if have < want {
         return Err(Error::NoSpace {
             path: root.to_path_buf(),

@@ -158,6 +158,15 @@ pub(crate) enum Strategy {
     Cold,
 }
 
+impl Strategy {
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Strategy::Hot => "hot",
+            Strategy::Cold => "cold",
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "phase")]
 pub(crate) enum Phase {

@@ -727,3 +727,82 @@ fn cold_killed_while_soaking() {
 fn cold_killed_after_committing() {
     cold_crash_and_recover("committing+", "2.0.0");
 }
+
+/// Everything under a directory but its lock file, hashed.
+fn state_files(dir: &Path) -> std::collections::BTreeMap<PathBuf, [u8; 32]> {
+    let mut out = std::collections::BTreeMap::new();
+    if dir.exists() {
+        crate::support::device::walk(dir, dir, &mut out);
+    }
+    out.retain(|p, _| p.file_name().is_none_or(|n| n != "lock"));
+    out
+}
+
+#[test]
+fn a_dry_run_says_what_an_install_would_do_and_changes_nothing() {
+    let mut d = Device::new();
+    d.node.incr().unwrap();
+    let state = d.path().join("state");
+    let (root_before, state_before) = (d.snapshot(), state_files(&state));
+
+    let hot = beamup(
+        d.path(),
+        &[
+            "install",
+            d.bundle("1.1.0").to_str().unwrap(),
+            "--config",
+            "agent.toml",
+            "--dry-run",
+        ],
+    );
+    hot.ok();
+    for want in [
+        "nothing was changed",
+        "hot upgrade through the relup, no restart: its relup upgrades from the running 1.0.0",
+        "releases/1.1.0",
+        "lib/thermo-1.1.0",
+    ] {
+        assert!(hot.stdout.contains(want), "{want:?} not in\n{}", hot.stdout);
+    }
+    let cold = beamup(
+        d.path(),
+        &[
+            "install",
+            d.bundle("2.0.0").to_str().unwrap(),
+            "--config",
+            "agent.toml",
+            "--dry-run",
+            "--json",
+        ],
+    );
+    cold.ok();
+    let j: Value = serde_json::from_str(&cold.stdout).unwrap();
+    assert_eq!(j["strategy"], "cold", "{j:#}");
+    assert_eq!(j["why"], "thermo 2.0.0 has no relup");
+    assert!(j["chunks_read"].as_u64().unwrap() <= j["chunks_total"].as_u64().unwrap());
+    // A bundle the install would refuse is refused by the dry run, with the
+    // same exit code.
+    let mut bytes = fs::read(d.bundle("1.1.0")).unwrap();
+    let n = bytes.len();
+    bytes[n - 5000] ^= 1;
+    fs::write(d.path().join("tampered.bundle"), &bytes).unwrap();
+    let bad = beamup(
+        d.path(),
+        &[
+            "install",
+            "tampered.bundle",
+            "--config",
+            "agent.toml",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(bad.code, exit::TARBALL_MISMATCH as i32, "{}", bad.stderr);
+
+    assert_eq!(d.snapshot(), root_before, "the release root changed");
+    assert_eq!(state_files(&state), state_before, "the state dir changed");
+    assert_eq!(d.version_and_counter(), ("1.0.0".into(), 1));
+    // And the install it described does what it said.
+    d.install(&d.bundle("1.1.0"), &[]).ok();
+    d.assert_settled_on("1.1.0", &[]);
+    d.assert_boots_permanent();
+}

@@ -387,3 +387,30 @@ on_every_shape! {
     cold_killed_after_the_restart => |f| killed_at(f, "2.0.0", "restarting+", "1.0.0");
     cold_killed_after_committing => |f| killed_at(f, "2.0.0", "committing+", "2.0.0");
 }
+
+/// A dry run on a mix root says RELEASES would be written first, and
+/// writes nothing: not RELEASES, not anything else.
+#[test]
+fn a_dry_run_on_a_mix_root_writes_no_releases_file() {
+    let mut d = Device::new_flavor(Flavor::Mix);
+    let before = d.snapshot();
+    assert!(!d.node.root().join("releases/RELEASES").exists());
+    let run = beamup(
+        d.path(),
+        &[
+            "install",
+            d.bundle("1.1.0").to_str().unwrap(),
+            "--config",
+            "agent.toml",
+            "--dry-run",
+            "--json",
+        ],
+    );
+    run.ok();
+    let j: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(j["writes_releases_file"], true, "{j:#}");
+    assert_eq!(j["strategy"], "hot", "{j:#}");
+    assert_eq!(d.snapshot(), before, "the dry run changed the root");
+    assert!(!d.node.root().join("releases/RELEASES").exists());
+    d.assert_boots_permanent();
+}
