@@ -595,6 +595,26 @@ fn print_outcome(o: &Outcome, json: bool) {
         Some(r) => println!("{} {} {}{how}: {r}", o.outcome.name(), o.release, o.version),
         None => println!("{} {} {}{how}", o.outcome.name(), o.release, o.version),
     }
+    if !o.steps.is_empty() {
+        let steps: Vec<String> = o
+            .steps
+            .iter()
+            .map(|t| {
+                format!(
+                    "{} {}",
+                    t.step,
+                    humantime::format_duration(std::time::Duration::from_millis(t.ms))
+                )
+            })
+            .collect();
+        println!(
+            "steps: {}{}",
+            steps.join(", "),
+            o.failed_step
+                .as_ref()
+                .map_or(String::new(), |f| format!(" (failed at {f})"))
+        );
+    }
 }
 
 fn install_command(bundle: &Path, config: &Path, retry: bool, json: bool) -> Result<ExitCode> {

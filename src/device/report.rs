@@ -69,7 +69,19 @@ fn outcome_report(o: &Outcome) -> OutcomeReport {
         sequence: o.sequence,
         reason: o.reason.clone(),
         at: o.at.clone(),
+        steps: step_reports(o),
+        failed_step: o.failed_step.clone(),
     }
+}
+
+fn step_reports(o: &Outcome) -> Vec<protocol::StepReport> {
+    o.steps
+        .iter()
+        .map(|t| protocol::StepReport {
+            step: t.step.clone(),
+            ms: t.ms,
+        })
+        .collect()
 }
 
 impl Reporter {
@@ -271,6 +283,7 @@ impl Reporter {
                 None,
                 None,
                 (!detail.is_empty()).then(|| detail.to_string()),
+                vec![],
             )?;
         }
         Ok(())
@@ -293,6 +306,7 @@ impl Reporter {
             Some(m.sequence),
             percent,
             None,
+            vec![],
         )
     }
 
@@ -322,6 +336,7 @@ impl Reporter {
             o.sequence.or(m.map(|m| m.sequence)),
             None,
             o.reason.clone(),
+            step_reports(o),
         )
     }
 
@@ -361,6 +376,7 @@ impl Reporter {
         sequence: Option<u64>,
         percent: Option<u8>,
         reason: Option<String>,
+        steps: Vec<protocol::StepReport>,
     ) -> Result<()> {
         let e = protocol::Event {
             v: protocol::VERSION,
@@ -374,6 +390,7 @@ impl Reporter {
             percent,
             reason,
             at: now_text(),
+            steps,
         };
         self.outbox.push(Entry {
             topic: self.events_topic.clone(),

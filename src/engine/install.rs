@@ -20,7 +20,9 @@ use std::time::{Instant, SystemTime};
 use crate::bundle::Bundle;
 use crate::engine::decide::{self, NodeSeen, Recovery, Running};
 use crate::engine::settings::EngineSettings;
-use crate::engine::state::{DeviceState, Journal, Outcome, OutcomeKind, Phase, Store, Strategy};
+use crate::engine::state::{
+    DeviceState, Journal, Outcome, OutcomeKind, Phase, StepTime, Store, Strategy,
+};
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 use crate::health::{self, Gate, Verdict};
@@ -93,6 +95,9 @@ pub(crate) struct Engine {
     /// Flushing the unpacked files to disk, started after the unpack and
     /// awaited before the commit (see `commit`).
     pending_sync: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// The steps of the install in progress, with when each began: the
+    /// outcome carries their durations.
+    timeline: Vec<(Step, Instant)>,
 }
 
 /// What `prepare` established about a bundle before anything is touched.
@@ -148,11 +153,44 @@ impl Engine {
             node,
             progress,
             pending_sync: None,
+            timeline: Vec::new(),
         })
     }
 
     pub(crate) fn state(&self) -> &DeviceState {
         &self.state
+    }
+
+    /// A step begins: recorded for the outcome's durations, and reported.
+    fn begin_step(&mut self, step: Step, detail: &str) {
+        if !matches!(step, Step::Finished(_)) {
+            self.timeline.push((step, Instant::now()));
+        }
+        self.progress.phase(step, detail);
+    }
+
+    /// How long each step of this install took, until `end`; and, for a
+    /// rollback, the step that failed (the one before rolling back).
+    fn step_times(&self, end: Instant) -> (Vec<StepTime>, Option<String>) {
+        let times = self
+            .timeline
+            .iter()
+            .enumerate()
+            .map(|(i, (step, at))| {
+                let until = self.timeline.get(i + 1).map_or(end, |(_, t)| *t);
+                StepTime {
+                    step: step.name().to_string(),
+                    ms: until.duration_since(*at).as_millis() as u64,
+                }
+            })
+            .collect();
+        let failed = self
+            .timeline
+            .iter()
+            .position(|(s, _)| *s == Step::RollingBack)
+            .and_then(|i| i.checked_sub(1))
+            .map(|i| self.timeline[i].0.name().to_string());
+        (times, failed)
     }
 
     fn root(&self) -> &Path {
@@ -181,6 +219,7 @@ impl Engine {
     fn finish(&mut self, kind: OutcomeKind, reason: Option<String>) -> Result<Outcome> {
         let j = self.journal().clone();
         crash_point(&format!("{}+", j.phase.name()));
+        let (steps, failed_step) = self.step_times(Instant::now());
         let outcome = Outcome {
             outcome: kind,
             release: j.release.clone(),
@@ -191,10 +230,13 @@ impl Engine {
             reason,
             at: manifest::format_time(SystemTime::now()),
             interrupted: false,
+            steps,
+            failed_step,
         };
+        self.timeline.clear();
         self.state.finish(outcome.clone());
         self.save()?;
-        self.progress.phase(
+        self.begin_step(
             Step::Finished(kind),
             outcome.reason.as_deref().unwrap_or(""),
         );
@@ -208,8 +250,7 @@ impl Engine {
             e.to_string(),
         ));
         self.save()?;
-        self.progress
-            .phase(Step::Finished(OutcomeKind::Rejected), &e.to_string());
+        self.begin_step(Step::Finished(OutcomeKind::Rejected), &e.to_string());
         Ok(())
     }
 
@@ -234,8 +275,8 @@ impl Engine {
             });
         }
         let started = Instant::now();
-        self.progress
-            .phase(Step::Verifying, &bundle.display().to_string());
+        self.timeline.clear();
+        self.begin_step(Step::Verifying, &bundle.display().to_string());
         let mut manifest_seen = None;
         let prepared = match self.prepare(bundle, opts, &mut manifest_seen).await {
             Ok(p) => p,
@@ -618,7 +659,7 @@ impl Engine {
         });
         self.save()?;
         crash_point("unpacking");
-        self.progress.phase(
+        self.begin_step(
             Step::Unpacking,
             &format!("{} {}", m.release.name, m.release.version),
         );
@@ -673,8 +714,7 @@ impl Engine {
         match p.strategy {
             Strategy::Hot => {
                 self.enter(Phase::Installing)?;
-                self.progress
-                    .phase(Step::Installing, "hot upgrade through the relup");
+                self.begin_step(Step::Installing, "hot upgrade through the relup");
                 let to = m.release.version.clone();
                 match self.node.install_release(&to).await {
                     Ok(_) => {}
@@ -698,7 +738,7 @@ impl Engine {
             }
             Strategy::Cold => {
                 self.enter(Phase::Restarting)?;
-                self.progress.phase(
+                self.begin_step(
                     Step::Restarting,
                     "cold upgrade: restarting the node into the new release",
                 );
@@ -741,17 +781,17 @@ impl Engine {
     /// Passes when the configured checks pass continuously for the soak
     /// window and the node reports the new version as what it runs.
     async fn health_gate(&mut self) -> std::result::Result<(), String> {
-        let h = &self.settings.health;
+        let (soak, timeout) = (self.settings.health.soak, self.settings.health.timeout);
         let to = self.journal().to_version.clone();
-        self.progress.phase(
+        self.begin_step(
             Step::Soaking,
             &format!(
                 "healthy for {} within {}",
-                humantime::format_duration(h.soak),
-                humantime::format_duration(h.timeout)
+                humantime::format_duration(soak),
+                humantime::format_duration(timeout)
             ),
         );
-        self.gate(&to, h.timeout, h.soak).await
+        self.gate(&to, timeout, soak).await
     }
 
     async fn gate(
@@ -784,7 +824,7 @@ impl Engine {
     async fn commit(&mut self) -> Result<Outcome> {
         let to = self.journal().to_version.clone();
         let from = self.journal().from_version.clone();
-        self.progress.phase(Step::Committing, &to);
+        self.begin_step(Step::Committing, &to);
         let result: std::result::Result<(), String> = async {
             self.await_sync().await.map_err(|e| e.to_string())?;
             // What boots first: a crash between the two then boots the
@@ -1021,7 +1061,7 @@ impl Engine {
         self.enter(Phase::RollingBack {
             reason: reason.clone(),
         })?;
-        self.progress.phase(Step::RollingBack, &reason);
+        self.begin_step(Step::RollingBack, &reason);
         let j = self.journal().clone();
 
         // A relup-based downgrade keeps the node (and its state) running.
@@ -1117,7 +1157,7 @@ impl Engine {
         let Some(j) = self.state.current.clone() else {
             return Ok(None);
         };
-        self.progress.phase(
+        self.begin_step(
             Step::Recovering,
             &format!(
                 "{} {} was interrupted while {}",

@@ -265,6 +265,20 @@ pub(crate) struct Outcome {
     /// not because of the release: such a release may be offered again.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub(crate) interrupted: bool,
+    /// How long each step took (verifying, unpacking, installing or
+    /// restarting, soaking, committing, rolling back), in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) steps: Vec<StepTime>,
+    /// Rolled back: the step that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) failed_step: Option<String>,
+}
+
+/// One step of an install and its duration.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StepTime {
+    pub(crate) step: String,
+    pub(crate) ms: u64,
 }
 
 impl Outcome {
@@ -285,6 +299,8 @@ impl Outcome {
             reason: Some(reason),
             at: crate::release::manifest::format_time(std::time::SystemTime::now()),
             interrupted: false,
+            steps: Vec::new(),
+            failed_step: None,
         }
     }
 }
@@ -461,6 +477,8 @@ mod tests {
             reason: None,
             at: "2026-01-01T00:00:00Z".into(),
             interrupted: false,
+            steps: vec![],
+            failed_step: None,
         }
     }
 

@@ -368,6 +368,22 @@ pub(crate) struct OutcomeReport {
     #[serde(default)]
     pub(crate) reason: Option<String>,
     pub(crate) at: String,
+    /// How long each step of the install took, in order (absent from
+    /// outcomes reached without an install, e.g. a rejected offer).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) steps: Vec<StepReport>,
+    /// Rolled back: the step that failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) failed_step: Option<String>,
+}
+
+/// One step of an install and how long it took.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct StepReport {
+    /// verifying, unpacking, installing, restarting, soaking, committing,
+    /// rolling_back
+    pub(crate) step: String,
+    pub(crate) ms: u64,
 }
 
 /// The retained state of a device.
@@ -434,6 +450,9 @@ pub(crate) struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) reason: Option<String>,
     pub(crate) at: String,
+    /// Outcomes of an install: how long each step took.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) steps: Vec<StepReport>,
 }
 
 /// An operator's command to one device.

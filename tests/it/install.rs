@@ -46,6 +46,25 @@ fn hot_upgrade_keeps_state_and_commits() {
     let st = d.status();
     assert_eq!(st["last_outcome"]["outcome"], "committed");
     assert_eq!(st["last_outcome"]["strategy"], "hot");
+    let steps: Vec<&str> = st["last_outcome"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "verifying",
+            "unpacking",
+            "installing",
+            "soaking",
+            "committing"
+        ],
+        "{st:#}"
+    );
+    assert!(st["last_outcome"]["failed_step"].is_null());
+    assert!(run.stdout.contains("steps: verifying "), "{}", run.stdout);
     // The previous release stays for a manual downgrade.
     assert!(d.node.root().join("releases/1.0.0").exists());
     d.assert_boots_permanent();
@@ -69,6 +88,27 @@ fn unhealthy_release_is_rolled_back_hot_and_the_next_install_succeeds() {
     assert_eq!(o["outcome"], "rolled_back");
     let reason = o["reason"].as_str().unwrap();
     assert!(reason.contains("status 503"), "{reason}");
+    // The outcome says how long each step took, and which one failed.
+    let steps: Vec<&str> = o["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        steps,
+        [
+            "verifying",
+            "unpacking",
+            "installing",
+            "soaking",
+            "rolling_back"
+        ],
+        "{o:#}"
+    );
+    assert_eq!(o["failed_step"], "soaking", "{o:#}");
+    // The soak ran into its timeout (8 s): its time says so.
+    assert!(o["steps"][3]["ms"].as_u64().unwrap() >= 7_000, "{o:#}");
     assert_eq!(
         d.version_and_counter(),
         ("1.0.0".into(), 2),

@@ -204,6 +204,7 @@ fn settle(
     verdict: Verdict,
     reason: Option<String>,
     device_at: Option<String>,
+    steps: &[crate::transport::protocol::StepReport],
     retries: (u32, u64),
     now: u64,
 ) {
@@ -217,6 +218,9 @@ fn settle(
         return;
     }
     t.outcome_at = device_at.as_deref().and_then(parse_time).or(Some(now));
+    if !steps.is_empty() {
+        t.steps = steps.to_vec();
+    }
     t.counted_outcome_at = device_at;
     t.settled_at = Some(now);
     t.reason = reason;
@@ -290,6 +294,7 @@ fn observe(
             verdict,
             o.reason.clone(),
             Some(o.at.clone()),
+            &o.steps,
             retries,
             now,
         );
@@ -386,6 +391,7 @@ pub fn apply_event(c: &mut Campaign, ev: &Event, now: u64) {
                 verdict,
                 ev.reason.clone(),
                 Some(ev.at.clone()),
+                &ev.steps,
                 retries,
                 now,
             );
@@ -669,6 +675,7 @@ pub fn step(c: &mut Campaign, facts: &Facts, now: u64) -> Vec<Effect> {
                                 o.reason.clone().unwrap_or_else(|| o.outcome.clone())
                             )),
                             Some(o.at.clone()),
+                            &[],
                             retries,
                             now,
                         );

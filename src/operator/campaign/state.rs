@@ -166,6 +166,9 @@ pub struct Track {
     /// Highest event id applied (events come at least once).
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub last_event: u64,
+    /// How long each step of the device's install took (its outcome says).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<crate::transport::protocol::StepReport>,
     /// An outcome that came after the device was counted as timed out.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub late: Option<String>,

@@ -78,6 +78,9 @@ pub struct DeviceReport {
     pub installed_at: Option<String>,
     /// When the device reported its outcome (committed or not).
     pub outcome_at: Option<String>,
+    /// The device's install, step by step (milliseconds).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<crate::transport::protocol::StepReport>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub late: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,6 +131,7 @@ pub fn report(c: &Campaign) -> Report {
                 downloaded_at: time(t.downloaded_at),
                 installed_at: time(t.installed_at),
                 outcome_at: time(t.outcome_at),
+                steps: t.steps.clone(),
                 late: t.late.clone(),
                 revert: r.revert.as_ref().map(|t| t.verdict().name()),
             }
@@ -308,6 +312,7 @@ pub fn report_text(r: &Report) -> String {
         "DOWNLOADED".into(),
         "INSTALLED".into(),
         "OUTCOME AT".into(),
+        "TOOK".into(),
         "REASON".into(),
     ]];
     let dash = |s: &Option<String>| s.clone().unwrap_or("-".into());
@@ -323,6 +328,7 @@ pub fn report_text(r: &Report) -> String {
             dash(&d.downloaded_at),
             dash(&d.installed_at),
             dash(&d.outcome_at),
+            took(&d.steps),
             d.reason.clone().unwrap_or_default(),
         ]);
     }
@@ -335,6 +341,20 @@ pub fn report_text(r: &Report) -> String {
     out
 }
 
+/// An install's time, and its longest step (the soak, usually).
+fn took(steps: &[crate::transport::protocol::StepReport]) -> String {
+    let Some(longest) = steps.iter().max_by_key(|s| s.ms) else {
+        return "-".into();
+    };
+    let total: u64 = steps.iter().map(|s| s.ms).sum();
+    format!(
+        "{:.1}s ({} {:.1}s)",
+        total as f64 / 1000.0,
+        longest.step,
+        longest.ms as f64 / 1000.0
+    )
+}
+
 fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n']) {
         format!("\"{}\"", s.replace('"', "\"\""))
@@ -345,12 +365,12 @@ fn csv_field(s: &str) -> String {
 
 pub fn report_csv(r: &Report) -> String {
     let mut out = String::from(
-        "device,wave,outcome,reason,before,after,attempts,offered_at,downloaded_at,installed_at,outcome_at,revert\n",
+        "device,wave,outcome,reason,before,after,attempts,offered_at,downloaded_at,installed_at,outcome_at,steps_ms,revert\n",
     );
     let o = |s: &Option<String>| csv_field(s.as_deref().unwrap_or(""));
     for d in &r.devices {
         out.push_str(&format!(
-            "{},{},{},{},{},{},{},{},{},{},{},{}\n",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}\n",
             csv_field(&d.device),
             csv_field(&d.wave),
             d.outcome,
@@ -362,6 +382,13 @@ pub fn report_csv(r: &Report) -> String {
             o(&d.downloaded_at),
             o(&d.installed_at),
             o(&d.outcome_at),
+            csv_field(
+                &d.steps
+                    .iter()
+                    .map(|s| format!("{}={}", s.step, s.ms))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            ),
             d.revert.unwrap_or("")
         ));
     }

@@ -77,6 +77,8 @@ fn outcome(f: &mut Facts, id: &str, outcome: &str, at: &str) {
         sequence: Some(SEQ),
         reason: (outcome != "committed").then(|| "status 503".into()),
         at: at.into(),
+        steps: vec![],
+        failed_step: None,
     });
     if outcome == "committed" {
         s.running = Some("1.1.0".into());
@@ -154,6 +156,7 @@ fn the_same_outcome_from_state_and_event_counts_once() {
         percent: None,
         reason: Some("status 503".into()),
         at: "2026-01-01T00:00:01Z".into(),
+        steps: vec![],
     };
     apply_event(&mut c, &ev, 1_000);
     apply_event(&mut c, &ev, 1_001);
@@ -493,6 +496,8 @@ fn an_abort_offers_the_revert_to_the_devices_that_committed() {
         sequence: Some(SEQ + 1),
         reason: None,
         at: "2026-01-01T00:00:05Z".into(),
+        steps: vec![],
+        failed_step: None,
     });
     s.running = Some("1.0.0".into());
     // gw-3 was withdrawn (offered, not taken up).
