@@ -1,8 +1,9 @@
 //! `beamup campaign` against a real mosquitto, a real `beamup serve` and
 //! real devices (thermo nodes with their agents): waves and soaks, a bad
 //! canary that pauses the campaign, thresholds, offline devices, device
-//! timeouts, pause/resume/abort, and a controller killed with -9 at random
-//! points, each checked against what the devices themselves say.
+//! timeouts, pause/resume/abort, a controller killed with -9 at random
+//! points, a broker restarted without persistence, each checked against
+//! what the devices themselves say.
 
 use std::time::{Duration, Instant};
 
@@ -41,7 +42,10 @@ fn check_against_devices(f: &Fleet, report: &Value) {
                 assert_eq!(row["after"], "1.1.0");
                 // The device's own step times, as its outcome reported them.
                 assert_eq!(row["steps"], last["steps"], "{}", id(i));
-                assert!(row["steps"].as_array().is_some_and(|s| !s.is_empty()), "{row}");
+                assert!(
+                    row["steps"].as_array().is_some_and(|s| !s.is_empty()),
+                    "{row}"
+                );
             }
             "rolled_back" => {
                 assert_eq!(st["node"]["permanent"], "1.0.0", "{}: {st:#}", id(i));
@@ -468,4 +472,36 @@ fn the_shipped_acl_keeps_devices_off_campaign_topics() {
         device.messages().is_empty(),
         "a device read a campaign topic"
     );
+}
+
+/// mosquitto killed mid-campaign and started again without persistence:
+/// every retained offer, state and campaign document is gone. Devices
+/// publish theirs again, the controller reads the broker afresh, and the
+/// campaign completes with every device counted once.
+#[test]
+fn a_broker_restarted_without_persistence_mid_campaign_loses_no_device() {
+    let mut f = Fleet::new(3, "timeout = \"12s\"\nsoak = \"3s\"", &[]);
+    f.start_agents(0..3);
+    let bundle = f.bundle("1.1.0", &[]);
+    let plan = f.plan(
+        "plan.toml",
+        &bundle,
+        "id = \"lost\"\n[[waves]]\nrest = true\n[rollout]\norder = \"id\"\nmax_in_flight = 1\n",
+    );
+    let mut ctl = f.start_campaign(&plan, "controller.log");
+    f.wait_state(0, "soaking", |s| s["phase"]["name"] == "soaking");
+    f.broker.kill();
+    std::thread::sleep(Duration::from_secs(1));
+    f.broker.restart();
+    assert_eq!(ctl.wait_exit(CAMPAIGN), Some(0), "{}", ctl.log());
+    let report = f.report("lost");
+    assert_eq!(count(&report, "committed"), 3, "{report:#}");
+    for i in 0..3 {
+        assert_eq!(Fleet::row(&report, i)["attempts"], 1, "{report:#}");
+    }
+    check_against_devices(&f, &report);
+    // The campaign's view is on the broker again.
+    let remote = f.beamup(&["campaign", "status", "lost", "--fleet", "acme", "--json"]);
+    remote.ok();
+    assert!(remote.stdout.contains("\"completed\""), "{}", remote.stdout);
 }

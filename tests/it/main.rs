@@ -4,8 +4,9 @@
 //! live in `support/`.
 
 /// `beamup campaign` over real devices, `serve` and mosquitto: waves,
-/// soaks, thresholds, offline devices, timeouts, pause/resume/abort, and a
-/// controller killed with -9 at random points.
+/// soaks, thresholds, offline devices, timeouts, pause/resume/abort, a
+/// controller killed with -9 at random points, a broker restarted without
+/// persistence, the shipped ACL.
 mod campaign;
 /// Real nodes booted in podman from `containers/pod.yaml`: provisioning,
 /// a hot upgrade over MQTT, restarts that boot the permanent release.
