@@ -288,6 +288,29 @@ fn pause_stops_new_offers_resume_goes_on_and_abort_lets_the_device_in_flight_fin
     let p = f.beamup(&["campaign", "pause", "ctl", "--fleet", "acme"]);
     p.ok();
     assert!(p.stdout.contains("pause applied"), "{}", p.stdout);
+    // A second controller is refused: on this machine by the lock, and
+    // from a copy of the campaign elsewhere by the live one's lease.
+    f.beamup(&["campaign", "run", "ctl", "--campaigns", "campaigns"])
+        .fails(
+            i32::from(exit::BUSY),
+            "a controller for this campaign is running",
+        );
+    let copy = f.dir().join("elsewhere");
+    std::fs::create_dir(&copy).unwrap();
+    let out = std::process::Command::new("cp")
+        .args(["-a", "campaigns/ctl", copy.to_str().unwrap()])
+        .current_dir(f.dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    f.beamup(&[
+        "campaign",
+        "run",
+        "ctl",
+        "--campaigns",
+        copy.to_str().unwrap(),
+    ])
+    .fails(i32::from(exit::BUSY), "has a controller online");
     // gw-1 finishes; nobody else is offered while paused.
     f.wait_state(0, "committed", |s| {
         s["last_outcome"]["outcome"] == "committed"
