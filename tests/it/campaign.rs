@@ -26,7 +26,7 @@ fn count(report: &Value, outcome: &str) -> usize {
 
 /// The report agrees with each device's own `beamup status --json`: what
 /// it runs, what is permanent, and its last outcome.
-fn check_against_devices(f: &Fleet, report: &Value) {
+fn check_against_devices(f: &Fleet, report: &Value, version: &str) {
     for (i, d) in f.devices.iter().enumerate() {
         let row = Fleet::row(report, i);
         if row.is_null() {
@@ -36,10 +36,10 @@ fn check_against_devices(f: &Fleet, report: &Value) {
         let last = &st["last_outcome"];
         match row["outcome"].as_str().unwrap() {
             "committed" => {
-                assert_eq!(st["node"]["running"], "1.1.0", "{}: {st:#}", id(i));
-                assert_eq!(st["node"]["permanent"], "1.1.0", "{}: {st:#}", id(i));
+                assert_eq!(st["node"]["running"], version, "{}: {st:#}", id(i));
+                assert_eq!(st["node"]["permanent"], version, "{}: {st:#}", id(i));
                 assert_eq!(last["outcome"], "committed", "{}: {st:#}", id(i));
-                assert_eq!(row["after"], "1.1.0");
+                assert_eq!(row["after"], version);
                 // The device's own step times, as its outcome reported them.
                 assert_eq!(row["steps"], last["steps"], "{}", id(i));
                 assert!(
@@ -133,7 +133,7 @@ fn a_canary_commits_soaks_then_the_rest_commit_with_state_and_pid_kept() {
         assert_eq!(h["os_pid"], pids[i].as_str(), "{}", id(i));
         assert_eq!(h["counter"], 1, "{}", id(i));
     }
-    check_against_devices(&f, &report);
+    check_against_devices(&f, &report, "1.1.0");
     // The broker keeps no offer once the devices took theirs up.
     let retained = crate::support::mqtt::Sub::new(&f.broker, &["beamup/acme/device/+/offer"]);
     std::thread::sleep(Duration::from_millis(800));
@@ -200,7 +200,7 @@ fn a_release_failing_its_health_check_on_the_canary_pauses_the_campaign_before_a
     let report = f.report("bad");
     assert_eq!(Fleet::row(&report, 0)["outcome"], "rolled_back");
     assert_eq!(count(&report, "not_offered"), 3, "{report:#}");
-    check_against_devices(&f, &report);
+    check_against_devices(&f, &report, "1.1.0");
     for mut d in f.devices.drain(..) {
         d.assert_boots_permanent();
     }
@@ -229,7 +229,7 @@ fn a_failure_percentage_pauses_a_wave_and_a_looser_one_lets_it_complete() {
     assert_eq!(count(&report, "committed"), 3, "{report:#}");
     assert_eq!(count(&report, "rolled_back"), 2, "{report:#}");
     assert_eq!(Fleet::row(&report, 1)["outcome"], "rolled_back");
-    check_against_devices(&f, &report);
+    check_against_devices(&f, &report, "1.1.0");
 }
 
 #[test]
@@ -270,7 +270,7 @@ fn offline_devices_are_waited_for_then_unreached_and_a_silent_one_times_out() {
     assert_eq!(row(3)["outcome"], "unreached", "{report:#}");
     assert!(row(3)["offered_at"].is_null());
     assert_eq!(f.offers_to(3), 0);
-    check_against_devices(&f, &report);
+    check_against_devices(&f, &report, "1.1.0");
 }
 
 #[test]
@@ -336,41 +336,24 @@ fn pause_stops_new_offers_resume_goes_on_and_abort_lets_the_device_in_flight_fin
     assert_eq!(row(2)["outcome"], "not_offered", "{report:#}");
     assert_eq!(row(3)["outcome"], "not_offered", "{report:#}");
     assert_eq!(f.offers_to(2) + f.offers_to(3), 0);
-    check_against_devices(&f, &report);
+    check_against_devices(&f, &report, "1.1.0");
 }
 
-/// kill -9 of the controller at random moments, again and again, until
-/// the campaign finishes: no device offered twice, none skipped, every
-/// outcome counted once, and the same report as a run left alone.
-#[test]
-fn a_controller_killed_at_random_points_ends_in_the_same_report() {
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
-    eprintln!("kill schedule seed {seed}");
-    let mut rng = seed;
-    let mut next = move |max_ms: u64| {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        rng % max_ms
-    };
-    // gw-3 rolls back; the threshold allows one failure.
-    let mut f = Fleet::new(5, TIMING, &[2]);
-    f.start_agents(0..5);
-    let bundle = f.bundle("1.1.0", &[]);
-    let plan = f.plan(
-        "plan.toml",
-        &bundle,
-        "id = \"k9\"\n[[waves]]\ndevices = [\"gw-1\"]\n[[waves]]\nrest = true\nmax_failures = 1\n[rollout]\nmax_in_flight = 2\norder = \"id\"\n",
-    );
-    let mut ctl = f.start_campaign(&plan, "controller-0.log");
+/// Runs campaign `cid` of `plan`, killing its controller with -9 after
+/// random delays (at most 10 times) and starting it again each time, until
+/// it finishes. Returns its report and the number of kills.
+fn run_with_kills(
+    f: &Fleet,
+    plan: &std::path::Path,
+    cid: &str,
+    next: &mut impl FnMut(u64) -> u64,
+) -> (Value, u32) {
+    let state = f.dir().join(format!("campaigns/{cid}/campaign.json"));
+    let mut ctl = f.start_campaign(plan, &format!("{cid}-0.log"));
     let started = Instant::now();
     let mut kills = 0;
     loop {
-        let wait = Duration::from_millis(300 + next(3000));
-        let deadline = Instant::now() + wait;
+        let deadline = Instant::now() + Duration::from_millis(300 + next(3000));
         while Instant::now() < deadline && ctl.running_pid().is_some() {
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -380,31 +363,60 @@ fn a_controller_killed_at_random_points_ends_in_the_same_report() {
         }
         ctl.kill9();
         kills += 1;
-        assert!(started.elapsed() < CAMPAIGN, "campaign did not finish");
+        assert!(
+            started.elapsed() < CAMPAIGN,
+            "campaign {cid} did not finish"
+        );
         // Killed before it created the campaign: start it again.
-        ctl = if f.dir().join("campaigns/k9/campaign.json").exists() {
-            f.run_campaign("k9", &format!("controller-{kills}.log"))
+        ctl = if state.exists() {
+            f.run_campaign(cid, &format!("{cid}-{kills}.log"))
         } else {
-            f.start_campaign(&plan, &format!("controller-{kills}.log"))
+            f.start_campaign(plan, &format!("{cid}-{kills}.log"))
         };
     }
     let deadline = Instant::now() + CAMPAIGN;
     while ctl.running_pid().is_some() {
         assert!(
             Instant::now() < deadline,
-            "campaign did not finish: {}\n{}",
-            std::fs::read_to_string(f.dir().join("campaigns/k9/campaign.json")).unwrap_or_default(),
+            "campaign {cid} did not finish: {}\n{}",
+            std::fs::read_to_string(&state).unwrap_or_default(),
             ctl.log()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(ctl.wait_exit(CAMPAIGN), Some(0), "{}", ctl.log());
-    eprintln!("{kills} kills");
-    assert!(
-        kills >= 2,
-        "only {kills} kills: the schedule missed the campaign"
+    eprintln!("campaign {cid}: {kills} kills");
+    (f.report(cid), kills)
+}
+
+/// kill -9 of the controller at random moments, again and again, over two
+/// campaigns (a hot one with a rollback, then a cold one): no device offered
+/// twice, none skipped, every outcome counted once, and the report each
+/// campaign must end in whatever the kills did.
+#[test]
+fn a_controller_killed_at_random_points_ends_in_the_same_report() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
+    eprintln!("kill schedule seed {seed}");
+    let mut rng = seed | 1;
+    let mut next = move |max_ms: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % max_ms
+    };
+    // gw-3 rolls 1.1.0 back; the threshold allows one failure.
+    let mut f = Fleet::new(5, TIMING, &[2]);
+    f.start_agents(0..5);
+    let waves = "[[waves]]\ndevices = [\"gw-1\"]\n[[waves]]\nrest = true\nmax_failures = 1\n[rollout]\nmax_in_flight = 2\norder = \"id\"\n";
+    let hot = f.plan(
+        "hot.toml",
+        &f.bundle("1.1.0", &[]),
+        &format!("id = \"k9-hot\"\n{waves}"),
     );
-    let report = f.report("k9");
+    let (report, kills_hot) = run_with_kills(&f, &hot, "k9-hot", &mut next);
     assert_eq!(report["status"], "completed", "{report:#}");
     for i in 0..5 {
         let want = if i == 2 { "rolled_back" } else { "committed" };
@@ -420,7 +432,34 @@ fn a_controller_killed_at_random_points_ends_in_the_same_report() {
     }
     assert_eq!(report["total"]["committed"], 4);
     assert_eq!(report["total"]["failed"], 1);
-    check_against_devices(&f, &report);
+    check_against_devices(&f, &report, "1.1.0");
+
+    // 2.0.0 has no relup: cold upgrades, from 1.1.0 and (gw-3) from 1.0.0.
+    let cold = f.plan(
+        "cold.toml",
+        &f.bundle("2.0.0", &[]),
+        &format!("id = \"k9-cold\"\n{waves}"),
+    );
+    let (report, kills_cold) = run_with_kills(&f, &cold, "k9-cold", &mut next);
+    assert_eq!(report["status"], "completed", "{report:#}");
+    for i in 0..5 {
+        assert_eq!(Fleet::row(&report, i)["outcome"], "committed", "{report:#}");
+        assert_eq!(Fleet::row(&report, i)["attempts"], 1, "{report:#}");
+        assert_eq!(
+            f.offers_to(i),
+            2,
+            "{} offered {} times in all",
+            id(i),
+            f.offers_to(i)
+        );
+    }
+    assert_eq!(report["total"]["committed"], 5);
+    check_against_devices(&f, &report, "2.0.0");
+    assert!(
+        kills_hot + kills_cold >= 3,
+        "only {} kills: the schedule missed the campaigns",
+        kills_hot + kills_cold
+    );
 }
 
 #[test]
@@ -522,7 +561,7 @@ fn a_broker_restarted_without_persistence_mid_campaign_loses_no_device() {
     for i in 0..3 {
         assert_eq!(Fleet::row(&report, i)["attempts"], 1, "{report:#}");
     }
-    check_against_devices(&f, &report);
+    check_against_devices(&f, &report, "1.1.0");
     // The campaign's view is on the broker again.
     let remote = f.beamup(&["campaign", "status", "lost", "--fleet", "acme", "--json"]);
     remote.ok();
