@@ -100,8 +100,14 @@ pub fn report(c: &Campaign) -> Report {
         .enumerate()
         .map(|(i, w)| WaveReport {
             name: w.name.clone(),
-            state: if w.done_at.is_some() && i < c.wave {
+            state: if w.done_at.is_some() && (i < c.wave || c.finished()) {
                 "done"
+            } else if c.status == super::state::Status::Aborted {
+                if w.started_at.is_some() {
+                    "stopped"
+                } else {
+                    "not started"
+                }
             } else if w.done_at.is_some() {
                 "soaking"
             } else if w.started_at.is_some() {
