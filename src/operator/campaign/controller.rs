@@ -31,6 +31,11 @@ const TICK: Duration = Duration::from_millis(250);
 /// after subscribing (or `SETTLE_MAX` passed).
 const SETTLE_QUIET: Duration = Duration::from_millis(700);
 const SETTLE_MAX: Duration = Duration::from_secs(10);
+/// A busy fleet sends thousands of messages a second: they are taken in as
+/// they come and decided on together, in turns at most this frequent (and
+/// further apart when a turn's save takes long: a large campaign's state
+/// is megabytes, rewritten whole).
+const TURN_MIN_GAP: Duration = Duration::from_millis(100);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -218,6 +223,8 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut stopping = false;
     let mut done_at: Option<Instant> = None;
+    let mut last_turn: Option<Instant> = None;
+    let mut turn_gap = TURN_MIN_GAP;
     c.log(
         now_ms(),
         format!(
@@ -298,17 +305,21 @@ pub async fn run(
             }
             break;
         }
-        if !settled {
+        if !settled || last_turn.is_some_and(|t| t.elapsed() < turn_gap) {
             continue;
         }
+        let turn_started = Instant::now();
+        last_turn = Some(turn_started);
         let now = now_ms();
         let effects = decide::step(&mut c, &facts, now);
         let bytes = serde_json::to_vec(&c).expect("json");
         if bytes != saved {
-            opts.store.save(&c)?;
+            opts.store.save_bytes(&bytes)?;
             saved = bytes;
             status_dirty = true;
         }
+        // At most about a quarter of the time goes to deciding and saving.
+        turn_gap = TURN_MIN_GAP.max(turn_started.elapsed() * 3);
         for e in effects {
             let (topic, payload, retain) = match e {
                 Effect::Offer { device, revert: r } => (
