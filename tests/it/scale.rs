@@ -218,3 +218,69 @@ fn three_hundred_simulated_devices_two_percent_rolling_back_complete_under_a_thr
         "offered before the canary committed"
     );
 }
+
+/// The other fates, as a controller sees them: a device restarted in the
+/// middle of its transfer resumes it and commits, one that goes silent
+/// while soaking and one that drops off the broker as it takes the offer
+/// up time out. Each is offered once.
+#[test]
+fn restarted_silent_and_vanished_simulated_devices_are_judged_like_real_ones() {
+    let n = 40;
+    let mut f = SimFleet::new(n, "commit=0.7,restart=0.1,silent=0.1,offline=0.1", "200ms");
+    let fates = f.summary();
+    // Large enough that the restart comes with chunks still to fetch.
+    let bundle = f.bundle("1.1.0", 1_000_000);
+    let plan = f.plan(
+        "fates.toml",
+        &bundle,
+        "id = \"fates\"\n[[waves]]\nrest = true\nmax_failures = 100\n[rollout]\nmax_in_flight = 40\ndevice_timeout = \"6s\"\n",
+    );
+    let mut ctl = f.start_campaign(&plan, "controller.log");
+    assert_eq!(ctl.wait_exit(CAMPAIGN), Some(0), "{}", ctl.log());
+    let report = f.report("fates");
+    let summary = f.stop_devices();
+    let offers = f.offers_sent();
+    let rows: BTreeMap<String, Value> = report["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["device"].as_str().unwrap().to_string(), r.clone()))
+        .collect();
+    let chunks = chunks_of(&bundle);
+    for (i, d) in summary["devices"].as_array().unwrap().iter().enumerate() {
+        let id = sim_id(i);
+        let row = &rows[&id];
+        assert_eq!(
+            offers.get(&id),
+            Some(&1),
+            "{id} offered {:?} times",
+            offers.get(&id)
+        );
+        assert_eq!(d["fate"], fates["devices"][i]["fate"]);
+        match d["fate"].as_str().unwrap() {
+            "commit" => assert_eq!(row["outcome"], "committed", "{id}: {row}"),
+            "restart" => {
+                assert_eq!(row["outcome"], "committed", "{id}: {row}");
+                assert_eq!(d["restarts"], 1, "{id}: {d}");
+                assert_eq!(d["connections"], 2, "{id}: {d}");
+                // Resumed from its bitmap: no chunk verified twice.
+                assert_eq!(d["chunks_verified"], chunks, "{id}: {d}");
+            }
+            "silent" => {
+                assert_eq!(row["outcome"], "timed_out", "{id}: {row}");
+                assert!(
+                    row["reason"].as_str().unwrap().contains("soaking"),
+                    "{id}: {row}"
+                );
+                assert_eq!(d["chunks_verified"], chunks, "{id}: {d}");
+            }
+            "offline" => {
+                assert_eq!(row["outcome"], "timed_out", "{id}: {row}");
+                assert_eq!(d["chunks_verified"], 0, "{id}: {d}");
+            }
+            other => panic!("{id}: fate {other}"),
+        }
+    }
+    assert_eq!(report["total"]["committed"], 32, "{}", report["total"]);
+    assert_eq!(report["total"]["failed"], 8, "{}", report["total"]);
+}
