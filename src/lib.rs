@@ -46,6 +46,8 @@ pub mod node;
 #[cfg(feature = "operator")]
 pub(crate) mod operator;
 pub mod release;
+#[cfg(feature = "operator")]
+pub(crate) mod simulate;
 pub mod staging;
 pub mod transport;
 pub mod trust;

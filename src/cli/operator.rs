@@ -81,14 +81,16 @@ pub enum Command {
 impl Command {
     /// Long-running commands, which log what they do by default.
     pub fn is_daemon(&self) -> bool {
-        matches!(self, Command::Serve { .. })
-            || matches!(
-                self,
-                Command::Campaign(
-                    super::campaign::CampaignCommand::Run { .. }
-                        | super::campaign::CampaignCommand::Start { .. }
-                )
+        matches!(
+            self,
+            Command::Serve { .. } | Command::Fleet(FleetCommand::Simulate(_))
+        ) || matches!(
+            self,
+            Command::Campaign(
+                super::campaign::CampaignCommand::Run { .. }
+                    | super::campaign::CampaignCommand::Start { .. }
             )
+        )
     }
 }
 
@@ -285,6 +287,56 @@ pub enum FleetCommand {
         #[arg(long, value_name = "ID", value_parser = parse_name)]
         device: String,
     },
+    /// Simulated devices that speak the real protocol, for tests and
+    /// benches at fleet scale (not a device or operator tool).
+    #[command(hide = true)]
+    Simulate(Box<SimulateArgs>),
+}
+
+#[derive(Args, Debug)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    broker: BrokerArgs,
+    #[command(flatten)]
+    fleet: FleetArgs,
+    /// How many devices.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    devices: u32,
+    /// Device ids are PREFIX-00001, PREFIX-00002, ...
+    #[arg(long, value_name = "PREFIX", default_value = "sim", value_parser = parse_name)]
+    id_prefix: String,
+    /// A group every device is in (repeatable).
+    #[arg(long = "group", value_name = "NAME", value_parser = parse_name)]
+    groups: Vec<String>,
+    /// The trust root offers are verified against.
+    #[arg(long, value_name = "FILE")]
+    root: PathBuf,
+    /// The release the devices run.
+    #[arg(long, value_name = "NAME")]
+    release: String,
+    /// The version they run (and have permanent) at start.
+    #[arg(long, value_name = "VSN", default_value = "1.0.0")]
+    running: String,
+    /// Share of the devices per fate: commit, rollback, silent, offline,
+    /// restart (mid-transfer, then commit), adding up to 1.
+    #[arg(long, value_name = "FATE=SHARE,...", default_value = "commit=1", value_parser = crate::simulate::Mix::parse)]
+    mix: crate::simulate::Mix,
+    /// Which devices get which fate.
+    #[arg(long, default_value = "1")]
+    seed: u64,
+    /// From a finished download to the outcome.
+    #[arg(long, value_name = "DURATION", default_value = "200ms", value_parser = manifest::parse_duration)]
+    install_time: std::time::Duration,
+    /// Outboxes and downloads, one directory per device.
+    #[arg(long, value_name = "DIR")]
+    state_dir: PathBuf,
+    /// What each device did (JSON), written once all are connected and
+    /// when stopped.
+    #[arg(long, value_name = "FILE")]
+    summary: Option<PathBuf>,
+    /// New connections per second at start.
+    #[arg(long, value_name = "N", default_value = "500")]
+    connect_rate: u32,
 }
 
 pub(crate) fn parse_name(s: &str) -> std::result::Result<String, String> {
@@ -426,6 +478,27 @@ fn fleet_command(cmd: FleetCommand) -> Result<()> {
                 std::time::Duration::from_secs(30),
             ))?;
             println!("sent retry to device {device}");
+        }
+        FleetCommand::Simulate(a) => {
+            a.fleet.topics()?;
+            let opts = crate::simulate::Options {
+                broker: a.broker.broker()?,
+                prefix: a.fleet.prefix.clone(),
+                fleet: a.fleet.fleet.clone(),
+                devices: a.devices as usize,
+                id_prefix: a.id_prefix,
+                groups: a.groups,
+                root: a.root,
+                release: a.release,
+                running: a.running,
+                mix: a.mix,
+                seed: a.seed,
+                install_time: a.install_time,
+                state_dir: a.state_dir,
+                summary: a.summary,
+                connect_rate: a.connect_rate,
+            };
+            runtime()?.block_on(crate::simulate::run(opts))?;
         }
     }
     Ok(())

@@ -63,7 +63,19 @@ impl MqttSession {
                 Conn::new(broker, session)?
             }
         };
-        Ok(MqttSession {
+        Ok(Self::with_conn(conn, broker))
+    }
+
+    /// Connects directly, without a guard: for many sessions in one
+    /// process (the fleet simulator), where a guard per session would
+    /// double the sockets and tasks.
+    #[cfg(feature = "operator")]
+    pub(crate) fn direct(broker: &Broker, session: &mqtt::Session) -> Result<MqttSession> {
+        Ok(Self::with_conn(Conn::new(broker, session)?, broker))
+    }
+
+    fn with_conn(conn: Conn, broker: &Broker) -> MqttSession {
+        MqttSession {
             conn,
             url: broker.url.clone(),
             connected: false,
@@ -73,7 +85,7 @@ impl MqttSession {
             max_packet: None,
             tracked: HashMap::new(),
             refused: None,
-        })
+        }
     }
 
     pub(crate) fn is_connected(&self) -> bool {

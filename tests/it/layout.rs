@@ -20,6 +20,7 @@ const LAYERS: &[&[&str]] = &[
     &["config"],
     &["engine"],
     &["device", "operator"],
+    &["simulate"],
     &["cli"],
 ];
 

@@ -27,6 +27,10 @@ mod otp_release;
 mod release_flavors;
 /// `beamup relup` on mix and rebar3 output, checked by release_handler.
 mod relup;
+/// Campaigns over a few hundred simulated devices (`beamup fleet
+/// simulate`): thresholds on the right counts, each outcome once, no
+/// device offered twice.
+mod scale;
 /// The install suite on a mix root and a relx root without ERTS.
 mod shapes;
 /// Keys, roots, bundles and verification on real files.

@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 
 use super::decide::{self, Effect, Facts};
@@ -31,6 +32,11 @@ const TICK: Duration = Duration::from_millis(250);
 /// after subscribing (or `SETTLE_MAX` passed).
 const SETTLE_QUIET: Duration = Duration::from_millis(700);
 const SETTLE_MAX: Duration = Duration::from_secs(10);
+/// A busy fleet sends thousands of messages a second: they are taken in as
+/// they come and decided on together, in turns at most this frequent (and
+/// further apart when a turn's save takes long: a large campaign's state
+/// is megabytes, rewritten whole).
+const TURN_MIN_GAP: Duration = Duration::from_millis(100);
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -174,6 +180,18 @@ async fn check_lease(b: &Broker, topics: &Topics, id: &str) -> Result<()> {
     }
 }
 
+/// Hands queued publishes to the connection, oldest first, until its
+/// request queue is full (the rest wait for the next call).
+fn publish_queued(conn: &Conn, outgoing: &mut VecDeque<(String, Bytes, bool)>) {
+    while let Some((topic, payload, retain)) = outgoing.pop_front() {
+        if let Err(e) = conn.publish(&topic, Qos::AtLeastOnce, retain, payload.clone()) {
+            tracing::debug!("{e}; sending it later");
+            outgoing.push_front((topic, payload, retain));
+            break;
+        }
+    }
+}
+
 /// Runs the campaign until it finishes or `shutdown` resolves. Returns the
 /// campaign as saved.
 pub async fn run(
@@ -188,9 +206,11 @@ pub async fn run(
     if c.finished() {
         return Ok(c);
     }
-    let offer = opts.store.offer(false)?;
+    // Shared, not copied, by every queued offer: a wave of thousands
+    // would otherwise hold a copy of the manifest per device.
+    let offer = Bytes::from(opts.store.offer(false)?);
     let revert = if c.revert.is_some() {
-        Some(opts.store.offer(true)?)
+        Some(Bytes::from(opts.store.offer(true)?))
     } else {
         None
     };
@@ -206,10 +226,10 @@ pub async fn run(
     let mut conn = Conn::new(&opts.broker, &session)?;
     let mut facts = Facts::default();
     let mut backoff = mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
-    let mut outgoing: VecDeque<(String, Vec<u8>, bool)> = VecDeque::new();
+    let mut outgoing: VecDeque<(String, Bytes, bool)> = VecDeque::new();
     let mut settling: Option<(Instant, Instant)> = None; // (connected at, last retained)
     let mut settled = false;
-    let mut saved = serde_json::to_vec(&c).expect("json");
+    let mut saved = Bytes::from(serde_json::to_vec(&c).expect("json"));
     let mut published_at: Option<Instant> = None;
     let mut published_status = None;
     let mut status_dirty = true;
@@ -218,6 +238,8 @@ pub async fn run(
     tokio::pin!(shutdown);
     let mut stopping = false;
     let mut done_at: Option<Instant> = None;
+    let mut last_turn: Option<Instant> = None;
+    let mut turn_gap = TURN_MIN_GAP;
     c.log(
         now_ms(),
         format!(
@@ -247,7 +269,7 @@ pub async fn run(
                     ] {
                         conn.subscribe(&f, Qos::AtLeastOnce)?;
                     }
-                    outgoing.push_front((topics.campaign_controller(&c.id), lease(true), true));
+                    outgoing.push_front((topics.campaign_controller(&c.id), lease(true).into(), true));
                     settling = Some((Instant::now(), Instant::now()));
                     settled = false;
                     status_dirty = true;
@@ -298,17 +320,25 @@ pub async fn run(
             }
             break;
         }
-        if !settled {
+        // What was decided (and saved) goes out as fast as the connection
+        // takes it, not a queue's worth per turn: an offer that waited here
+        // for its turn would be offered again once its echo is overdue.
+        publish_queued(&conn, &mut outgoing);
+        if !settled || last_turn.is_some_and(|t| t.elapsed() < turn_gap) {
             continue;
         }
+        let turn_started = Instant::now();
+        last_turn = Some(turn_started);
         let now = now_ms();
         let effects = decide::step(&mut c, &facts, now);
         let bytes = serde_json::to_vec(&c).expect("json");
-        if bytes != saved {
-            opts.store.save(&c)?;
-            saved = bytes;
+        if bytes[..] != saved[..] {
+            opts.store.save_bytes(&bytes)?;
+            saved = Bytes::from(bytes);
             status_dirty = true;
         }
+        // At most about a quarter of the time goes to deciding and saving.
+        turn_gap = TURN_MIN_GAP.max(turn_started.elapsed() * 3);
         for e in effects {
             let (topic, payload, retain) = match e {
                 Effect::Offer { device, revert: r } => (
@@ -320,14 +350,15 @@ pub async fn run(
                     },
                     true,
                 ),
-                Effect::Clear { device } => (topics.device_offer(&device), Vec::new(), true),
+                Effect::Clear { device } => (topics.device_offer(&device), Bytes::new(), true),
                 Effect::Retry { device } => (
                     topics.command(&device),
                     serde_json::to_vec(&Command {
                         v: protocol::VERSION,
                         cmd: CommandKind::Retry,
                     })
-                    .expect("json"),
+                    .expect("json")
+                    .into(),
                     false,
                 ),
             };
@@ -346,13 +377,7 @@ pub async fn run(
             published_status = Some(status_now);
             status_dirty = false;
         }
-        while let Some((topic, payload, retain)) = outgoing.pop_front() {
-            if let Err(e) = conn.publish(&topic, Qos::AtLeastOnce, retain, payload.clone()) {
-                tracing::debug!("{e}; sending it on the next turn");
-                outgoing.push_front((topic, payload, retain));
-                break;
-            }
-        }
+        publish_queued(&conn, &mut outgoing);
         // Finished: once the broker holds none of its offers (or a few
         // seconds passed), so that no device finds one later.
         if c.finished() && outgoing.is_empty() {

@@ -345,7 +345,12 @@ impl Store {
         let bytes = serde_json::to_vec(c).map_err(|e| Error::Internal {
             detail: format!("campaign state: {e}"),
         })?;
-        fsutil::write_atomic(&self.file(), 0o644, true, &bytes)
+        self.save_bytes(&bytes)
+    }
+
+    /// Saves a state already serialized (the controller has the bytes).
+    pub fn save_bytes(&self, bytes: &[u8]) -> Result<()> {
+        fsutil::write_atomic(&self.file(), 0o644, true, bytes)
     }
 
     pub fn load(&self) -> Result<Campaign> {

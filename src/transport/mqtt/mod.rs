@@ -578,14 +578,16 @@ impl Conn {
     }
 
     /// Queues a QoS 0 publish, or a QoS 1 publish whose acknowledgement the
-    /// caller does not track. Fails when the request queue is full.
+    /// caller does not track. Fails when the request queue is full. A
+    /// payload given as `bytes::Bytes` is queued without a copy.
     pub(crate) fn publish(
         &self,
         topic: &str,
         qos: Qos,
         retain: bool,
-        payload: Vec<u8>,
+        payload: impl Into<bytes::Bytes>,
     ) -> Result<()> {
+        let payload: bytes::Bytes = payload.into();
         let r = match &self.inner {
             Inner::V5 { client, .. } => client
                 .try_publish(topic, v5_qos(qos), retain, payload)

@@ -8,6 +8,7 @@ pub mod mqtt;
 pub mod nspawn;
 pub mod otp;
 pub mod podman;
+pub mod sim;
 
 use std::net::Ipv4Addr;
 use std::path::Path;
