@@ -41,7 +41,10 @@ fn check_against_devices(f: &Fleet, report: &Value) {
                 assert_eq!(row["after"], "1.1.0");
                 // The device's own step times, as its outcome reported them.
                 assert_eq!(row["steps"], last["steps"], "{}", id(i));
-                assert!(row["steps"].as_array().is_some_and(|s| !s.is_empty()), "{row}");
+                assert!(
+                    row["steps"].as_array().is_some_and(|s| !s.is_empty()),
+                    "{row}"
+                );
             }
             "rolled_back" => {
                 assert_eq!(st["node"]["permanent"], "1.0.0", "{}: {st:#}", id(i));
