@@ -53,6 +53,9 @@ pub mod exit {
     pub const MQTT_AUTH: u8 = 31;
     /// `beamup relup` could not make a relup or the tarball holding it.
     pub const RELUP: u8 = 32;
+    /// `beamup rehearse`: a step of the rehearsal failed for at least one
+    /// from-version (the report says which and why).
+    pub const REHEARSAL_FAILED: u8 = 33;
     /// A campaign ended aborted (a threshold, or an operator).
     pub const CAMPAIGN_ABORTED: u8 = 42;
 
@@ -183,6 +186,9 @@ pub enum Error {
     #[error("{}: cannot make a relup: {detail}", path.display())]
     Relup { path: PathBuf, detail: String },
 
+    #[error("rehearsal failed: {detail}")]
+    RehearsalFailed { detail: String },
+
     #[error("campaign {id} aborted: {reason}")]
     CampaignAborted { id: String, reason: String },
 
@@ -230,6 +236,7 @@ impl Error {
             Error::Mqtt { .. } => MQTT,
             Error::MqttAuth { .. } => MQTT_AUTH,
             Error::Relup { .. } => RELUP,
+            Error::RehearsalFailed { .. } => REHEARSAL_FAILED,
             Error::CampaignAborted { .. } => CAMPAIGN_ABORTED,
             Error::Usage(_) => USAGE,
         }
@@ -267,6 +274,7 @@ impl Error {
             Error::Mqtt { .. } => "mqtt",
             Error::MqttAuth { .. } => "mqtt_auth",
             Error::Relup { .. } => "relup",
+            Error::RehearsalFailed { .. } => "rehearsal_failed",
             Error::CampaignAborted { .. } => "campaign_aborted",
             Error::Usage(_) => "usage",
             Error::Internal { .. } => "internal",

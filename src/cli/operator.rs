@@ -76,6 +76,29 @@ pub enum Command {
     /// Exit codes: 0 written, 5 --out exists, 32 no relup could be made
     /// (the message says what is missing and where).
     Relup(RelupArgs),
+
+    /// Rehearse an upgrade before shipping it: for each --from, provision
+    /// the old release in a private temporary root, boot it (own node name,
+    /// cookie, epmd and ports, passed through the environment variables
+    /// named by --env), then drive the real install engine: upgrade (hot or
+    /// cold), hot downgrade, upgrade again, each health-gated and followed
+    /// by --check. Everything it started is stopped, also on SIGINT,
+    /// SIGTERM or kill -9 of beamup.
+    ///
+    /// Exit codes: 0 every step passed for every from-version, 33 a step
+    /// failed (the report says which and why), 2 bad arguments.
+    Rehearse(RehearseArgs),
+
+    /// Used by `rehearse`: stops what a rehearsal started once it ends.
+    #[command(hide = true, name = "rehearse-reap")]
+    RehearseReap {
+        #[arg(long)]
+        marker: String,
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 impl Command {
@@ -153,6 +176,10 @@ pub fn run(cmd: Command) -> Result<()> {
         Command::Campaign(cmd) => super::campaign::run(cmd)?,
 
         Command::Relup(args) => relup_command(args)?,
+        Command::Rehearse(args) => rehearse_command(args)?,
+        Command::RehearseReap { marker, dir, keep } => {
+            crate::operator::rehearse::reap(&marker, &dir, keep)?
+        }
     }
     Ok(())
 }
@@ -175,6 +202,116 @@ pub struct RelupArgs {
     /// Replace an existing --out.
     #[arg(long)]
     overwrite: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RehearseArgs {
+    /// A release tarball (with ERTS, or for the system's Erlang/OTP) of a
+    /// version devices run; repeat for each from-version.
+    #[arg(long = "from", value_name = "OLD.tar.gz", required = true)]
+    from: Vec<PathBuf>,
+    /// The new release: a tarball or a bundle (re-signed for the rehearsal).
+    #[arg(long, value_name = "NEW.tar.gz|NEW.bundle")]
+    to: PathBuf,
+    /// The release name (default: the one in --to).
+    #[arg(long, value_name = "NAME")]
+    release: Option<String>,
+    /// Shell command run in the release root once the old release is up
+    /// (load state); gets the --env variables, BEAMUP_ROOT, BEAMUP_NODE.
+    #[arg(long, value_name = "CMD")]
+    prepare: Option<String>,
+    /// Shell command run after each step (state assertions), with
+    /// BEAMUP_STEP (upgrade, downgrade, upgrade_again) and BEAMUP_VERSION;
+    /// a failure fails the rehearsal.
+    #[arg(long, value_name = "CMD")]
+    check: Option<String>,
+    /// Health check: GET http://127.0.0.1:<http_port>PATH must answer 200.
+    #[arg(long, value_name = "PATH")]
+    health_http: Option<String>,
+    /// Healthy continuously this long before each step commits.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = manifest::parse_duration)]
+    soak: std::time::Duration,
+    /// Time to become healthy and soak.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = manifest::parse_duration)]
+    health_timeout: std::time::Duration,
+    /// ROLE=VAR: the environment variable the release reads a setting from;
+    /// roles node_name and cookie (required), http_port, epmd_port (default
+    /// ERL_EPMD_PORT).
+    #[arg(long = "env", value_name = "ROLE=VAR", value_parser = parse_env_role)]
+    env: Vec<(String, String)>,
+    /// The report as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Keep the temporary directory (roots, logs, bundles) for inspection;
+    /// the processes are stopped all the same.
+    #[arg(long)]
+    keep: bool,
+}
+
+fn parse_env_role(s: &str) -> std::result::Result<(String, String), String> {
+    const ROLES: [&str; 4] = ["node_name", "cookie", "http_port", "epmd_port"];
+    let (role, var) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected ROLE=VAR, e.g. node_name=NODE_NAME"))?;
+    if !ROLES.contains(&role) {
+        return Err(format!(
+            "unknown role {role:?}; roles: {}",
+            ROLES.join(", ")
+        ));
+    }
+    if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        return Err(format!("{var:?} is not an environment variable name"));
+    }
+    Ok((role.to_string(), var.to_string()))
+}
+
+fn rehearse_command(a: RehearseArgs) -> Result<()> {
+    use crate::operator::rehearse::{self, EnvNames, Options};
+    let role = |r: &str| {
+        a.env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == r)
+            .map(|(_, v)| v.clone())
+    };
+    let opts = Options {
+        env: EnvNames {
+            node_name: role("node_name"),
+            cookie: role("cookie"),
+            http_port: role("http_port"),
+            epmd_port: role("epmd_port"),
+        },
+        from: a.from,
+        to: a.to,
+        release: a.release,
+        prepare: a.prepare,
+        check: a.check,
+        health_http: a.health_http,
+        soak: a.soak,
+        health_timeout: a.health_timeout,
+        keep: a.keep,
+    };
+    let report = runtime()?.block_on(rehearse::run(&opts))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("json"));
+    } else {
+        print!("{}", rehearse::text(&report));
+    }
+    if report.passed {
+        return Ok(());
+    }
+    let failed: Vec<String> = report
+        .from
+        .iter()
+        .filter(|f| !f.passed)
+        .map(|f| {
+            let step = f.steps.iter().find(|s| !s.ok).map_or("?", |s| s.step);
+            format!("from {} at {step}", f.version)
+        })
+        .collect();
+    Err(Error::RehearsalFailed {
+        detail: failed.join("; "),
+    })
 }
 
 #[derive(Args, Debug, Clone)]

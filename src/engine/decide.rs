@@ -11,15 +11,19 @@ pub(crate) use crate::node::link::Running;
 use crate::release::manifest::Manifest;
 
 /// How to install a release on a running node, or why not.
+/// `running_down_to`: the versions the running release's own relup (on
+/// disk) downgrades to; a release older than the running one is installed
+/// hot through that down section.
 pub(crate) fn strategy(
     m: &Manifest,
     running: &Running,
+    running_down_to: &[String],
     rule: StrategyRule,
 ) -> Result<Strategy, String> {
-    if hot(m, running) {
+    if hot(m, running, running_down_to) {
         return Ok(Strategy::Hot);
     }
-    let why = strategy_reason(m, running);
+    let why = strategy_reason(m, running, running_down_to);
     match rule {
         StrategyRule::Auto => Ok(Strategy::Cold),
         StrategyRule::HotOnly => Err(format!(
@@ -28,19 +32,36 @@ pub(crate) fn strategy(
     }
 }
 
-fn hot(m: &Manifest, running: &Running) -> bool {
-    m.upgrade_from.contains(&running.current) && m.erts == running.erts
+fn hot(m: &Manifest, running: &Running, running_down_to: &[String]) -> bool {
+    (m.upgrade_from.contains(&running.current) || hot_down(m, running_down_to))
+        && m.erts == running.erts
+}
+
+/// release_handler reads the target's own relup first and uses the running
+/// release's down section only when the target has none.
+fn hot_down(m: &Manifest, running_down_to: &[String]) -> bool {
+    m.upgrade_from.is_empty() && running_down_to.contains(&m.release.version)
 }
 
 /// Why the install of `m` would be hot or cold, in words.
-pub(crate) fn strategy_reason(m: &Manifest, running: &Running) -> String {
-    if hot(m, running) {
+pub(crate) fn strategy_reason(
+    m: &Manifest,
+    running: &Running,
+    running_down_to: &[String],
+) -> String {
+    if hot(m, running, running_down_to) {
+        if !m.upgrade_from.contains(&running.current) {
+            return format!(
+                "the relup of the running {} downgrades to {} and ERTS stays {}",
+                running.current, m.release.version, running.erts
+            );
+        }
         return format!(
             "its relup upgrades from the running {} and ERTS stays {}",
             running.current, running.erts
         );
     }
-    let relup_covers = m.upgrade_from.contains(&running.current);
+    let relup_covers = m.upgrade_from.contains(&running.current) || hot_down(m, running_down_to);
     if !relup_covers {
         if m.upgrade_from.is_empty() {
             format!("{} {} has no relup", m.release.name, m.release.version)
@@ -170,11 +191,11 @@ mod tests {
     fn hot_when_relup_covers_and_erts_is_the_same() {
         let m = manifest("1.1.0", &["1.0.0"], "13.1.5");
         assert_eq!(
-            strategy(&m, &running("1.0.0"), StrategyRule::Auto),
+            strategy(&m, &running("1.0.0"), &[], StrategyRule::Auto),
             Ok(Strategy::Hot)
         );
         assert_eq!(
-            strategy(&m, &running("1.0.0"), StrategyRule::HotOnly),
+            strategy(&m, &running("1.0.0"), &[], StrategyRule::HotOnly),
             Ok(Strategy::Hot)
         );
     }
@@ -183,24 +204,50 @@ mod tests {
     fn cold_or_refused_otherwise() {
         let no_relup = manifest("2.0.0", &[], "13.1.5");
         assert_eq!(
-            strategy(&no_relup, &running("1.0.0"), StrategyRule::Auto),
+            strategy(&no_relup, &running("1.0.0"), &[], StrategyRule::Auto),
             Ok(Strategy::Cold)
         );
-        let e = strategy(&no_relup, &running("1.0.0"), StrategyRule::HotOnly).unwrap_err();
+        let e = strategy(&no_relup, &running("1.0.0"), &[], StrategyRule::HotOnly).unwrap_err();
         assert!(e.contains("has no relup") && e.contains("hot-only"), "{e}");
         let other_from = manifest("1.2.0", &["1.1.0"], "13.1.5");
-        let e = strategy(&other_from, &running("1.0.0"), StrategyRule::HotOnly).unwrap_err();
+        let e = strategy(&other_from, &running("1.0.0"), &[], StrategyRule::HotOnly).unwrap_err();
         assert!(
             e.contains("upgrades from 1.1.0, not from the running 1.0.0"),
             "{e}"
         );
         let new_erts = manifest("1.1.0", &["1.0.0"], "14.0");
         assert_eq!(
-            strategy(&new_erts, &running("1.0.0"), StrategyRule::Auto),
+            strategy(&new_erts, &running("1.0.0"), &[], StrategyRule::Auto),
             Ok(Strategy::Cold)
         );
-        let e = strategy(&new_erts, &running("1.0.0"), StrategyRule::HotOnly).unwrap_err();
+        let e = strategy(&new_erts, &running("1.0.0"), &[], StrategyRule::HotOnly).unwrap_err();
         assert!(e.contains("changes ERTS from 13.1.5 to 14.0"), "{e}");
+    }
+
+    #[test]
+    fn hot_downgrade_through_the_running_release_down_section() {
+        let old = manifest("1.0.0", &[], "13.1.5");
+        let down = vec!["1.0.0".to_string()];
+        assert_eq!(
+            strategy(&old, &running("1.1.0"), &down, StrategyRule::HotOnly),
+            Ok(Strategy::Hot)
+        );
+        let why = strategy_reason(&old, &running("1.1.0"), &down);
+        assert!(
+            why.contains("relup of the running 1.1.0 downgrades to 1.0.0"),
+            "{why}"
+        );
+        // Not named in the down section: a restart.
+        assert_eq!(
+            strategy(&old, &running("1.1.0"), &[], StrategyRule::Auto),
+            Ok(Strategy::Cold)
+        );
+        // A target with a relup of its own: release_handler reads only that.
+        let staged = manifest("1.0.0", &["0.9.0"], "13.1.5");
+        assert_eq!(
+            strategy(&staged, &running("1.1.0"), &down, StrategyRule::Auto),
+            Ok(Strategy::Cold)
+        );
     }
 
     fn journal(phase: Phase) -> Journal {

@@ -378,7 +378,8 @@ impl Engine {
         // The tarball's bytes are checked chunk by chunk as they are
         // unpacked (`staging::unpack`): one pass over what is used, nothing
         // unverified reaches the decompressor.
-        let strategy = decide::strategy(&m, &running, self.settings.strategy)
+        let down_to = self.running_down_to(&running);
+        let strategy = decide::strategy(&m, &running, &down_to, self.settings.strategy)
             .map_err(|reason| Error::Refused { reason })?;
         self.ensure_releases_file(&running).await;
         let (registered, plan) = self.plan_with_leftovers(&m).await?;
@@ -393,6 +394,21 @@ impl Engine {
             plan,
             registered,
         })
+    }
+
+    /// The versions the running release's relup on disk downgrades to
+    /// (none when it has no readable relup).
+    fn running_down_to(&self, running: &Running) -> Vec<String> {
+        let path = self
+            .root()
+            .join("releases")
+            .join(&running.current)
+            .join("relup");
+        fsutil::read_limited(&path, 16 * 1024 * 1024, "relup")
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .and_then(|text| crate::release::metadata::parse_relup(&text, &running.current).ok())
+            .map_or_else(Vec::new, |(_, down)| down)
     }
 
     /// Makes release_handler know what the running release consists of.
@@ -479,7 +495,8 @@ impl Engine {
         let running = self.check_offer(&m, retry).await?;
         let (space_needed, space_free) = space(self.root(), m.tarball.unpacked_size)?;
         check_space(self.root(), m.tarball.unpacked_size)?;
-        let strategy = decide::strategy(&m, &running, self.settings.strategy)
+        let down_to = self.running_down_to(&running);
+        let strategy = decide::strategy(&m, &running, &down_to, self.settings.strategy)
             .map_err(|reason| Error::Refused { reason })?;
         let (registered, plan) = self.plan_with_leftovers(&m).await?;
         // The install checks each chunk as it unpacks; a dry run that
@@ -514,7 +531,7 @@ impl Engine {
             running: running.current.clone(),
             permanent: running.permanent.clone(),
             strategy: strategy.name(),
-            why: decide::strategy_reason(&m, &running),
+            why: decide::strategy_reason(&m, &running, &down_to),
             creates: plan
                 .creates
                 .iter()
@@ -847,7 +864,7 @@ impl Engine {
                     .await
                     .map_err(|e| format!("marking the cold-booted release current: {e}"))?;
             }
-            self.restore_relup(&to).map_err(|e| e.to_string())?;
+            self.restore_relup(&to, &from).map_err(|e| e.to_string())?;
             if status != Some(ReleaseStatus::Permanent) {
                 self.node
                     .make_permanent(&to)
@@ -1028,17 +1045,24 @@ impl Engine {
 
     /// Puts the bundle's relup of `to` back after the empty step that made
     /// a cold-booted release current (its down section is what a later
-    /// downgrade from `to` runs).
-    fn restore_relup(&self, to: &str) -> Result<()> {
+    /// downgrade from `to` runs). A release that had no relup gets none:
+    /// the empty step left behind would make a later downgrade "hot"
+    /// without changing any code.
+    fn restore_relup(&self, to: &str, from: &str) -> Result<()> {
         let backup = self.relup_backup();
+        let path = self.root().join("releases").join(to).join("relup");
         match fs::read(&backup) {
             Ok(text) => {
-                let path = self.root().join("releases").join(to).join("relup");
                 fsutil::write_atomic(&path, 0o644, true, &text)?;
                 let _ = fs::remove_file(&backup);
                 Ok(())
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if fs::read(&path).is_ok_and(|t| t == noop_relup(to, from).as_bytes()) {
+                    fs::remove_file(&path).ctx(&path, "remove")?;
+                }
+                Ok(())
+            }
             Err(e) => Err(Error::io(&backup, "read", e)),
         }
     }
@@ -1052,8 +1076,7 @@ impl Engine {
             let text = fs::read(&path).ctx(&path, "read")?;
             fsutil::write_atomic(&backup, 0o600, true, &text)?;
         }
-        let text = format!("{{\"{to}\",[{{\"{from}\",[],[]}}],[{{\"{from}\",[],[]}}]}}.\n");
-        fsutil::write_atomic(&path, 0o644, true, text.as_bytes())
+        fsutil::write_atomic(&path, 0o644, true, noop_relup(to, from).as_bytes())
     }
 
     /// Returns the node to the previous release and removes the new one.
@@ -1227,6 +1250,11 @@ impl Engine {
             Err(_) => NodeSeen::Down,
         }
     }
+}
+
+/// A relup with one empty step from `from` to `to`, and back.
+fn noop_relup(to: &str, from: &str) -> String {
+    format!("{{\"{to}\",[{{\"{from}\",[],[]}}],[{{\"{from}\",[],[]}}]}}.\n")
 }
 
 /// The first `max` characters of an Erlang term's text: enough to name the

@@ -5,6 +5,7 @@
 pub mod bundle;
 pub mod campaign;
 pub mod fleet;
+pub mod rehearse;
 pub mod relup;
 pub mod sequence;
 pub mod serve;

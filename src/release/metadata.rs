@@ -202,8 +202,9 @@ pub(crate) fn parse_rel(text: &str) -> std::result::Result<Rel, String> {
     })
 }
 
-/// `{Vsn, [{UpFromVsn, Descr, Instructions}], [{DownToVsn, Descr, Instructions}]}`
-fn parse_relup(
+/// `{Vsn, [{UpFromVsn, Descr, Instructions}], [{DownToVsn, Descr, Instructions}]}`:
+/// the versions it upgrades from and downgrades to.
+pub(crate) fn parse_relup(
     text: &str,
     version: &str,
 ) -> std::result::Result<(Vec<String>, Vec<String>), String> {

@@ -19,7 +19,9 @@ const LAYERS: &[&[&str]] = &[
     &["staging", "health"],
     &["config"],
     &["engine"],
-    &["device", "operator"],
+    &["device"],
+    // Above the device: `rehearse` provisions a root as `beamup unpack` does.
+    &["operator"],
     &["simulate"],
     &["cli"],
 ];

@@ -87,7 +87,7 @@ fn upgrade_tarballs_are_built_without_erts() {
             .join("releases/start_erl.data")
             .is_file()
     );
-    for vsn in UPGRADE_VSNS {
+    for vsn in UPGRADE_VSNS.into_iter().chain(otp::REHEARSAL_VSNS) {
         let tarball = releases.tarball(vsn);
         let listing = tar_listing(tarball);
         assert!(

@@ -31,7 +31,12 @@ pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + S
 /// Version of the base release every [`TestNode`] starts on.
 pub const BASE_VSN: &str = "1.0.0";
 /// Upgrade tarballs built next to the base; see `tests/otp/README.md`.
+/// The mix build (`tests/mix`) makes these; the rebar3 build these and
+/// [`REHEARSAL_VSNS`].
 pub const UPGRADE_VSNS: [&str; 4] = ["1.1.0", "1.2.0", "1.3.0", "2.0.0"];
+/// Rebar3 only: versions that fail a rehearsal in the ways that only a
+/// downgrade or a soak shows (`tests/otp/README.md`).
+pub const REHEARSAL_VSNS: [&str; 2] = ["1.4.0", "1.5.0"];
 
 /// How long a node may take from `bin/thermo daemon` to answering `/health`.
 /// Normally about a second; generous because tests start nodes in parallel.
@@ -109,7 +114,7 @@ impl Releases {
     }
 
     /// `REL-VSN.tar.gz` for [`BASE_VSN`] (with ERTS) or one of
-    /// [`UPGRADE_VSNS`] (rebar3: without ERTS; mix: with, as mix makes them).
+    /// [`UPGRADE_VSNS`] (rebar3 also [`REHEARSAL_VSNS`]) (rebar3: without ERTS; mix: with, as mix makes them).
     pub fn tarball(&self, vsn: &str) -> &Path {
         self.tarballs
             .get(vsn)
@@ -150,7 +155,7 @@ fn otp_build() -> &'static Built {
     static BUILT: OnceLock<Built> = OnceLock::new();
     BUILT.get_or_init(|| {
         let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/otp");
-        build_cached(&sources, "otp-cache", "thermo", &[], &[])
+        build_cached(&sources, "otp-cache", "thermo", &REHEARSAL_VSNS, &[], &[])
             .unwrap_or_else(|e| panic!("building the OTP test releases: {e}"))
     })
 }
@@ -174,6 +179,7 @@ fn mix_build() -> &'static Built {
             &manifest.join("tests/mix"),
             "mix-cache",
             "thermex",
+            &[],
             &relup_sources,
             &[("BEAMUP", env!("CARGO_BIN_EXE_beamup"))],
         )
@@ -185,6 +191,7 @@ fn build_cached(
     sources: &Path,
     cache_name: &str,
     release_name: &str,
+    extra_vsns: &[&str],
     extra_key_files: &[PathBuf],
     build_env: &[(&str, &str)],
 ) -> Result<Built> {
@@ -233,7 +240,10 @@ fn build_cached(
     }
 
     let mut tarballs = BTreeMap::new();
-    for vsn in std::iter::once(BASE_VSN).chain(UPGRADE_VSNS) {
+    for &vsn in std::iter::once(&BASE_VSN)
+        .chain(&UPGRADE_VSNS)
+        .chain(extra_vsns)
+    {
         let path = dir.join(format!("{release_name}-{vsn}.tar.gz"));
         if !path.is_file() {
             return Err(format!(
