@@ -15,6 +15,16 @@ use crate::support::cli::{beamup, tar_header};
 use crate::support::device::Device;
 use crate::support::otp::releases;
 
+/// The names of an outcome's steps, in order.
+fn step_names(outcome: &Value) -> Vec<&str> {
+    outcome["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect()
+}
+
 #[test]
 fn hot_upgrade_keeps_state_and_commits() {
     let mut d = Device::new();
@@ -46,12 +56,7 @@ fn hot_upgrade_keeps_state_and_commits() {
     let st = d.status();
     assert_eq!(st["last_outcome"]["outcome"], "committed");
     assert_eq!(st["last_outcome"]["strategy"], "hot");
-    let steps: Vec<&str> = st["last_outcome"]["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
+    let steps = step_names(&st["last_outcome"]);
     assert_eq!(
         steps,
         [
@@ -89,12 +94,7 @@ fn unhealthy_release_is_rolled_back_hot_and_the_next_install_succeeds() {
     let reason = o["reason"].as_str().unwrap();
     assert!(reason.contains("status 503"), "{reason}");
     // The outcome says how long each step took, and which one failed.
-    let steps: Vec<&str> = o["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| s["step"].as_str().unwrap())
-        .collect();
+    let steps = step_names(&o);
     assert_eq!(
         steps,
         [

@@ -510,3 +510,29 @@ fn an_abort_offers_the_revert_to_the_devices_that_committed() {
     assert_eq!(verdict(&c, "gw-3"), Verdict::Withdrawn);
     assert!(c.finished());
 }
+
+#[test]
+fn late_joiners_make_a_last_wave_when_the_plan_says_tail() {
+    let f = fleet(1);
+    let mut c = campaign(
+        "[[waves]]\nrest = true\n[rollout]\nlate_joiners = \"tail\"\n",
+        &f,
+    );
+    assert_eq!(offers(&step(&mut c, &f, 0)), ["gw-1"]);
+    let mut later = f.clone();
+    later.devices.insert(
+        "gw-9".into(),
+        DeviceFacts {
+            online: Some(true),
+            state: Some(state("gw-9", "1.0.0")),
+        },
+    );
+    assert!(offers(&step(&mut c, &later, 1_000)).is_empty());
+    outcome(&mut later, "gw-1", "committed", "2026-01-01T00:00:02Z");
+    // The last wave done: the late joiner gets a wave of its own.
+    assert_eq!(offers(&step(&mut c, &later, 2_000)), ["gw-9"]);
+    assert_eq!(c.waves.last().unwrap().name, "late-joiners");
+    outcome(&mut later, "gw-9", "committed", "2026-01-01T00:00:03Z");
+    step(&mut c, &later, 3_000);
+    assert_eq!(c.status, Status::Completed);
+}
