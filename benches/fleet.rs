@@ -132,9 +132,9 @@ fn cpu_of(pid: u32) -> Duration {
     Duration::from_millis(ticks * 1000 / hz.max(1))
 }
 
-/// Runs a child to its exit; its wall time, exit code and peak RSS (from
-/// `wait4`'s rusage for exactly that child).
-fn run_measured(dir: &Path, log: &str, args: &[&str]) -> (Duration, i32, u64) {
+/// Runs a child to its exit; its wall time, exit code, peak RSS and CPU
+/// time (from `wait4`'s rusage for exactly that child).
+fn run_measured(dir: &Path, log: &str, args: &[&str]) -> (Duration, i32, u64, Duration) {
     let start = Instant::now();
     let mut p = spawn(dir, log, args);
     let child = p.0.take().unwrap();
@@ -151,7 +151,13 @@ fn run_measured(dir: &Path, log: &str, args: &[&str]) -> (Duration, i32, u64) {
     } else {
         -1
     };
-    (start.elapsed(), code, usage.ru_maxrss as u64 * 1024)
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (
+        start.elapsed(),
+        code,
+        usage.ru_maxrss as u64 * 1024,
+        tv(usage.ru_utime) + tv(usage.ru_stime),
+    )
 }
 
 /// The soft open-file limit raised to the hard one (children inherit it).
@@ -551,6 +557,9 @@ struct CampaignRun {
     wall: Duration,
     code: i32,
     controller_rss: u64,
+    /// CPU of the controller, the simulated devices, serve and mosquitto
+    /// during the campaign.
+    cpu: [Duration; 4],
     serve_rss: u64,
     msgs: u64,
     msg_bytes: u64,
@@ -645,7 +654,12 @@ fn campaign(dir: &Path, n: usize, small: &Path) -> CampaignRun {
     // Everything the campaign makes devices and controller say.
     let watch = Watch::new(f.broker.port, "beamup/acme/device/+/+", "bench-watch");
     let url = f.url();
-    let (wall, code, controller_rss) = run_measured(
+    let cpu0 = (
+        cpu_of(f.sim.pid()),
+        cpu_of(f.serve.pid()),
+        cpu_of(f.broker._proc.pid()),
+    );
+    let (wall, code, controller_rss, controller_cpu) = run_measured(
         dir,
         &format!("controller-{n}.log"),
         &[
@@ -658,6 +672,12 @@ fn campaign(dir: &Path, n: usize, small: &Path) -> CampaignRun {
             "campaigns",
         ],
     );
+    let cpu = [
+        controller_cpu,
+        cpu_of(f.sim.pid()) - cpu0.0,
+        cpu_of(f.serve.pid()) - cpu0.1,
+        cpu_of(f.broker._proc.pid()) - cpu0.2,
+    ];
     // Let the last states and events in.
     std::thread::sleep(Duration::from_secs(1));
     let seen = watch.stop();
@@ -704,6 +724,7 @@ fn campaign(dir: &Path, n: usize, small: &Path) -> CampaignRun {
         wall,
         code,
         controller_rss,
+        cpu,
         serve_rss,
         msgs,
         msg_bytes,
@@ -748,6 +769,14 @@ fn loadavg() -> String {
         .join(" ")
 }
 
+/// `FLEET_BENCH=campaign,serve,10k` (any of them; default all) runs only
+/// those parts.
+fn part(name: &str) -> bool {
+    std::env::var("FLEET_BENCH")
+        .map(|v| v.split(',').any(|p| p.trim() == name))
+        .unwrap_or(true)
+}
+
 fn main() {
     let nofile = raise_nofile();
     let dir = scratch("fleet");
@@ -765,6 +794,7 @@ fn main() {
 
     // 1. A campaign of 1,000 devices, and the broker's raw rate for as many
     //    messages of the same mean size.
+    let c1k = part("campaign").then(|| {
     let c1k = campaign(&dir, 1000, &small);
     let b = mosquitto(&dir);
     let mean = (c1k.msg_bytes / c1k.msgs.max(1)) as usize;
@@ -788,10 +818,13 @@ fn main() {
         rollout.as_secs_f64(),
         rollout.as_secs_f64() / floor.as_secs_f64()
     );
+    c1k
+    });
 
     // 2. serve with many devices fetching at once, against the broker
     //    alone for the same bytes.
     let devices = 200;
+    let serve_rss_many = part("serve").then(|| {
     let mut f = fleet(&dir, devices, "commit=1", Some("all"), "0ms");
     let cpu0 = (
         cpu_of(f.serve.pid()),
@@ -879,9 +912,13 @@ fn main() {
         broker_cpu.as_secs_f64(),
         serve_cpu.as_secs_f64()
     );
+    serve_rss_many
+    });
 
     // 3. 10,000 devices, where the machine allows.
-    let c10k = if nofile.0 >= 10_200 {
+    let c10k = if !part("10k") {
+        None
+    } else if nofile.0 >= 10_200 {
         Some(campaign(&dir, 10_000, &small))
     } else {
         println!(
@@ -890,7 +927,7 @@ fn main() {
         );
         None
     };
-    for c in std::iter::once(&c1k).chain(c10k.as_ref()) {
+    for c in c1k.iter().chain(c10k.as_ref()) {
         println!(
             "{} devices: campaign {:.1} s (exit {}); controller peak RSS {:.1} MiB{}; serve peak RSS {:.1} MiB; broker retains {:.0} bytes per device after it; {} messages seen",
             c.devices,
@@ -914,6 +951,14 @@ fn main() {
             c.msgs
         );
         println!(
+            "{} devices: CPU during the campaign: controller {:.2} s, simulated devices {:.2} s, serve {:.2} s, mosquitto {:.2} s",
+            c.devices,
+            c.cpu[0].as_secs_f64(),
+            c.cpu[1].as_secs_f64(),
+            c.cpu[2].as_secs_f64(),
+            c.cpu[3].as_secs_f64()
+        );
+        println!(
             "{} devices: correctness: {}",
             c.devices,
             match &c.correct {
@@ -922,10 +967,12 @@ fn main() {
             }
         );
     }
-    println!(
-        "serve peak RSS with {devices} devices fetching 2 MiB each: {:.1} MiB",
-        mib(serve_rss_many)
-    );
+    if let Some(rss) = serve_rss_many {
+        println!(
+            "serve peak RSS with {devices} devices fetching 2 MiB each: {:.1} MiB",
+            mib(rss)
+        );
+    }
     println!("load average at the end {}", loadavg());
     std::io::stdout().flush().unwrap();
 }

@@ -244,8 +244,12 @@ pub fn run(cmd: CampaignCommand) -> Result<()> {
                 d.campaign.id,
                 s.dir.display()
             );
+            // The controller reads the fleet again; the draft's copy of it
+            // (megabytes for a large fleet) goes before it starts.
+            let id = d.campaign.id.clone();
+            drop((p, d));
             if !no_run {
-                run_controller(&dir, &d.campaign.id, &broker)?;
+                run_controller(&dir, &id, &broker)?;
             }
         }
         CampaignCommand::Run { id, broker, store } => {

@@ -410,8 +410,10 @@ pub enum FleetCommand {
         fleet: FleetArgs,
         #[arg(long)]
         json: bool,
-        /// Stop collecting when no state arrived for this long.
-        #[arg(long, value_name = "DURATION", default_value = "500ms", value_parser = manifest::parse_duration)]
+        /// The broker's retained states are taken to be all in once it
+        /// echoed a marker (see docs/PROTOCOL.md); where it does not (an
+        /// ACL without PREFIX/FLEET/sync/#), once none came for this long.
+        #[arg(long, value_name = "DURATION", default_value = "700ms", value_parser = manifest::parse_duration)]
         wait: std::time::Duration,
     },
     /// Tell a device to install the last release offered to it again, even
@@ -471,6 +473,9 @@ pub struct SimulateArgs {
     /// when stopped.
     #[arg(long, value_name = "FILE")]
     summary: Option<PathBuf>,
+    /// Threads to spread the devices over (default: one per core).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=256))]
+    threads: Option<u16>,
     /// New connections per second at start.
     #[arg(long, value_name = "N", default_value = "500")]
     connect_rate: u32,
@@ -634,6 +639,10 @@ fn fleet_command(cmd: FleetCommand) -> Result<()> {
                 state_dir: a.state_dir,
                 summary: a.summary,
                 connect_rate: a.connect_rate,
+                threads: a
+                    .threads
+                    .map(usize::from)
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())),
             };
             runtime()?.block_on(crate::simulate::run(opts))?;
         }

@@ -71,6 +71,9 @@ pub(crate) struct Transfer {
     data_topic_len: usize,
     active: Option<Active>,
     ready: Option<Ready>,
+    /// Give the transfer's buffers back to the kernel when it ends: what
+    /// keeps a device's idle RSS small.
+    trim_memory: bool,
 }
 
 impl Transfer {
@@ -80,7 +83,16 @@ impl Transfer {
             data_topic_len,
             active: None,
             ready: None,
+            trim_memory: true,
         }
+    }
+
+    /// For many transfers in one process (the simulator), where trimming
+    /// the shared heap after each of them costs more than it saves.
+    #[cfg(feature = "operator")]
+    pub(crate) fn without_memory_trim(mut self) -> Transfer {
+        self.trim_memory = false;
+        self
     }
 
     /// Is a download running or waiting for the engine?
@@ -233,7 +245,9 @@ impl Transfer {
         let received = a.started.elapsed();
         a.download.checkpoint()?;
         let a = self.active.take().expect("active");
-        crate::memory::release_free_memory();
+        if self.trim_memory {
+            crate::memory::release_free_memory();
+        }
         let took = a.started.elapsed();
         let (chunks, bytes) = a.download.window.needed();
         tracing::info!(

@@ -78,27 +78,27 @@ pub struct DeviceRow {
     pub state: Option<DeviceStatus>,
 }
 
-/// Collects the retained states of a fleet: waits for the broker to send
-/// them, until `quiet` passes without a new one (or `max` in all).
+/// Collects the retained states of a fleet: waits until the broker sent
+/// them all (see [`mqtt::Settle`]; `quiet` is its pause without the
+/// marker), or `max` passed.
 pub async fn status(
     b: &Broker,
     topics: &Topics,
     quiet: Duration,
     max: Duration,
 ) -> Result<Vec<DeviceRow>> {
-    let mut conn = Conn::new(b, &session("fleet")?)?;
+    let session = session("fleet")?;
+    let mut conn = Conn::new(b, &session)?;
     let mut rows: BTreeMap<String, DeviceRow> = BTreeMap::new();
     let start = Instant::now();
-    let mut connected = false;
-    let mut last = Instant::now();
+    let mut settle: Option<mqtt::Settle> = None;
     loop {
-        let deadline = if connected {
-            (last + quiet).min(start + max)
-        } else {
-            start + max
+        let deadline = match &settle {
+            Some(s) => s.deadline().min(start + max),
+            None => start + max,
         };
         let ev = match tokio::time::timeout_at(deadline.into(), conn.poll()).await {
-            Err(_) if connected => break,
+            Err(_) if settle.is_some() => break,
             Err(_) => return Err(unreachable(b, "no connection in time")),
             Ok(Err(e)) => return Err(e.into_error(&b.url)),
             Ok(Ok(ev)) => ev,
@@ -107,11 +107,21 @@ pub async fn status(
             mqtt::Event::Connected { .. } => {
                 conn.subscribe(&topics.state_filter(), Qos::AtLeastOnce)?;
                 conn.subscribe(&topics.online_filter(), Qos::AtLeastOnce)?;
-                connected = true;
-                last = Instant::now();
+                settle = Some(
+                    conn.begin_settle(topics.sync(&session.client_id))?
+                        .with_quiet(quiet),
+                );
             }
-            mqtt::Event::Message { topic, payload, .. } => {
-                last = Instant::now();
+            mqtt::Event::Message {
+                topic,
+                payload,
+                retain,
+            } => {
+                if let Some(s) = settle.as_mut()
+                    && s.observe(&topic, &payload, retain, Instant::now())
+                {
+                    continue;
+                }
                 match topics.parse(&topic) {
                     Some(Topic::State(d)) => {
                         let row = rows.entry(d.clone()).or_insert_with(|| DeviceRow {

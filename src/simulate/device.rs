@@ -4,7 +4,6 @@
 //! the engine is `Install`, which walks the engine's steps for a hot
 //! upgrade and ends in the outcome the device's fate says.
 
-use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::rc::Rc;
@@ -38,11 +37,11 @@ pub(super) struct Setup {
     pub(super) index: usize,
     pub(super) fate: Fate,
     pub(super) id: String,
-    pub(super) opts: Rc<Options>,
+    pub(super) opts: std::sync::Arc<Options>,
     pub(super) topics: Rc<Topics>,
     pub(super) broker: Rc<Broker>,
     pub(super) root: Rc<Root>,
-    pub(super) records: Rc<RefCell<Vec<Record>>>,
+    pub(super) records: super::Records,
 }
 
 /// The simulated install: the engine's steps, one every `every`.
@@ -128,7 +127,8 @@ impl SimDevice {
             &mqtt_config,
             None,
         );
-        let transfer = Transfer::new(dir.join("download"), s.topics.data(&s.id).len());
+        let transfer =
+            Transfer::new(dir.join("download"), s.topics.data(&s.id).len()).without_memory_trim();
         let offer_topic = s.topics.device_offer(&s.id);
         let running = s.opts.running.clone();
         let mut d = SimDevice {
@@ -158,7 +158,7 @@ impl SimDevice {
     }
 
     fn record(&self, f: impl FnOnce(&mut Record)) {
-        f(&mut self.s.records.borrow_mut()[self.s.index]);
+        f(&mut super::lock(&self.s.records)[self.s.index]);
     }
 
     fn busy(&self) -> bool {

@@ -16,9 +16,9 @@
 
 mod device;
 
-use std::cell::RefCell;
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
@@ -154,6 +154,8 @@ pub(crate) struct Options {
     pub(crate) summary: Option<PathBuf>,
     /// New connections per second at start.
     pub(crate) connect_rate: u32,
+    /// Threads the devices are spread over.
+    pub(crate) threads: usize,
 }
 
 /// What one device did, as it says.
@@ -238,18 +240,20 @@ pub(crate) async fn run(opts: Options) -> Result<()> {
             opts.devices, nofile.0, nofile.1
         )));
     }
+    // Checked once here, loaded again by each shard.
+    Root::load(&opts.root)?;
+    std::fs::create_dir_all(&opts.state_dir)
+        .map_err(|e| Error::io(&opts.state_dir, "create", e))?;
+    let threads = opts.threads.clamp(1, opts.devices.max(1));
     tracing::info!(
-        "simulating {} devices; open files limit {} (hard {})",
+        "simulating {} devices on {threads} thread(s); open files limit {} (hard {})",
         opts.devices,
         nofile.0,
         nofile.1
     );
-    let root = Rc::new(Root::load(&opts.root)?);
-    std::fs::create_dir_all(&opts.state_dir)
-        .map_err(|e| Error::io(&opts.state_dir, "create", e))?;
     let fates = opts.mix.assign(opts.devices, opts.seed);
     let width = opts.devices.to_string().len().max(5);
-    let records: Rc<RefCell<Vec<Record>>> = Rc::new(RefCell::new(
+    let records: Records = Arc::new(Mutex::new(
         fates
             .iter()
             .enumerate()
@@ -260,38 +264,28 @@ pub(crate) async fn run(opts: Options) -> Result<()> {
             })
             .collect(),
     ));
-    let topics = Rc::new(Topics::new(&opts.prefix, &opts.fleet));
-    let broker = Rc::new(opts.broker.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let local = tokio::task::LocalSet::new();
-    let opts = Rc::new(opts);
-    let spawner = {
-        let (records, opts) = (records.clone(), opts.clone());
-        async move {
-            let gap = Duration::from_secs(1) / opts.connect_rate.max(1);
-            let mut next = tokio::time::Instant::now();
-            for (i, fate) in fates.into_iter().enumerate() {
-                let d = device::SimDevice::new(device::Setup {
-                    index: i,
-                    fate,
-                    id: records.borrow()[i].device.clone(),
-                    opts: opts.clone(),
-                    topics: topics.clone(),
-                    broker: broker.clone(),
-                    root: root.clone(),
-                    records: records.clone(),
-                });
-                match d {
-                    Ok(d) => {
-                        tokio::task::spawn_local(d.run(stop_rx.clone()));
-                    }
-                    Err(e) => tracing::error!("device {}: {e}", i + 1),
-                }
-                next += gap;
-                tokio::time::sleep_until(next).await;
-            }
-        }
-    };
+    let opts = Arc::new(opts);
+    // Each shard is a thread of its own with a single-threaded runtime:
+    // a device's state never crosses threads, and the devices' work (TLS,
+    // SHA-256 of every chunk, their files) spreads over the cores.
+    let shards: Vec<std::thread::JoinHandle<()>> = (0..threads)
+        .map(|shard| {
+            let devices: Vec<(usize, Fate)> = fates
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|(i, _)| i % threads == shard)
+                .collect();
+            let (opts, records, stop) = (opts.clone(), records.clone(), stop_rx.clone());
+            std::thread::Builder::new()
+                .name(format!("sim-{shard}"))
+                .spawn(move || run_shard(shard, threads, devices, opts, records, stop))
+                .map_err(|e| Error::Internal {
+                    detail: format!("cannot start a simulator thread: {e}"),
+                })
+        })
+        .collect::<Result<_>>()?;
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| Error::Internal {
             detail: format!("cannot handle SIGTERM: {e}"),
@@ -300,45 +294,112 @@ pub(crate) async fn run(opts: Options) -> Result<()> {
         .map_err(|e| Error::Internal {
             detail: format!("cannot handle SIGINT: {e}"),
         })?;
-    let watch = {
-        let (records, opts) = (records.clone(), opts.clone());
-        async move {
-            let mut all_online_said = false;
-            loop {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let online = records
-                    .borrow()
-                    .iter()
-                    .filter(|r| r.connections > 0)
-                    .count();
-                if !all_online_said && online == opts.devices {
-                    all_online_said = true;
-                    if let Some(p) = &opts.summary
-                        && let Err(e) = write_summary(p, &records.borrow(), nofile)
-                    {
-                        tracing::error!("{e}");
-                    }
-                    tracing::info!("all {} simulated devices connected", opts.devices);
+    let watch = async {
+        let mut all_online_said = false;
+        loop {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let online = lock(&records).iter().filter(|r| r.connections > 0).count();
+            if !all_online_said && online == opts.devices {
+                all_online_said = true;
+                if let Some(p) = &opts.summary
+                    && let Err(e) = write_summary(p, &lock(&records), nofile)
+                {
+                    tracing::error!("{e}");
                 }
+                tracing::info!("all {} simulated devices connected", opts.devices);
             }
         }
     };
-    local
-        .run_until(async {
-            tokio::task::spawn_local(spawner);
-            tokio::task::spawn_local(watch);
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = int.recv() => {}
-            }
-            let _ = stop_tx.send(true);
-        })
-        .await;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+        _ = watch => {}
+    }
+    let _ = stop_tx.send(true);
+    for s in shards {
+        let _ = s.join();
+    }
     if let Some(p) = &opts.summary {
-        write_summary(p, &records.borrow(), nofile)?;
+        write_summary(p, &lock(&records), nofile)?;
     }
     tracing::info!("simulator stopped");
     Ok(())
+}
+
+/// What every device records, shared by the shards (each device writes
+/// only its own row).
+pub(crate) type Records = Arc<Mutex<Vec<Record>>>;
+
+pub(crate) fn lock(r: &Records) -> std::sync::MutexGuard<'_, Vec<Record>> {
+    r.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One thread's devices, until `stop` turns true. They connect at the
+/// shard's share of the connect rate, interleaved with the other shards.
+fn run_shard(
+    shard: usize,
+    threads: usize,
+    devices: Vec<(usize, Fate)>,
+    opts: Arc<Options>,
+    records: Records,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!("simulator thread {shard}: no runtime: {e}");
+            return;
+        }
+    };
+    let root = match Root::load(&opts.root) {
+        Ok(r) => Rc::new(r),
+        Err(e) => {
+            tracing::error!("simulator thread {shard}: {e}");
+            return;
+        }
+    };
+    let topics = Rc::new(Topics::new(&opts.prefix, &opts.fleet));
+    let broker = Rc::new(opts.broker.clone());
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        let gap = Duration::from_secs(1) / opts.connect_rate.max(1);
+        let mut next = tokio::time::Instant::now() + gap * shard as u32;
+        let spawner = {
+            let stop = stop.clone();
+            async move {
+                for (i, fate) in devices {
+                    let id = lock(&records)[i].device.clone();
+                    let d = device::SimDevice::new(device::Setup {
+                        index: i,
+                        fate,
+                        id,
+                        opts: opts.clone(),
+                        topics: topics.clone(),
+                        broker: broker.clone(),
+                        root: root.clone(),
+                        records: records.clone(),
+                    });
+                    match d {
+                        Ok(d) => {
+                            tokio::task::spawn_local(d.run(stop.clone()));
+                        }
+                        Err(e) => tracing::error!("device {}: {e}", i + 1),
+                    }
+                    next += gap * threads as u32;
+                    tokio::time::sleep_until(next).await;
+                }
+            }
+        };
+        tokio::task::spawn_local(spawner);
+        while !*stop.borrow() {
+            if stop.changed().await.is_err() {
+                break;
+            }
+        }
+    });
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 //! PREFIX/FLEET/campaign/C/status  controller -> all    campaign view (JSON)       QoS 1, retained
 //! PREFIX/FLEET/campaign/C/control operator -> controller  CampaignControl (JSON)  QoS 1, retained
 //! PREFIX/FLEET/campaign/C/controller  controller (and its last will) -> all  ControllerLease  QoS 1, retained
+//! PREFIX/FLEET/sync/CLIENT       a reader -> itself   marker nonce: its retained messages are in   QoS 1
 //! ```
 //!
 //! JSON payloads carry `"v": 1`; binary data replies start with a 4-byte
@@ -99,6 +100,12 @@ impl Topics {
     }
     pub(crate) fn events(&self, id: &str) -> String {
         self.device(id, "events")
+    }
+    /// A reader's own marker topic, for knowing when its subscriptions'
+    /// retained messages are all in (`mqtt::Settle`).
+    #[cfg(feature = "operator")]
+    pub(crate) fn sync(&self, client_id: &str) -> String {
+        format!("{}/sync/{client_id}", self.base)
     }
     pub(crate) fn request(&self, id: &str) -> String {
         format!("{}/req/{id}", self.base)

@@ -28,9 +28,8 @@ use crate::transport::protocol::{
 };
 
 const TICK: Duration = Duration::from_millis(250);
-/// Retained messages are taken to be all in once none came for this long
-/// after subscribing (or `SETTLE_MAX` passed).
-const SETTLE_QUIET: Duration = Duration::from_millis(700);
+/// Retained messages are taken to be all in once `mqtt::Settle` says so,
+/// or this long after subscribing.
 const SETTLE_MAX: Duration = Duration::from_secs(10);
 /// A busy fleet sends thousands of messages a second: they are taken in as
 /// they come and decided on together, in turns at most this frequent (and
@@ -125,18 +124,19 @@ fn lease(online: bool) -> Vec<u8> {
 /// another machine: its lease is retained with `online: true` until its
 /// last will (or its goodbye) says otherwise.
 async fn check_lease(b: &Broker, topics: &Topics, id: &str) -> Result<()> {
-    let mut conn = Conn::new(b, &crate::operator::fleet::session("campaign-check")?)?;
+    let session = crate::operator::fleet::session("campaign-check")?;
+    let mut conn = Conn::new(b, &session)?;
     let topic = topics.campaign_controller(id);
     let deadline = Instant::now() + SETTLE_MAX;
-    let mut subscribed_at: Option<Instant> = None;
+    let mut settle: Option<mqtt::Settle> = None;
     let mut lease: Option<ControllerLease> = None;
     loop {
-        let until = match subscribed_at {
-            Some(t) => (t + SETTLE_QUIET).min(deadline),
+        let until = match &settle {
+            Some(s) => s.deadline().min(deadline),
             None => deadline,
         };
         match tokio::time::timeout_at(until.into(), conn.poll()).await {
-            Err(_) if subscribed_at.is_some() => break,
+            Err(_) if settle.is_some() => break,
             Err(_) => {
                 return Err(Error::Mqtt {
                     url: b.url.clone(),
@@ -146,13 +146,22 @@ async fn check_lease(b: &Broker, topics: &Topics, id: &str) -> Result<()> {
             Ok(Err(e)) => return Err(e.into_error(&b.url)),
             Ok(Ok(mqtt::Event::Connected { .. })) => {
                 conn.subscribe(&topic, Qos::AtLeastOnce)?;
-                subscribed_at = Some(Instant::now());
+                settle = Some(conn.begin_settle(topics.sync(&session.client_id))?);
             }
             Ok(Ok(mqtt::Event::Message {
                 topic: t, payload, ..
             })) if t == topic => {
                 lease = serde_json::from_slice(&payload).ok();
                 break;
+            }
+            Ok(Ok(mqtt::Event::Message {
+                topic: t,
+                payload,
+                retain,
+            })) => {
+                if let Some(s) = settle.as_mut() {
+                    s.observe(&t, &payload, retain, Instant::now());
+                }
             }
             Ok(Ok(_)) => {}
         }
@@ -198,6 +207,9 @@ pub async fn run(
     opts: RunOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<Campaign> {
+    // Megabyte-sized buffers (the state of a large campaign) go back to
+    // the kernel when freed instead of fragmenting the heap.
+    crate::memory::tune_allocator();
     opts.store.load()?;
     let _lock = opts.store.lock()?;
     // Read again under the lock: a controller that held it may have
@@ -227,9 +239,13 @@ pub async fn run(
     let mut facts = Facts::default();
     let mut backoff = mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     let mut outgoing: VecDeque<(String, Bytes, bool)> = VecDeque::new();
-    let mut settling: Option<(Instant, Instant)> = None; // (connected at, last retained)
+    // Retained messages of the current connection still coming in; no
+    // decision until they are all in (or `SETTLE_MAX` passed).
+    let mut settling: Option<(Instant, mqtt::Settle)> = None;
     let mut settled = false;
-    let mut saved = Bytes::from(serde_json::to_vec(&c).expect("json"));
+    // What is on disk, by digest: a large campaign's state is megabytes,
+    // and one copy of it in memory at a time is enough.
+    let mut saved: [u8; 32] = Sha256::digest(serde_json::to_vec(&c).expect("json")).into();
     let mut published_at: Option<Instant> = None;
     let mut published_status = None;
     let mut status_dirty = true;
@@ -270,17 +286,15 @@ pub async fn run(
                         conn.subscribe(&f, Qos::AtLeastOnce)?;
                     }
                     outgoing.push_front((topics.campaign_controller(&c.id), lease(true).into(), true));
-                    settling = Some((Instant::now(), Instant::now()));
+                    settling = Some((Instant::now(), conn.begin_settle(topics.sync(&session.client_id))?));
                     settled = false;
                     status_dirty = true;
                 }
                 Ok(mqtt::Event::Message { topic, payload, retain }) => {
-                    // Only what the broker retained counts for settling:
-                    // live traffic of a busy fleet never pauses.
-                    if retain && let Some((_, last)) = settling.as_mut() {
-                        *last = Instant::now();
-                    }
-                    if ingest(&mut c, &mut facts, &topics, &topic, &payload, now_ms()) {
+                    let marker = settling
+                        .as_mut()
+                        .is_some_and(|(_, s)| s.observe(&topic, &payload, retain, Instant::now()));
+                    if !marker && ingest(&mut c, &mut facts, &topics, &topic, &payload, now_ms()) {
                         status_dirty = true;
                     }
                 }
@@ -297,12 +311,16 @@ pub async fn run(
                 }
             },
             _ = tick.tick() => {}
+            // Not a tick later than the retained messages settle.
+            _ = tokio::time::sleep_until(
+                settling.as_ref().map_or_else(Instant::now, |(_, s)| s.deadline()).into()
+            ), if settling.is_some() => {}
             _ = &mut shutdown, if !stopping => {
                 stopping = true;
             }
         }
-        if let Some((at, last)) = settling
-            && (last.elapsed() >= SETTLE_QUIET || at.elapsed() >= SETTLE_MAX)
+        if let Some((at, s)) = &settling
+            && (s.settled(Instant::now()) || at.elapsed() >= SETTLE_MAX)
         {
             settling = None;
             settled = true;
@@ -331,10 +349,11 @@ pub async fn run(
         last_turn = Some(turn_started);
         let now = now_ms();
         let effects = decide::step(&mut c, &facts, now);
-        let bytes = serde_json::to_vec(&c).expect("json");
-        if bytes[..] != saved[..] {
+        let bytes = Bytes::from(serde_json::to_vec(&c).expect("json"));
+        let digest: [u8; 32] = Sha256::digest(&bytes).into();
+        if digest != saved {
             opts.store.save_bytes(&bytes)?;
-            saved = Bytes::from(bytes);
+            saved = digest;
             status_dirty = true;
         }
         // At most about a quarter of the time goes to deciding and saving.
@@ -367,12 +386,12 @@ pub async fn run(
         // The campaign's view, for every operator: at most once a second
         // (more rarely for a large one), at once when its status changes.
         let status_now = (c.status, c.finished());
-        let interval = Duration::from_millis(1000 + saved.len() as u64 / 256);
+        let interval = Duration::from_millis(1000 + bytes.len() as u64 / 256);
         if status_dirty
             && (published_status != Some(status_now)
                 || published_at.is_none_or(|t| t.elapsed() >= interval))
         {
-            outgoing.push_back((topics.campaign_status(&c.id), saved.clone(), true));
+            outgoing.push_back((topics.campaign_status(&c.id), bytes, true));
             published_at = Some(Instant::now());
             published_status = Some(status_now);
             status_dirty = false;

@@ -432,7 +432,8 @@ pub async fn from_broker(
     topics: &Topics,
     id: Option<&str>,
 ) -> Result<(Vec<Campaign>, BTreeMap<String, ControllerLease>)> {
-    let mut conn = Conn::new(b, &crate::operator::fleet::session("campaign-view")?)?;
+    let session = crate::operator::fleet::session("campaign-view")?;
+    let mut conn = Conn::new(b, &session)?;
     let (filter, lease_filter) = match id {
         Some(id) => (topics.campaign_status(id), topics.campaign_controller(id)),
         None => (
@@ -443,15 +444,14 @@ pub async fn from_broker(
     let mut found = Vec::new();
     let mut leases = BTreeMap::new();
     let start = Instant::now();
-    let mut last: Option<Instant> = None;
-    let quiet = Duration::from_millis(700);
+    let mut settle: Option<mqtt::Settle> = None;
     loop {
-        let deadline = match last {
-            Some(l) => (l + quiet).min(start + Duration::from_secs(15)),
+        let deadline = match &settle {
+            Some(s) => s.deadline().min(start + Duration::from_secs(15)),
             None => start + Duration::from_secs(15),
         };
         match tokio::time::timeout_at(deadline.into(), conn.poll()).await {
-            Err(_) if last.is_some() => break,
+            Err(_) if settle.is_some() => break,
             Err(_) => {
                 return Err(Error::Mqtt {
                     url: b.url.clone(),
@@ -462,10 +462,18 @@ pub async fn from_broker(
             Ok(Ok(mqtt::Event::Connected { .. })) => {
                 conn.subscribe(&filter, Qos::AtLeastOnce)?;
                 conn.subscribe(&lease_filter, Qos::AtLeastOnce)?;
-                last = Some(Instant::now());
+                settle = Some(conn.begin_settle(topics.sync(&session.client_id))?);
             }
-            Ok(Ok(mqtt::Event::Message { topic, payload, .. })) => {
-                last = Some(Instant::now());
+            Ok(Ok(mqtt::Event::Message {
+                topic,
+                payload,
+                retain,
+            })) => {
+                if let Some(s) = settle.as_mut()
+                    && s.observe(&topic, &payload, retain, Instant::now())
+                {
+                    continue;
+                }
                 match topics.parse(&topic) {
                     Some(protocol::Topic::CampaignStatus(_)) => {
                         if let Ok(c) = serde_json::from_slice::<Campaign>(&payload) {

@@ -16,6 +16,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 mod guard;
+#[cfg(feature = "operator")]
+mod settle;
+
+#[cfg(feature = "operator")]
+pub(crate) use settle::Settle;
 
 use rumqttc::v5;
 
@@ -660,6 +665,26 @@ impl Conn {
                 el.pending.push_back(rumqttc::Request::Publish(p));
             }
         }
+    }
+
+    /// Call right after the subscriptions whose retained messages are to
+    /// be waited for: subscribes to `marker_topic` (the client's own) and
+    /// publishes a fresh marker there. See [`Settle`].
+    #[cfg(feature = "operator")]
+    pub(crate) fn begin_settle(&self, marker_topic: String) -> Result<Settle> {
+        let mut n = [0u8; 8];
+        getrandom::fill(&mut n).map_err(|e| Error::Internal {
+            detail: format!("no OS randomness: {e}"),
+        })?;
+        let settle = Settle::new(marker_topic, hex::encode(n), std::time::Instant::now());
+        self.subscribe(settle.topic(), Qos::AtLeastOnce)?;
+        self.publish(
+            settle.topic(),
+            Qos::AtLeastOnce,
+            false,
+            settle.nonce().as_bytes().to_vec(),
+        )?;
+        Ok(settle)
     }
 
     pub(crate) fn subscribe(&self, filter: &str, qos: Qos) -> Result<()> {

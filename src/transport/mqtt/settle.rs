@@ -1,0 +1,156 @@
+//! When the retained messages a fresh subscription brings are all in.
+//!
+//! MQTT does not say when a SUBSCRIBE's retained messages are done. Every
+//! reader of the fleet's retained state (fleet status, a campaign's start,
+//! its controller after each reconnect) must not decide on half of it, and
+//! should not wait long either: a fixed quiet time is paid by every
+//! command, and is too short on a slow link all the same.
+//!
+//! A marker shortens the wait: right after its subscriptions the client
+//! publishes a nonce to a topic of its own that it subscribes to as well
+//! (`PREFIX/FLEET/sync/CLIENT`). A broker that queues a subscription's
+//! retained messages while it handles the SUBSCRIBE (mosquitto does)
+//! delivers them before the marker, which it handles after them. Brokers
+//! that send retained messages on their own time (a cluster's retainer)
+//! may let the marker overtake some, so the marker does not settle alone:
+//! retained messages must also have paused for [`AFTER_MARKER`]. Without
+//! the marker (an ACL that withholds the topic, a marker lost with a
+//! connection), a pause of [`QUIET`] settles, as before there was one.
+//!
+//! Pure: facts and the time in, a verdict out.
+
+use std::time::{Duration, Instant};
+
+/// Retained messages that paused this long, with the marker seen, are in.
+pub(crate) const AFTER_MARKER: Duration = Duration::from_millis(100);
+/// Without the marker, a pause this long settles.
+pub(crate) const QUIET: Duration = Duration::from_millis(700);
+
+#[derive(Debug)]
+pub(crate) struct Settle {
+    topic: String,
+    nonce: String,
+    last_retained: Instant,
+    marker_seen: bool,
+    quiet: Duration,
+}
+
+impl Settle {
+    /// `topic` is the client's own marker topic, `nonce` this attempt's
+    /// payload (a marker of an earlier connection, queued for a persistent
+    /// session, must not count).
+    pub(crate) fn new(topic: String, nonce: String, now: Instant) -> Settle {
+        Settle {
+            topic,
+            nonce,
+            last_retained: now,
+            marker_seen: false,
+            quiet: QUIET,
+        }
+    }
+
+    /// The pause that settles without the marker (default [`QUIET`]).
+    pub(crate) fn with_quiet(mut self, quiet: Duration) -> Settle {
+        self.quiet = quiet.max(AFTER_MARKER);
+        self
+    }
+
+    pub(crate) fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    pub(crate) fn nonce(&self) -> &str {
+        &self.nonce
+    }
+
+    /// Takes in one message. Returns whether it was a marker (of this
+    /// attempt or an old one), which the caller ignores.
+    pub(crate) fn observe(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        now: Instant,
+    ) -> bool {
+        if topic == self.topic {
+            if payload == self.nonce.as_bytes() {
+                self.marker_seen = true;
+            }
+            return true;
+        }
+        // Live traffic of a busy fleet never pauses; only what the broker
+        // retained is part of what the subscription brings.
+        if retain {
+            self.last_retained = now;
+        }
+        false
+    }
+
+    /// When it will be settled if nothing else arrives.
+    pub(crate) fn deadline(&self) -> Instant {
+        let wait = if self.marker_seen {
+            AFTER_MARKER
+        } else {
+            self.quiet
+        };
+        self.last_retained + wait
+    }
+
+    pub(crate) fn settled(&self, now: Instant) -> bool {
+        now >= self.deadline()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: &str = "beamup/acme/sync/c1";
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn the_marker_settles_once_retained_messages_paused_briefly() {
+        let t0 = Instant::now();
+        let mut s = Settle::new(T.into(), "n1".into(), t0);
+        assert!(!s.observe("beamup/acme/device/a/state", b"{}", true, t0 + ms(5)));
+        assert!(s.observe(T, b"n1", false, t0 + ms(10)));
+        assert!(!s.settled(t0 + ms(50)));
+        assert!(s.settled(t0 + ms(105)));
+    }
+
+    #[test]
+    fn retained_messages_after_the_marker_keep_it_unsettled() {
+        // A broker that lets the marker overtake its retainer.
+        let t0 = Instant::now();
+        let mut s = Settle::new(T.into(), "n1".into(), t0);
+        s.observe(T, b"n1", false, t0 + ms(1));
+        for i in 1..20 {
+            s.observe("beamup/acme/device/a/state", b"{}", true, t0 + ms(50 * i));
+            assert!(!s.settled(t0 + ms(50 * i + 60)));
+        }
+        assert!(s.settled(t0 + ms(50 * 19 + 100)));
+    }
+
+    #[test]
+    fn without_the_marker_only_the_long_quiet_settles() {
+        let t0 = Instant::now();
+        let s = Settle::new(T.into(), "n1".into(), t0);
+        assert!(!s.settled(t0 + ms(300)));
+        assert!(s.settled(t0 + QUIET));
+    }
+
+    #[test]
+    fn an_old_marker_and_live_traffic_do_not_settle() {
+        let t0 = Instant::now();
+        let mut s = Settle::new(T.into(), "n2".into(), t0);
+        // An earlier connection's marker, queued for a persistent session.
+        assert!(s.observe(T, b"n1", false, t0 + ms(1)));
+        assert!(!s.settled(t0 + ms(200)));
+        // Live (not retained) messages do not hold it back either.
+        s.observe("beamup/acme/device/a/events", b"{}", false, t0 + ms(650));
+        assert!(s.settled(t0 + QUIET));
+    }
+}
