@@ -256,8 +256,10 @@ fn os_pid(f: &Fleet, i: usize) -> String {
 #[test]
 fn a_commit_ships_hot_through_rehearsal_and_campaign_with_pids_kept() {
     let job = Job::new("1.1.0", 2);
-    // The previous release, as the last run of the pipeline served it.
+    // The previous release, as the last run of the pipeline served it,
+    // beside an older one: `latest` takes the highest below 1.1.0.
     job.fleet.bundle(BASE_VSN, &[]);
+    fs::copy(job.served(BASE_VSN), job.served("0.9.0")).unwrap();
     for d in &job.fleet.devices {
         d.node.incr().unwrap();
     }
@@ -266,7 +268,7 @@ fn a_commit_ships_hot_through_rehearsal_and_campaign_with_pids_kept() {
     // Traced (`bash -x`), as a CI job being debugged would run it.
     let ran = job.run(
         true,
-        &["--prev-version", BASE_VSN, "--campaign-id", "ship-1.1.0"],
+        &["--prev-version", "latest", "--campaign-id", "ship-1.1.0"],
         &[],
     );
     assert_eq!(ran.code, 0, "{}", ran.output);
@@ -417,8 +419,32 @@ fn a_release_marked_cold_ships_without_its_relup() {
     let job = Job::new("1.1.0", 1);
     let before = os_pid(&job.fleet, 0);
     let prev = otp::releases().tarball(BASE_VSN).display().to_string();
-    let ran = job.run(false, &["--prev", &prev], &[("BEAMUP_COLD", "1")]);
+    // The plan the repository holds: no bundle, id or fleet; the pipeline
+    // fills them in.
+    let plan = job.project.path().join("rollout.toml");
+    fs::write(
+        &plan,
+        "# thermo's rollout\n[[waves]]\nname = \"all\"\nrest = true\n[rollout]\norder = \"id\"\n",
+    )
+    .unwrap();
+    let ran = job.run(
+        false,
+        &["--prev", &prev, "--plan", plan.to_str().unwrap()],
+        &[("BEAMUP_COLD", "1")],
+    );
     assert_eq!(ran.code, 0, "{}", ran.output);
+    let written = fs::read_to_string(job.out().join("plan.toml")).unwrap();
+    assert!(
+        written.starts_with(&format!(
+            "bundle = \"{}\"\nid = \"thermo-1.1.0-",
+            job.served("1.1.0").display()
+        )) && written.contains("fleet = \"acme\"\n# thermo's rollout\n"),
+        "{written}"
+    );
+    let report: Value =
+        serde_json::from_str(&fs::read_to_string(job.out().join("campaign-report.json")).unwrap())
+            .unwrap();
+    assert_eq!(report["waves"][0]["name"], "all", "{report:#}");
     assert!(
         ran.output
             .contains("cold: the release is marked cold (--cold or BEAMUP_COLD)"),
