@@ -500,3 +500,53 @@ fn a_missing_or_empty_signing_key_stops_the_pipeline_before_the_build() {
         assert!(!project.path().join("_build").exists(), "built anyway");
     }
 }
+
+#[test]
+fn secrets_reach_no_command_but_their_own_and_no_file_outlives_the_job() {
+    let project = project_at("1.1.0");
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("tmp");
+    fs::create_dir_all(dir.path().join("bundles")).unwrap();
+    fs::create_dir(&tmp).unwrap();
+    fs::write(dir.path().join("root.json"), "{}").unwrap();
+    let key = "{\"type\":\"beamup-secret-key\",\"keyid\":\"k\",\"secret_key\":\"5ec2e7\"}";
+    let password = "hunter2-broker-password";
+    // The build sees neither secret in its environment, and finds the
+    // password in a 0600 file of the script's private directory; its exit
+    // code 7 says all of that held.
+    let expected = dir.path().join("expected-password");
+    fs::write(&expected, format!("{password}\n")).unwrap();
+    let build = format!(
+        "test -z \"${{BEAMUP_SIGNING_KEY:-}}${{BEAMUP_MQTT_PASSWORD:-}}\" \
+         && f=$(echo \"$TMPDIR\"/cd-release.*/mqtt-password) \
+         && test \"$(stat -c %a \"$f\" \"${{f%/*}}\" | tr '\\n' ' ')\" = '600 700 ' \
+         && cmp -s \"$f\" {} && exit 7",
+        expected.display()
+    );
+    let out = Command::new("bash")
+        .arg("-x")
+        .arg(repo().join("scripts/cd-release"))
+        .arg("--project")
+        .arg(project.path())
+        .args(["--serve-dir", "bundles", "--trust-root", "root.json"])
+        .args(["--broker", "mqtt://127.0.0.1:1", "--fleet", "acme"])
+        .args(["--prev-version", "1.0.0", "--beamup", bin()])
+        .args(["--build-cmd", &build, "--username", "ops"])
+        .args(["--", "--env", "node_name=NODE_NAME"])
+        .current_dir(dir.path())
+        .env("BEAMUP_SIGNING_KEY", key)
+        .env("BEAMUP_MQTT_PASSWORD", password)
+        .env("TMPDIR", &tmp)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(60), "{stderr}");
+    assert!(
+        stderr.contains("cd-release: error: the build failed (exit 7)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("5ec2e7"), "{stderr}");
+    assert!(!stderr.contains(password), "{stderr}");
+    let left: Vec<_> = fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "left in TMPDIR: {left:?}");
+}
