@@ -110,10 +110,8 @@ impl Job {
         cmd.arg(repo().join("scripts/cd-release"))
             .arg("--project")
             .arg(self.project.path())
-            .arg("--serve-dir")
-            .arg(dir.join("bundles"))
-            .arg("--trust-root")
-            .arg(dir.join("root.json"))
+            // Relative, as a CI job names them: the job's directory.
+            .args(["--serve-dir", "bundles", "--trust-root", "root.json"])
             .arg("--out")
             .arg(self.out())
             .arg("--campaigns")
