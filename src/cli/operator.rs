@@ -497,8 +497,12 @@ pub struct BundleArgs {
     #[arg(long, value_name = "REL.tar.gz")]
     release: PathBuf,
     /// Secret key to sign with (repeat for a threshold of signers).
-    #[arg(long = "key", value_name = "KEY", required = true)]
+    #[arg(long = "key", value_name = "KEY", required_unless_present = "key_envs")]
     keys: Vec<PathBuf>,
+    /// An environment variable holding the text of a secret key file, e.g.
+    /// a CI secret, so that no key file exists (repeatable; with --key too).
+    #[arg(long = "key-env", value_name = "VAR")]
+    key_envs: Vec<String>,
     /// How long the bundle stays valid (30d, 12h, ...).
     #[arg(long, value_name = "DURATION", default_value = "30d", value_parser = manifest::parse_duration)]
     expires: std::time::Duration,
@@ -651,7 +655,10 @@ fn fleet_command(cmd: FleetCommand) -> Result<()> {
 }
 
 fn bundle_command(a: BundleArgs) -> Result<()> {
-    let keys = load_secret(&a.keys)?;
+    let mut keys = load_secret(&a.keys)?;
+    for var in &a.key_envs {
+        keys.push(keys::SecretKey::from_env(var)?);
+    }
     let opts = BundleOptions {
         chunk_size: a.chunk_size,
         expires_in: a.expires,

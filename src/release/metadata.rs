@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use flate2::read::GzDecoder;
+use flate2::read::MultiGzDecoder;
 
 use crate::error::{Error, IoContext, Result};
 use crate::release::eterm::{self, Term};
@@ -34,14 +34,15 @@ pub struct ReleaseInfo {
 }
 
 /// Reads the release's metadata from a gzip-compressed release tarball, as
-/// `rebar3 tar` or `mix release` produce it.
+/// `rebar3 tar` or `mix release` produce it, or as a bundle carries it
+/// (one gzip member per unit: every member is read).
 pub fn inspect(path: &Path) -> Result<ReleaseInfo> {
     let file = File::open(path).ctx(path, "open")?;
     let invalid = |detail: String| Error::InvalidRelease {
         path: path.to_path_buf(),
         detail,
     };
-    let mut archive = tar::Archive::new(GzDecoder::new(BufReader::new(file)));
+    let mut archive = tar::Archive::new(MultiGzDecoder::new(BufReader::new(file)));
     let mut files: BTreeMap<String, String> = BTreeMap::new();
     let mut includes_erts = false;
     let mut unpacked_size = 0u64;

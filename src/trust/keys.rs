@@ -146,11 +146,49 @@ impl SecretKey {
             });
         }
         let bytes = fsutil::read_limited(path, KEY_FILE_LIMIT, "key file")?;
+        Self::parse(&bytes, path)
+    }
+
+    /// Loads a secret key from the environment variable `var`, which holds
+    /// the text of a key file (a CI secret): no file is ever written. The
+    /// variable's value never appears in an error.
+    #[cfg(feature = "operator")]
+    pub fn from_env(var: &str) -> Result<Self> {
+        let source = std::path::PathBuf::from(format!("environment variable {var}"));
+        let invalid = |detail: &str| Error::InvalidKey {
+            path: source.clone(),
+            detail: detail.to_string(),
+        };
+        let Some(value) = std::env::var_os(var) else {
+            return Err(invalid(
+                "is not set; put the text of the secret .key file in it",
+            ));
+        };
+        let mut bytes = value.into_encoded_bytes();
+        let key = if bytes.iter().all(u8::is_ascii_whitespace) {
+            // What an undefined CI secret expands to.
+            Err(invalid(
+                "is empty; put the text of the secret .key file in it",
+            ))
+        } else if bytes.len() as u64 > KEY_FILE_LIMIT {
+            Err(invalid(&format!(
+                "holds more than {KEY_FILE_LIMIT} bytes; a key file is about 150"
+            )))
+        } else {
+            Self::parse(&bytes, &source)
+        };
+        bytes.fill(0);
+        key
+    }
+
+    /// A secret key from the bytes of a key file; `source` names where they
+    /// came from in errors, which never quote the bytes.
+    fn parse(bytes: &[u8], source: &Path) -> Result<Self> {
         let invalid = |detail: String| Error::InvalidKey {
-            path: path.to_path_buf(),
+            path: source.to_path_buf(),
             detail,
         };
-        let file: KeyFile = serde_json::from_slice(&bytes).map_err(|_| {
+        let file: KeyFile = serde_json::from_slice(bytes).map_err(|_| {
             invalid("not a beamup key file (expected JSON with a secret_key)".into())
         })?;
         let KeyFile::Secret { keyid, secret_key } = file else {
@@ -261,6 +299,35 @@ mod tests {
         identity[0] = 1;
         let err = PublicKey::from_hex(&hex::encode(identity)).unwrap_err();
         assert!(err.contains("weak"), "{err}");
+    }
+
+    #[test]
+    fn a_key_file_text_parses_and_errors_never_quote_it() {
+        let k = SecretKey::generate().unwrap();
+        let secret = hex::encode(k.signing.to_bytes());
+        let text = format!(
+            "{{\"type\":\"beamup-secret-key\",\"keyid\":\"{}\",\"secret_key\":\"{secret}\"}}\n",
+            k.id()
+        );
+        let source = Path::new("environment variable K");
+        assert_eq!(
+            SecretKey::parse(text.as_bytes(), source).unwrap().id(),
+            k.id()
+        );
+        // One digit short, a wrong id, a truncated document: each refused
+        // without the secret in the message.
+        let cases = [
+            text.replace(&secret, &secret[1..]),
+            text.replace(&k.id(), "0000000000000000"),
+            text[..text.len() / 2].to_string(),
+        ];
+        for bad in cases {
+            let err = SecretKey::parse(bad.as_bytes(), source)
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("environment variable K: "), "{err}");
+            assert!(!err.contains(&secret[1..20]), "{err}");
+        }
     }
 
     #[test]

@@ -23,6 +23,10 @@ mod layout;
 mod mqtt;
 /// The thermo fixture itself.
 mod otp_release;
+/// `scripts/cd-release` end to end: build, relup, rehearse, bundle with
+/// the key from the environment, serve, campaign on real agents; a failed
+/// rehearsal that ships nothing; a cold release.
+mod pipeline;
 /// `beamup rehearse` on the thermo fixture: the good upgrade, each way an
 /// upgrade fails, a cold from-version, nothing left running.
 mod rehearse;

@@ -210,6 +210,121 @@ fn secret_key_readable_by_others_is_refused() {
     assert!(!f.dir.join("x.bundle").exists());
 }
 
+/// `beamup bundle` with `args`, the environment variables `env` set.
+fn bundle_with_env(f: &Fixture, args: &[&str], env: &[(&str, &str)]) -> Run {
+    let out = Command::new(crate::support::cli::bin())
+        .arg("bundle")
+        .args(args)
+        .current_dir(&f.dir)
+        .env_remove("RUST_LOG")
+        .env("XDG_STATE_HOME", f.dir.join(".state"))
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn keys_from_environment_variables_sign_without_a_key_file() {
+    let f = Fixture::new();
+    let a = fs::read_to_string(f.dir.join("keys/a.key")).unwrap();
+    let b = fs::read_to_string(f.dir.join("keys/b.key")).unwrap();
+    // One key from a file and one from the environment meet the threshold
+    // of two, as two from the environment do.
+    let args = ["--release", "thermo-1.1.0.tar.gz", "--key-env", "KEY_B"];
+    let mut mixed = args.to_vec();
+    mixed.extend(["--key", "keys/a.key", "--out", "mixed.bundle"]);
+    bundle_with_env(&f, &mixed, &[("KEY_B", &b)]).ok();
+    f.verify("mixed.bundle", &[]).ok();
+    let mut both = args.to_vec();
+    both.extend(["--key-env", "KEY_A", "--out", "env.bundle"]);
+    let run = bundle_with_env(&f, &both, &[("KEY_A", &a), ("KEY_B", &b)]);
+    run.ok();
+    assert!(!run.stdout.contains(&a[40..80]), "{}", run.stdout);
+    f.verify("env.bundle", &[]).ok();
+}
+
+#[test]
+fn a_bad_key_in_the_environment_is_refused_without_showing_it() {
+    let f = Fixture::new();
+    let a = fs::read_to_string(f.dir.join("keys/a.key")).unwrap();
+    let secret: serde_json::Value = serde_json::from_str(&a).unwrap();
+    let secret = secret["secret_key"].as_str().unwrap();
+    let out = ["--release", "thermo-1.1.0.tar.gz", "--out", "x.bundle"];
+    let with = |var_args: &[&str], env: &[(&str, &str)]| {
+        let mut args = out.to_vec();
+        args.extend(var_args);
+        bundle_with_env(&f, &args, env)
+    };
+    let cut = a.replace(secret, &secret[2..]);
+    let public = fs::read_to_string(f.dir.join("keys/a.pub")).unwrap();
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[],
+            "environment variable K: not a usable key file: is not set",
+        ),
+        (
+            &[("K", " \n")],
+            "environment variable K: not a usable key file: is empty",
+        ),
+        (&[("K", &cut)], "secret_key must be 32 hex-encoded bytes"),
+        (&[("K", &public)], "this is a public key"),
+    ];
+    for (env, needle) in cases {
+        let run = with(&["--key-env", "K"], env);
+        run.fails(exit::INVALID_KEY as i32, needle);
+        assert!(!run.stderr.contains(&secret[2..30]), "{}", run.stderr);
+        assert!(!f.dir.join("x.bundle").exists());
+    }
+}
+
+#[test]
+fn the_tarball_inside_a_bundle_bundles_again() {
+    // One gzip member per unit, as devices fetch it (the .rel is not in the
+    // first member): what a pipeline takes from its serve directory as the
+    // previous release.
+    let f = Fixture::new();
+    let thermo = crate::support::otp::releases().tarball("1.1.0");
+    let first = [
+        "bundle",
+        "--release",
+        thermo.to_str().unwrap(),
+        "--key",
+        "keys/a.key",
+        "--key",
+        "keys/b.key",
+        "--out",
+        "thermo.bundle",
+    ];
+    f.run(&first).ok();
+    let st = Command::new("tar")
+        .args(["-xf", "thermo.bundle", "release.tar.gz"])
+        .current_dir(&f.dir)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let mut again = first;
+    again[2] = "release.tar.gz";
+    again[8] = "again.bundle";
+    let run = f.run(&again);
+    run.ok();
+    assert!(
+        run.stdout.contains("release     thermo 1.1.0"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("upgrade     hot from 1.0.0"),
+        "{}",
+        run.stdout
+    );
+    f.verify("again.bundle", &[]).ok();
+}
+
 #[test]
 fn too_few_signatures() {
     let f = Fixture::new();
