@@ -13,23 +13,38 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::cli::{Run, beamup, bin};
-use crate::support::otp::{self, pid_running};
+use crate::support::otp::{self, Flavor, pid_running};
 
 /// `beamup rehearse --json` from thermo 1.0.0 to `to`, with the fixture's
 /// environment variables and a soak of `soak`; `extra` appended.
 fn rehearse(to: &str, soak: &str, extra: &[&str]) -> (Run, Value) {
-    let releases = otp::releases();
+    let mut args = ENV.to_vec();
+    args.extend(extra);
+    rehearse_flavor(Flavor::Rebar3, &[otp::BASE_VSN], to, soak, &args)
+}
+
+/// `beamup rehearse --json` of the `flavor` fixture from each of `from` to
+/// `to`, health-gated on `/health` with a soak of `soak`; `extra` appended
+/// (the `--env` names among them).
+fn rehearse_flavor(
+    flavor: Flavor,
+    from: &[&str],
+    to: &str,
+    soak: &str,
+    extra: &[&str],
+) -> (Run, Value) {
+    let releases = otp::releases_for(flavor);
     let tmp = tempfile::tempdir().unwrap();
-    let from = releases
-        .tarball(otp::BASE_VSN)
-        .to_str()
-        .unwrap()
-        .to_string();
+    let from: Vec<String> = from
+        .iter()
+        .map(|v| releases.tarball(v).to_str().unwrap().to_string())
+        .collect();
     let to = releases.tarball(to).to_str().unwrap().to_string();
-    let mut args = vec![
-        "rehearse",
-        "--from",
-        &from,
+    let mut args = vec!["rehearse"];
+    for f in &from {
+        args.extend(["--from", f]);
+    }
+    args.extend([
         "--to",
         &to,
         "--json",
@@ -39,8 +54,7 @@ fn rehearse(to: &str, soak: &str, extra: &[&str]) -> (Run, Value) {
         soak,
         "--health-timeout",
         "8s",
-    ];
-    args.extend(ENV);
+    ]);
     args.extend(extra);
     let run = beamup(tmp.path(), &args);
     let report: Value = serde_json::from_str(&run.stdout)
@@ -80,14 +94,40 @@ fn assert_nothing_left(report: &Value) {
 }
 
 fn steps(report: &Value) -> &Vec<Value> {
-    report["from"][0]["steps"].as_array().unwrap()
+    from_steps(&report["from"][0])
+}
+
+fn from_steps(from: &Value) -> &Vec<Value> {
+    from["steps"].as_array().unwrap()
 }
 
 fn step<'a>(report: &'a Value, name: &str) -> &'a Value {
-    steps(report)
+    from_step(&report["from"][0], name)
+}
+
+fn from_step<'a>(from: &'a Value, name: &str) -> &'a Value {
+    from_steps(from)
         .iter()
         .find(|s| s["step"] == name)
-        .unwrap_or_else(|| panic!("no step {name}: {report}"))
+        .unwrap_or_else(|| panic!("no step {name}: {from}"))
+}
+
+/// The steps after provisioning, each ok, with `strategy` and the node's
+/// OS pid kept (hot) or replaced (cold).
+#[track_caller]
+fn assert_install_steps(from: &Value, to: &str, strategy: &str) {
+    let base = from["version"].as_str().unwrap();
+    let first_pid = from_step(from, "provision")["pid_after"].clone();
+    for (name, vsn) in [("upgrade", to), ("downgrade", base), ("upgrade_again", to)] {
+        let s = from_step(from, name);
+        assert_eq!(s["ok"], true, "{s}");
+        assert_eq!(s["version"], vsn, "{s}");
+        assert_eq!(s["strategy"], strategy, "{s}");
+        assert_eq!(s["pid_kept"], strategy == "hot", "{s}");
+        if strategy == "hot" {
+            assert_eq!(s["pid_after"], first_pid, "{s}");
+        }
+    }
 }
 
 #[test]
@@ -336,4 +376,39 @@ fn kill_9_of_rehearse_leaves_no_node_running() {
         assert!(Instant::now() < deadline, "{dir} is left behind");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn a_mix_release_upgrades_hot_downgrades_and_upgrades_again_with_state_kept() {
+    // Mix's own names: RELEASE_NODE, RELEASE_COOKIE; the default sname
+    // distribution suits NAME@localhost.
+    let (run, report) = rehearse_flavor(
+        Flavor::Mix,
+        &[otp::BASE_VSN],
+        "1.1.0",
+        "1s",
+        &[
+            "--env",
+            "node_name=RELEASE_NODE",
+            "--env",
+            "cookie=RELEASE_COOKIE",
+            "--env",
+            "http_port=THERMEX_HTTP_PORT",
+            "--env",
+            "epmd_port=ERL_EPMD_PORT",
+            "--prepare",
+            "./bin/thermex rpc 'Thermex.State.incr()'",
+            "--check",
+            "./bin/thermex rpc 'IO.puts(Thermex.State.get().counter)' | grep -qx 1",
+        ],
+    );
+    run.ok();
+    assert_eq!(report["release"], "thermex", "{report}");
+    assert_eq!(report["passed"], true, "{report}");
+    let from = &report["from"][0];
+    assert_install_steps(from, "1.1.0", "hot");
+    for name in ["upgrade", "downgrade", "upgrade_again"] {
+        assert_eq!(from_step(from, name)["check_ok"], true, "{from}");
+    }
+    assert_eq!(from["restart_needed"], false, "{from}");
 }
