@@ -84,6 +84,10 @@ pub(crate) struct FromReport {
     /// it, or ERTS changes); `why` says which.
     pub(crate) restart_needed: Option<bool>,
     pub(crate) why: Option<String>,
+    /// Going back from the new version to this one (a revert) restarts the
+    /// node: the new release's relup does not downgrade to it.
+    pub(crate) downgrade_restart_needed: Option<bool>,
+    pub(crate) downgrade_why: Option<String>,
     /// What a device on this version downloads (what its unpack reads).
     pub(crate) download: Option<Download>,
     pub(crate) steps: Vec<StepReport>,
@@ -486,6 +490,10 @@ async fn install_step(
             bytes_read: dry.bytes_read,
             tarball_size: dry.tarball_size,
         });
+    }
+    if step == "downgrade" {
+        rep.downgrade_restart_needed = Some(dry.strategy == "cold");
+        rep.downgrade_why = Some(dry.why.clone());
     }
     observer.reset();
     r.pid_before = observer.os_pid().await;
@@ -990,6 +998,9 @@ pub(crate) fn text(r: &Report) -> String {
                 f.why.as_deref().unwrap_or("")
             ));
         }
+        if let (Some(true), Some(why)) = (f.downgrade_restart_needed, &f.downgrade_why) {
+            out.push_str(&format!("  revert      restart needed: {why}\n"));
+        }
         if let Some(d) = &f.download {
             out.push_str(&format!(
                 "  download    {} of {} chunks ({:.1} MiB of {:.1} MiB)\n",
@@ -1077,5 +1088,49 @@ mod tests {
             e.contains("node_name=VAR") && e.contains("cookie=VAR"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_cold_from_version_says_why_and_that_a_revert_restarts_too() {
+        let step = |step, version: &str| StepReport {
+            step,
+            version: version.into(),
+            ok: true,
+            strategy: Some("cold"),
+            ..StepReport::default()
+        };
+        let report = Report {
+            release: "thermo".into(),
+            to_version: "1.6.0".into(),
+            passed: true,
+            from: vec![FromReport {
+                tarball: "thermo-1.1.0.tar.gz".into(),
+                version: "1.1.0".into(),
+                passed: true,
+                restart_needed: Some(true),
+                why: Some("no relup from 1.1.0".into()),
+                downgrade_restart_needed: Some(true),
+                downgrade_why: Some("no relup down to 1.1.0".into()),
+                steps: vec![
+                    step("upgrade", "1.6.0"),
+                    step("downgrade", "1.1.0"),
+                    step("upgrade_again", "1.6.0"),
+                ],
+                ..FromReport::default()
+            }],
+            dir: "/tmp/x".into(),
+            kept: false,
+        };
+        let out = text(&report);
+        assert!(out.contains("): passed\n"), "{out}");
+        assert!(
+            out.contains("  device      restart needed: no relup from 1.1.0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  revert      restart needed: no relup down to 1.1.0\n"),
+            "{out}"
+        );
+        assert!(!out.contains("FAILED"), "{out}");
     }
 }

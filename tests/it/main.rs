@@ -23,8 +23,8 @@ mod layout;
 mod mqtt;
 /// The thermo fixture itself.
 mod otp_release;
-/// `beamup rehearse` on the thermo fixture: the good upgrade, each way an
-/// upgrade fails, a cold from-version, nothing left running.
+/// `beamup rehearse` on the thermo and thermex fixtures: the good upgrade,
+/// each way an upgrade fails, cold from-versions, nothing left running.
 mod rehearse;
 /// Every release shape's fixture (rebar3, rebar3 without ERTS, mix).
 mod release_flavors;

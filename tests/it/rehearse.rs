@@ -2,8 +2,10 @@
 //! step with the node's OS process and state kept; each way an upgrade
 //! fails (code_change up, code_change down, unhealthy during the soak, a
 //! failing `--check`) is reported with the step and the cause; a release
-//! without a relup is rehearsed cold; nothing it started survives it, not
-//! even its own kill -9.
+//! without a relup, or a from-version its relup does not cover, is
+//! rehearsed cold and says a restart is needed; a mix release rehearses
+//! like a rebar3 one; nothing it started survives it, not even its own
+//! kill -9.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -261,6 +263,7 @@ fn a_release_without_relup_is_rehearsed_cold_and_says_a_restart_is_needed() {
         from["why"].as_str().unwrap().contains("has no relup"),
         "{from}"
     );
+    assert_eq!(from["downgrade_restart_needed"], true, "{from}");
     for name in ["upgrade", "downgrade", "upgrade_again"] {
         let s = step(&report, name);
         assert_eq!(s["ok"], true, "{s}");
@@ -411,4 +414,43 @@ fn a_mix_release_upgrades_hot_downgrades_and_upgrades_again_with_state_kept() {
         assert_eq!(from_step(from, name)["check_ok"], true, "{from}");
     }
     assert_eq!(from["restart_needed"], false, "{from}");
+    assert_eq!(from["downgrade_restart_needed"], false, "{from}");
+}
+
+#[test]
+fn a_from_version_the_relup_does_not_cover_is_rehearsed_cold_beside_a_hot_one() {
+    // 1.6.0's relup covers 1.0.0 only: a device on 1.1.0 restarts, both
+    // ways; that is reported, not failed.
+    let mut args = ENV.to_vec();
+    args.extend(["--check", "./bin/thermo rpc thermo_state get"]);
+    let (run, report) = rehearse_flavor(Flavor::Rebar3, &["1.0.0", "1.1.0"], "1.6.0", "1s", &args);
+    run.ok();
+    assert_eq!(report["passed"], true, "{report}");
+    let [hot, cold] = [&report["from"][0], &report["from"][1]];
+    assert_eq!(hot["version"], "1.0.0");
+    assert_install_steps(hot, "1.6.0", "hot");
+    assert_eq!(hot["restart_needed"], false, "{hot}");
+    assert_eq!(hot["downgrade_restart_needed"], false, "{hot}");
+
+    assert_eq!(cold["version"], "1.1.0");
+    assert_install_steps(cold, "1.6.0", "cold");
+    assert_eq!(cold["restart_needed"], true, "{cold}");
+    assert!(
+        cold["why"]
+            .as_str()
+            .unwrap()
+            .contains("the relup of 1.6.0 upgrades from 1.0.0, not from the running 1.1.0"),
+        "{cold}"
+    );
+    assert_eq!(cold["downgrade_restart_needed"], true, "{cold}");
+    let down_why = cold["downgrade_why"].as_str().unwrap();
+    assert!(
+        down_why.contains("the relup of the running 1.6.0 downgrades to 1.0.0, not to 1.1.0"),
+        "{down_why}"
+    );
+    for name in ["upgrade", "downgrade", "upgrade_again"] {
+        let s = from_step(cold, name);
+        assert_eq!(s["check_ok"], true, "{s}");
+        assert!(s["gate_ms"].as_u64().unwrap() >= 1000, "health-gated: {s}");
+    }
 }
