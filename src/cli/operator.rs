@@ -228,17 +228,21 @@ pub struct RehearseArgs {
     /// Health check: GET http://127.0.0.1:<http_port>PATH must answer 200.
     #[arg(long, value_name = "PATH")]
     health_http: Option<String>,
-    /// Healthy continuously this long before each step commits.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = manifest::parse_duration)]
-    soak: std::time::Duration,
-    /// Time to become healthy and soak.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = manifest::parse_duration)]
-    health_timeout: std::time::Duration,
+    /// Healthy continuously this long before each step commits [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = manifest::parse_duration)]
+    soak: Option<std::time::Duration>,
+    /// Time to become healthy and soak [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = manifest::parse_duration)]
+    health_timeout: Option<std::time::Duration>,
     /// ROLE=VAR: the environment variable the release reads a setting from;
     /// roles node_name and cookie (required), http_port, epmd_port (default
     /// ERL_EPMD_PORT).
     #[arg(long = "env", value_name = "ROLE=VAR", value_parser = parse_env_role)]
     env: Vec<(String, String)>,
+    /// A TOML file with an [env] table (the roles above) and any of
+    /// health_http, soak, health_timeout, prepare, check; flags override it.
+    #[arg(long, value_name = "rehearse.toml")]
+    config: Option<PathBuf>,
     /// The report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -249,46 +253,52 @@ pub struct RehearseArgs {
 }
 
 fn parse_env_role(s: &str) -> std::result::Result<(String, String), String> {
-    const ROLES: [&str; 4] = ["node_name", "cookie", "http_port", "epmd_port"];
+    use crate::operator::rehearse::{EnvNames, is_env_var_name};
     let (role, var) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected ROLE=VAR, e.g. node_name=NODE_NAME"))?;
-    if !ROLES.contains(&role) {
+    if !EnvNames::ROLES.contains(&role) {
         return Err(format!(
             "unknown role {role:?}; roles: {}",
-            ROLES.join(", ")
+            EnvNames::ROLES.join(", ")
         ));
     }
-    if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+    if !is_env_var_name(var) {
         return Err(format!("{var:?} is not an environment variable name"));
     }
     Ok((role.to_string(), var.to_string()))
 }
 
 fn rehearse_command(a: RehearseArgs) -> Result<()> {
-    use crate::operator::rehearse::{self, EnvNames, Options};
-    let role = |r: &str| {
-        a.env
-            .iter()
-            .rev()
-            .find(|(k, _)| k == r)
-            .map(|(_, v)| v.clone())
-    };
-    let opts = Options {
-        env: EnvNames {
-            node_name: role("node_name"),
-            cookie: role("cookie"),
-            http_port: role("http_port"),
-            epmd_port: role("epmd_port"),
-        },
-        from: a.from,
-        to: a.to,
-        release: a.release,
-        prepare: a.prepare,
-        check: a.check,
+    use crate::operator::rehearse::{self, EnvNames, Options, Settings};
+    let mut env = EnvNames::default();
+    for (role, var) in a.env {
+        *env.slot(&role).expect("checked by parse_env_role") = Some(var);
+    }
+    let flags = Settings {
         health_http: a.health_http,
         soak: a.soak,
         health_timeout: a.health_timeout,
+        prepare: a.prepare,
+        check: a.check,
+        env,
+    };
+    let settings = match &a.config {
+        Some(path) => flags.over(Settings::load(path)?),
+        None => flags,
+    };
+    let opts = Options {
+        env: settings.env,
+        from: a.from,
+        to: a.to,
+        release: a.release,
+        prepare: settings.prepare,
+        check: settings.check,
+        health_http: settings.health_http,
+        soak: settings.soak.unwrap_or(rehearse::DEFAULT_SOAK),
+        health_timeout: settings
+            .health_timeout
+            .unwrap_or(rehearse::DEFAULT_HEALTH_TIMEOUT),
         keep: a.keep,
     };
     let report = runtime()?.block_on(rehearse::run(&opts))?;

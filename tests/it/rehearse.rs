@@ -4,8 +4,8 @@
 //! failing `--check`) is reported with the step and the cause; a release
 //! without a relup, or a from-version its relup does not cover, is
 //! rehearsed cold and says a restart is needed; a mix release rehearses
-//! like a rebar3 one; nothing it started survives it, not even its own
-//! kill -9.
+//! like a rebar3 one; settings come from flags and `--config`; nothing it
+//! started survives it, not even its own kill -9.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -274,16 +274,37 @@ fn a_release_without_relup_is_rehearsed_cold_and_says_a_restart_is_needed() {
 
 #[test]
 fn a_failing_check_fails_the_rehearsal_at_its_step() {
-    let (run, report) = rehearse(
+    // Env names and the check from --config; its 30 s soak is overridden
+    // by the flag.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rehearse.toml");
+    std::fs::write(
+        &config,
+        r#"soak = "30s"
+check = "echo step=$BEAMUP_STEP version=$BEAMUP_VERSION; test $BEAMUP_STEP != downgrade"
+
+[env]
+node_name = "NODE_NAME"
+cookie = "COOKIE"
+http_port = "THERMO_HTTP_PORT"
+epmd_port = "ERL_EPMD_PORT"
+"#,
+    )
+    .unwrap();
+    let (run, report) = rehearse_flavor(
+        Flavor::Rebar3,
+        &[otp::BASE_VSN],
         "1.1.0",
         "1s",
-        &[
-            "--check",
-            "echo step=$BEAMUP_STEP version=$BEAMUP_VERSION; test $BEAMUP_STEP != downgrade",
-        ],
+        &["--config", config.to_str().unwrap()],
     );
     assert_eq!(run.code, 33, "{}", run.stderr);
-    assert_eq!(step(&report, "upgrade")["check_ok"], true, "{report}");
+    let up = step(&report, "upgrade");
+    assert_eq!(up["check_ok"], true, "{report}");
+    assert!(
+        up["gate_ms"].as_u64().unwrap() < 10_000,
+        "--soak 1s wins: {up}"
+    );
     let s = step(&report, "downgrade");
     assert_eq!(s["ok"], false, "{s}");
     assert_eq!(s["check_ok"], false, "{s}");
@@ -292,6 +313,33 @@ fn a_failing_check_fails_the_rehearsal_at_its_step() {
         why.contains("--check failed after the downgrade")
             && why.contains("step=downgrade version=1.0.0"),
         "{why}"
+    );
+}
+
+#[test]
+fn an_unknown_key_in_the_config_is_refused_naming_key_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("rehearse.toml"),
+        "[env]\nnode_name = \"NODE_NAME\"\ncookie = \"COOKIE\"\nhttp = \"PORT\"\n",
+    )
+    .unwrap();
+    let r = otp::releases();
+    let run = beamup(
+        tmp.path(),
+        &[
+            "rehearse",
+            "--config",
+            "rehearse.toml",
+            "--from",
+            r.tarball("1.0.0").to_str().unwrap(),
+            "--to",
+            r.tarball("1.1.0").to_str().unwrap(),
+        ],
+    );
+    run.fails(
+        4,
+        "rehearse.toml: invalid configuration: line 4 in [env]: unknown field `http`",
     );
 }
 
