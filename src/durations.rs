@@ -14,6 +14,7 @@ pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D
 }
 
 /// [`deserialize`] for an optional setting.
+#[cfg(feature = "operator")]
 pub(crate) fn deserialize_some<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Duration>, D::Error> {

@@ -54,6 +54,8 @@ pub enum Command {
         fleet: FleetArgs,
         #[command(flatten)]
         to: OfferTarget,
+        #[command(flatten)]
+        dry: DryRunArgs,
     },
 
     /// The fleet's devices as they report themselves.
@@ -169,6 +171,14 @@ pub fn run(cmd: Command) -> Result<()> {
             broker,
             fleet,
             to,
+            dry,
+        } if dry.dry_run => offer_dry_run(&file, &broker, &fleet, &to, &dry)?,
+        Command::Offer {
+            file,
+            broker,
+            fleet,
+            to,
+            ..
         } => offer_command(&file, &broker, &fleet, &to)?,
 
         Command::Fleet(cmd) => fleet_command(cmd)?,
@@ -409,6 +419,21 @@ pub struct OfferTarget {
     group: Option<String>,
 }
 
+#[derive(Args, Debug, Clone)]
+pub struct DryRunArgs {
+    /// Offer nothing: ask the devices (a group: those whose retained state
+    /// names it) what the offer would do, and print their answers. They
+    /// check it as a real offer and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// With --dry-run: how long to wait for the answers.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = manifest::parse_duration, requires = "dry_run")]
+    wait: std::time::Duration,
+    /// With --dry-run: the answers as JSON.
+    #[arg(long, requires = "dry_run")]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum FleetCommand {
     /// Each device's retained state: online, running and permanent release,
@@ -581,6 +606,61 @@ fn offer_command(file: &Path, b: &BrokerArgs, f: &FleetArgs, to: &OfferTarget) -
         file.file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned())
     );
+    Ok(())
+}
+
+fn offer_dry_run(
+    file: &Path,
+    b: &BrokerArgs,
+    f: &FleetArgs,
+    to: &OfferTarget,
+    dry: &DryRunArgs,
+) -> Result<()> {
+    use crate::operator::fleet;
+    let topics = f.topics()?;
+    let bundle = bundle::Bundle::open(file)?;
+    let m = bundle.manifest_unverified()?;
+    let broker = b.broker()?;
+    let rt = runtime()?;
+    let devices = match (&to.device, &to.group) {
+        (Some(d), _) => vec![d.clone()],
+        (_, Some(g)) => {
+            let rows = rt.block_on(fleet::status(
+                &broker,
+                &topics,
+                std::time::Duration::from_millis(500),
+                std::time::Duration::from_secs(10),
+            ))?;
+            rows.into_iter()
+                .filter(|r| r.state.as_ref().is_some_and(|s| s.groups.contains(g)))
+                .map(|r| r.device)
+                .collect()
+        }
+        _ => unreachable!("clap requires one"),
+    };
+    if devices.is_empty() {
+        return Err(Error::Usage(format!(
+            "no device of fleet {} reports group {:?}",
+            f.fleet,
+            to.group.as_deref().unwrap_or("")
+        )));
+    }
+    let answers = rt.block_on(fleet::dry_run(
+        &broker,
+        &topics,
+        bundle.manifest_bytes(),
+        &devices,
+        dry.wait,
+    ))?;
+    if dry.json {
+        println!("{}", serde_json::to_string_pretty(&answers).expect("json"));
+    } else {
+        println!(
+            "dry run   {} {} (sequence {}): nothing offered, nothing changed",
+            m.release.name, m.release.version, m.sequence
+        );
+        print!("{}", fleet::dry_run_table(&answers));
+    }
     Ok(())
 }
 

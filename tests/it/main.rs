@@ -6,7 +6,7 @@
 /// `beamup campaign` over real devices, `serve` and mosquitto: waves,
 /// soaks, thresholds, offline devices, timeouts, pause/resume/abort, a
 /// controller killed with -9 at random points, a broker restarted without
-/// persistence, the shipped ACL.
+/// persistence, the shipped ACL, the dry run of an offer.
 mod campaign;
 /// Real nodes booted in podman from `containers/pod.yaml`: provisioning,
 /// a hot upgrade over MQTT, restarts that boot the permanent release.
