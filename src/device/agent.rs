@@ -657,11 +657,11 @@ impl Agent {
     /// written: no outcome, no decided offer, no download.
     async fn on_dry_run(&mut self, payload: &[u8], engine: Option<&mut Engine>) -> Result<()> {
         let req = match serde_json::from_slice::<protocol::DryRunRequest>(payload) {
-            Ok(r) if crate::release::manifest::is_safe_name(&r.id) && r.id.len() <= 64 => r,
+            Ok(r) if crate::release::manifest::is_safe_name(&r.id) => r,
             Ok(_) => {
                 let topic = self.topics.command(&self.device_id);
                 self.report
-                    .discarded(&topic, "dry_run: id must be 1-64 of A-Z a-z 0-9 . _ -");
+                    .discarded(&topic, "dry_run: id must be 1-64 of A-Z a-z 0-9 . _ + -");
                 return Ok(());
             }
             Err(e) => {

@@ -644,10 +644,19 @@ impl Engine {
     /// registration of the new version, and leftover paths are removed.
     async fn remove_leftovers(&mut self, p: &Prepared) -> Result<()> {
         let vsn = &p.manifest.release.version;
+        // Old: a release that was permanent before (going back to it is
+        // routine); unpacked: left by an attempt that did not finish.
+        let went_back = p.registered == Some(ReleaseStatus::Old);
         if let Some(status) = p.registered {
-            tracing::warn!(
-                "release_handler lists {vsn} as {status:?} from an earlier attempt; forgetting it"
-            );
+            if went_back {
+                tracing::info!(
+                    "release_handler keeps {vsn} as old (it ran before); forgetting it to install it afresh"
+                );
+            } else {
+                tracing::warn!(
+                    "release_handler lists {vsn} as {status:?} from an earlier attempt; forgetting it"
+                );
+            }
             self.node.set_removed(vsn).await.map_err(|e| {
                 self.node
                     .node_error("forgetting a leftover release (set_removed)", e)
@@ -660,10 +669,14 @@ impl Engine {
             .filter(|c| self.root().join(c).symlink_metadata().is_ok())
             .cloned()
             .collect();
-        if !stale.is_empty() {
+        if went_back && !stale.is_empty() {
+            tracing::info!("removing the old files of {vsn} to unpack them afresh: {stale:?}");
+        } else if !stale.is_empty() {
             tracing::warn!(
                 "removing leftover paths of {vsn} that no release boots from: {stale:?}"
             );
+        }
+        if !stale.is_empty() {
             self.remove_created(vsn, &stale).await?;
         }
         Ok(())

@@ -422,7 +422,7 @@ pub(crate) struct DeviceStatus {
 pub(crate) struct DryRunRequest {
     pub(crate) v: u32,
     pub(crate) cmd: CommandKind,
-    /// Chosen by the operator, echoed in the answer: 1-64 of A-Z a-z 0-9 . _ -
+    /// Chosen by the operator, echoed in the answer: 1-64 of A-Z a-z 0-9 . _ + -
     pub(crate) id: String,
     pub(crate) offer: String,
 }
