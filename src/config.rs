@@ -279,7 +279,7 @@ pub(crate) fn is_safe_prefix(p: &str) -> bool {
 }
 
 /// One line: where (line, table) and what, from toml's error.
-fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
+pub(crate) fn describe_toml_error(text: &str, e: &toml::de::Error) -> String {
     let msg = e.message().trim().replace('\n', " ");
     let Some(span) = e.span() else { return msg };
     let start = span.start.min(text.len());

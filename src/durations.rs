@@ -12,3 +12,11 @@ pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D
         serde::de::Error::custom(format!("{s:?} is not a duration like \"10s\" ({e})"))
     })
 }
+
+/// [`deserialize`] for an optional setting.
+#[cfg(feature = "operator")]
+pub(crate) fn deserialize_some<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Duration>, D::Error> {
+    deserialize(d).map(Some)
+}

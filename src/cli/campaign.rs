@@ -25,6 +25,15 @@ pub enum CampaignCommand {
         broker: BrokerArgs,
         #[arg(long)]
         json: bool,
+        /// Also ask the selected devices (all but those already current)
+        /// what the offer would do, and print per wave hot and cold counts,
+        /// the download, who would refuse and why, who did not answer.
+        /// Nothing is offered or changed.
+        #[arg(long)]
+        dry_run: bool,
+        /// With --dry-run: how long to wait for the answers.
+        #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = crate::release::manifest::parse_duration, requires = "dry_run")]
+        wait: Duration,
     },
     /// Create a campaign from a plan (its members frozen now) and run its
     /// controller until the campaign finishes.
@@ -217,14 +226,59 @@ fn run_controller(dir: &Path, id: &str, b: &BrokerArgs) -> Result<()> {
 
 pub fn run(cmd: CampaignCommand) -> Result<()> {
     match cmd {
-        CampaignCommand::Plan { plan, broker, json } => {
+        CampaignCommand::Plan {
+            plan,
+            broker,
+            json,
+            dry_run,
+            wait,
+        } => {
             let b = broker.broker()?;
-            let d = runtime()?.block_on(campaign::draft(&plan, &b))?;
+            let rt = runtime()?;
+            let d = rt.block_on(campaign::draft(&plan, &b))?;
             let p = campaign::preview(&d);
+            let dry = if dry_run {
+                let waves: Vec<(String, Vec<String>)> = p
+                    .waves
+                    .iter()
+                    .map(|w| {
+                        let ask = w.devices.iter().filter(|d| d.action != "already_current");
+                        (w.name.clone(), ask.map(|d| d.device.clone()).collect())
+                    })
+                    .collect();
+                let asked: Vec<String> = waves.iter().flat_map(|(_, d)| d.clone()).collect();
+                let c = &d.campaign;
+                let topics = Topics::new(&c.prefix, &c.fleet);
+                let answers = rt.block_on(crate::operator::fleet::dry_run(
+                    &b, &topics, &d.offer, &asked, wait,
+                ))?;
+                let all: Vec<(String, Vec<String>)> = p
+                    .waves
+                    .iter()
+                    .map(|w| {
+                        (
+                            w.name.clone(),
+                            w.devices.iter().map(|d| d.device.clone()).collect(),
+                        )
+                    })
+                    .collect();
+                Some(view::dry_run_summary(&all, &answers))
+            } else {
+                None
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&p).expect("json"));
+                let out = serde_json::json!({"plan": p, "dry_run": dry});
+                let out = if dry.is_some() {
+                    out
+                } else {
+                    serde_json::to_value(&p).expect("json")
+                };
+                println!("{}", serde_json::to_string_pretty(&out).expect("json"));
             } else {
                 print!("{}", campaign::preview_text(&p, &d.campaign));
+                if let Some(s) = &dry {
+                    print!("{}", view::dry_run_text(s));
+                }
             }
         }
         CampaignCommand::Start {

@@ -54,6 +54,8 @@ pub enum Command {
         fleet: FleetArgs,
         #[command(flatten)]
         to: OfferTarget,
+        #[command(flatten)]
+        dry: DryRunArgs,
     },
 
     /// The fleet's devices as they report themselves.
@@ -169,6 +171,14 @@ pub fn run(cmd: Command) -> Result<()> {
             broker,
             fleet,
             to,
+            dry,
+        } if dry.dry_run => offer_dry_run(&file, &broker, &fleet, &to, &dry)?,
+        Command::Offer {
+            file,
+            broker,
+            fleet,
+            to,
+            ..
         } => offer_command(&file, &broker, &fleet, &to)?,
 
         Command::Fleet(cmd) => fleet_command(cmd)?,
@@ -228,17 +238,21 @@ pub struct RehearseArgs {
     /// Health check: GET http://127.0.0.1:<http_port>PATH must answer 200.
     #[arg(long, value_name = "PATH")]
     health_http: Option<String>,
-    /// Healthy continuously this long before each step commits.
-    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = manifest::parse_duration)]
-    soak: std::time::Duration,
-    /// Time to become healthy and soak.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = manifest::parse_duration)]
-    health_timeout: std::time::Duration,
+    /// Healthy continuously this long before each step commits [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = manifest::parse_duration)]
+    soak: Option<std::time::Duration>,
+    /// Time to become healthy and soak [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = manifest::parse_duration)]
+    health_timeout: Option<std::time::Duration>,
     /// ROLE=VAR: the environment variable the release reads a setting from;
     /// roles node_name and cookie (required), http_port, epmd_port (default
     /// ERL_EPMD_PORT).
     #[arg(long = "env", value_name = "ROLE=VAR", value_parser = parse_env_role)]
     env: Vec<(String, String)>,
+    /// A TOML file with an [env] table (the roles above) and any of
+    /// health_http, soak, health_timeout, prepare, check; flags override it.
+    #[arg(long, value_name = "rehearse.toml")]
+    config: Option<PathBuf>,
     /// The report as JSON on stdout.
     #[arg(long)]
     json: bool,
@@ -249,46 +263,52 @@ pub struct RehearseArgs {
 }
 
 fn parse_env_role(s: &str) -> std::result::Result<(String, String), String> {
-    const ROLES: [&str; 4] = ["node_name", "cookie", "http_port", "epmd_port"];
+    use crate::operator::rehearse::{EnvNames, is_env_var_name};
     let (role, var) = s
         .split_once('=')
         .ok_or_else(|| format!("{s:?}: expected ROLE=VAR, e.g. node_name=NODE_NAME"))?;
-    if !ROLES.contains(&role) {
+    if !EnvNames::ROLES.contains(&role) {
         return Err(format!(
             "unknown role {role:?}; roles: {}",
-            ROLES.join(", ")
+            EnvNames::ROLES.join(", ")
         ));
     }
-    if var.is_empty() || !var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+    if !is_env_var_name(var) {
         return Err(format!("{var:?} is not an environment variable name"));
     }
     Ok((role.to_string(), var.to_string()))
 }
 
 fn rehearse_command(a: RehearseArgs) -> Result<()> {
-    use crate::operator::rehearse::{self, EnvNames, Options};
-    let role = |r: &str| {
-        a.env
-            .iter()
-            .rev()
-            .find(|(k, _)| k == r)
-            .map(|(_, v)| v.clone())
-    };
-    let opts = Options {
-        env: EnvNames {
-            node_name: role("node_name"),
-            cookie: role("cookie"),
-            http_port: role("http_port"),
-            epmd_port: role("epmd_port"),
-        },
-        from: a.from,
-        to: a.to,
-        release: a.release,
-        prepare: a.prepare,
-        check: a.check,
+    use crate::operator::rehearse::{self, EnvNames, Options, Settings};
+    let mut env = EnvNames::default();
+    for (role, var) in a.env {
+        *env.slot(&role).expect("checked by parse_env_role") = Some(var);
+    }
+    let flags = Settings {
         health_http: a.health_http,
         soak: a.soak,
         health_timeout: a.health_timeout,
+        prepare: a.prepare,
+        check: a.check,
+        env,
+    };
+    let settings = match &a.config {
+        Some(path) => flags.over(Settings::load(path)?),
+        None => flags,
+    };
+    let opts = Options {
+        env: settings.env,
+        from: a.from,
+        to: a.to,
+        release: a.release,
+        prepare: settings.prepare,
+        check: settings.check,
+        health_http: settings.health_http,
+        soak: settings.soak.unwrap_or(rehearse::DEFAULT_SOAK),
+        health_timeout: settings
+            .health_timeout
+            .unwrap_or(rehearse::DEFAULT_HEALTH_TIMEOUT),
         keep: a.keep,
     };
     let report = runtime()?.block_on(rehearse::run(&opts))?;
@@ -397,6 +417,21 @@ pub struct OfferTarget {
     /// Offer to every device of this group.
     #[arg(long, value_name = "NAME", value_parser = parse_name)]
     group: Option<String>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct DryRunArgs {
+    /// Offer nothing: ask the devices (a group: those whose retained state
+    /// names it) what the offer would do, and print their answers. They
+    /// check it as a real offer and change nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// With --dry-run: how long to wait for the answers.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = manifest::parse_duration, requires = "dry_run")]
+    wait: std::time::Duration,
+    /// With --dry-run: the answers as JSON.
+    #[arg(long, requires = "dry_run")]
+    json: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -580,6 +615,61 @@ fn offer_command(file: &Path, b: &BrokerArgs, f: &FleetArgs, to: &OfferTarget) -
         file.file_name()
             .map_or(String::new(), |n| n.to_string_lossy().into_owned())
     );
+    Ok(())
+}
+
+fn offer_dry_run(
+    file: &Path,
+    b: &BrokerArgs,
+    f: &FleetArgs,
+    to: &OfferTarget,
+    dry: &DryRunArgs,
+) -> Result<()> {
+    use crate::operator::fleet;
+    let topics = f.topics()?;
+    let bundle = bundle::Bundle::open(file)?;
+    let m = bundle.manifest_unverified()?;
+    let broker = b.broker()?;
+    let rt = runtime()?;
+    let devices = match (&to.device, &to.group) {
+        (Some(d), _) => vec![d.clone()],
+        (_, Some(g)) => {
+            let rows = rt.block_on(fleet::status(
+                &broker,
+                &topics,
+                std::time::Duration::from_millis(500),
+                std::time::Duration::from_secs(10),
+            ))?;
+            rows.into_iter()
+                .filter(|r| r.state.as_ref().is_some_and(|s| s.groups.contains(g)))
+                .map(|r| r.device)
+                .collect()
+        }
+        _ => unreachable!("clap requires one"),
+    };
+    if devices.is_empty() {
+        return Err(Error::Usage(format!(
+            "no device of fleet {} reports group {:?}",
+            f.fleet,
+            to.group.as_deref().unwrap_or("")
+        )));
+    }
+    let answers = rt.block_on(fleet::dry_run(
+        &broker,
+        &topics,
+        bundle.manifest_bytes(),
+        &devices,
+        dry.wait,
+    ))?;
+    if dry.json {
+        println!("{}", serde_json::to_string_pretty(&answers).expect("json"));
+    } else {
+        println!(
+            "dry run   {} {} (sequence {}): nothing offered, nothing changed",
+            m.release.name, m.release.version, m.sequence
+        );
+        print!("{}", fleet::dry_run_table(&answers));
+    }
     Ok(())
 }
 

@@ -35,7 +35,7 @@ use crate::bundle;
 use crate::config::Config;
 use crate::device::intake;
 use crate::device::offers::{self, OfferMemory};
-use crate::device::report::Reporter;
+use crate::device::report::{self, Reporter};
 use crate::device::session::{MqttSession, Tracked};
 use crate::device::transfer::{self, Arrival, Ready, Transfer};
 use crate::engine::install::{self, Engine, InstallOptions, Step};
@@ -628,6 +628,9 @@ impl Agent {
                 return Ok(());
             }
         };
+        if cmd.v == protocol::VERSION && cmd.cmd == CommandKind::DryRun {
+            return self.on_dry_run(payload, engine).await;
+        }
         if cmd.v != protocol::VERSION || cmd.cmd != CommandKind::Retry {
             let topic = self.topics.command(&self.device_id);
             let why = format!("command {:?} (v{}) not understood", cmd.cmd, cmd.v);
@@ -646,6 +649,110 @@ impl Agent {
         tracing::info!("retry requested for the last offer");
         self.offers.forget(&digest)?;
         self.handle_offer(&envelope, engine, true).await
+    }
+
+    /// A `dry_run` command: the offer it carries is checked as
+    /// [`handle_offer`](Self::handle_offer) would check it, and the answer
+    /// goes out with the retained state. Nothing is recorded, fetched or
+    /// written: no outcome, no decided offer, no download.
+    async fn on_dry_run(&mut self, payload: &[u8], engine: Option<&mut Engine>) -> Result<()> {
+        let req = match serde_json::from_slice::<protocol::DryRunRequest>(payload) {
+            Ok(r) if crate::release::manifest::is_safe_name(&r.id) => r,
+            Ok(_) => {
+                let topic = self.topics.command(&self.device_id);
+                self.report
+                    .discarded(&topic, "dry_run: id must be 1-64 of A-Z a-z 0-9 . _ + -");
+                return Ok(());
+            }
+            Err(e) => {
+                let topic = self.topics.command(&self.device_id);
+                self.report
+                    .discarded(&topic, &format!("not a dry_run command: {e}"));
+                return Ok(());
+            }
+        };
+        let answer = match engine {
+            None => report::would_not(
+                &req.id,
+                "busy",
+                None,
+                "an install is in progress; ask again once it has an outcome".into(),
+                None,
+            ),
+            Some(engine) => self.dry_run_answer(&req, engine).await,
+        };
+        self.report.dry_run(&mut self.session, answer);
+        Ok(())
+    }
+
+    async fn dry_run_answer(
+        &mut self,
+        req: &protocol::DryRunRequest,
+        engine: &mut Engine,
+    ) -> protocol::DryRunAnswer {
+        let id = &req.id;
+        let envelope = req.offer.as_bytes();
+        let refuse = |m: Option<&Manifest>, e: &Error| {
+            report::would_not(id, "would_refuse", m, e.to_string(), Some(e.exit_code()))
+        };
+        let ignore =
+            |m: Option<&Manifest>, why: String| report::would_not(id, "would_ignore", m, why, None);
+        let digest = offers::digest_hex(envelope);
+        match intake::by_digest(&intake::DigestFacts {
+            digest: &digest,
+            empty: envelope.is_empty(),
+            decided: self.offers.is_decided(&digest),
+            active: self.transfer.fetching().map(|(d, _)| d),
+            ready: self.transfer.ready_digest(),
+        }) {
+            intake::Seen::Cleared => return ignore(None, "the offer is empty".into()),
+            intake::Seen::InProgress => {
+                return ignore(
+                    None,
+                    "this offer is being fetched or installed already".into(),
+                );
+            }
+            intake::Seen::DecidedBefore => {
+                return ignore(None, "this signed offer was decided before".into());
+            }
+            intake::Seen::New => {}
+        }
+        let root = match Root::load(&self.trust_root) {
+            Ok(r) => r,
+            Err(e) => return refuse(None, &e),
+        };
+        let m = match bundle::verify_envelope(envelope, &root, "offered manifest") {
+            Ok((m, _)) => m,
+            Err(e) => return refuse(None, &e),
+        };
+        let fetching = self.transfer.fetching().map(|(_, f)| f.sequence);
+        match intake::by_manifest(&intake::ManifestFacts {
+            sequence: m.sequence,
+            settled: engine
+                .state()
+                .settled(&m.release.version, m.sequence)
+                .map(|o| o.outcome),
+            retry: false,
+            fetching,
+        }) {
+            intake::Verdict::Settled(kind) => {
+                return ignore(
+                    Some(&m),
+                    format!("this release and sequence was {} before", kind.name()),
+                );
+            }
+            intake::Verdict::Older { fetching } => {
+                return ignore(
+                    Some(&m),
+                    format!("an offer of sequence {fetching} is being fetched"),
+                );
+            }
+            intake::Verdict::Take { .. } => {}
+        }
+        match engine.dry_run_offer(&m, false).await {
+            Ok(d) => report::would_install(id, &d),
+            Err(e) => refuse(Some(&m), &e),
+        }
     }
 
     fn on_disconnect(&mut self, why: ConnError) {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crate::config::MqttConfig;
 use crate::device::session::{MqttSession, Tracked};
-use crate::engine::install::Step;
+use crate::engine::install::{DryRun, Step};
 use crate::engine::state::{Outcome, OutcomeKind};
 use crate::error::Result;
 use crate::release::manifest::{self, Manifest};
@@ -84,6 +84,50 @@ fn step_reports(o: &Outcome) -> Vec<protocol::StepReport> {
         .collect()
 }
 
+/// A dry run's answer when the install would go ahead.
+pub(crate) fn would_install(id: &str, d: &DryRun) -> protocol::DryRunAnswer {
+    protocol::DryRunAnswer {
+        id: id.to_string(),
+        verdict: "would_install".into(),
+        release: Some(d.release.clone()),
+        version: Some(d.version.clone()),
+        sequence: Some(d.sequence),
+        strategy: Some(d.strategy.into()),
+        why: Some(d.why.clone()),
+        chunks: Some(d.chunks_read as u64),
+        chunks_total: Some(d.chunks_total as u64),
+        bytes: Some(d.bytes_read),
+        space_needed: Some(d.space_needed),
+        space_free: Some(d.space_free),
+        creates: d.creates.clone(),
+        removes: d.prunes_after_commit.clone(),
+        at: now_text(),
+        ..Default::default()
+    }
+}
+
+/// A dry run's answer when the offer would not be installed: `verdict`
+/// says how (would_refuse, would_ignore, busy), `reason` why.
+pub(crate) fn would_not(
+    id: &str,
+    verdict: &str,
+    m: Option<&Manifest>,
+    reason: String,
+    code: Option<u8>,
+) -> protocol::DryRunAnswer {
+    protocol::DryRunAnswer {
+        id: id.to_string(),
+        verdict: verdict.into(),
+        release: m.map(|m| m.release.name.clone()),
+        version: m.map(|m| m.release.version.clone()),
+        sequence: m.map(|m| m.sequence),
+        reason: Some(reason),
+        code,
+        at: now_text(),
+        ..Default::default()
+    }
+}
+
 impl Reporter {
     /// Starts from the engine's last outcome, idle, with the state to be
     /// published on the first connection.
@@ -107,6 +151,7 @@ impl Reporter {
                 phase: PhaseReport::idle(),
                 last_outcome: last_outcome.map(outcome_report),
                 discarded: None,
+                dry_run: None,
                 updated_at: now_text(),
             },
             status_dirty: true,
@@ -343,6 +388,23 @@ impl Reporter {
     /// Counts a message dropped before anything in it was believed, in the
     /// retained state (its `discarded` field, not `last_outcome`). No event
     /// per message: a flood of junk must not fill the outbox.
+    /// The answer to a dry-run command goes out at once, with the state.
+    pub(crate) fn dry_run(&mut self, session: &mut MqttSession, answer: protocol::DryRunAnswer) {
+        tracing::info!(
+            "dry run {}: {} {}",
+            answer.id,
+            answer.verdict,
+            answer
+                .reason
+                .as_deref()
+                .or(answer.why.as_deref())
+                .unwrap_or("")
+        );
+        self.status.dry_run = Some(answer);
+        self.status_dirty = true;
+        self.publish_status(session, true);
+    }
+
     pub(crate) fn discarded(&mut self, topic: &str, reason: &str) {
         tracing::warn!("message on {topic} discarded: {reason}");
         let count = self.status.discarded.as_ref().map_or(0, |d| d.count) + 1;

@@ -63,7 +63,7 @@ pub(crate) fn strategy_reason(
     }
     let relup_covers = m.upgrade_from.contains(&running.current) || hot_down(m, running_down_to);
     if !relup_covers {
-        if m.upgrade_from.is_empty() {
+        let own = if m.upgrade_from.is_empty() {
             format!("{} {} has no relup", m.release.name, m.release.version)
         } else {
             format!(
@@ -71,6 +71,25 @@ pub(crate) fn strategy_reason(
                 m.release.version,
                 m.upgrade_from.join(", "),
                 running.current
+            )
+        };
+        // Going back: the running release's down section is the other way
+        // it could have been hot.
+        let going_back = crate::release::version::is_newer(&running.current, &m.release.version);
+        if running_down_to.is_empty() || !going_back {
+            own
+        } else if running_down_to.contains(&m.release.version) {
+            format!(
+                "{own}; the relup of the running {} downgrades to {}, but release_handler \
+                 reads a target's own relup first",
+                running.current, m.release.version
+            )
+        } else {
+            format!(
+                "{own}, and the relup of the running {} downgrades to {}, not to {}",
+                running.current,
+                running_down_to.join(", "),
+                m.release.version
             )
         }
     } else {
@@ -247,6 +266,22 @@ mod tests {
         assert_eq!(
             strategy(&staged, &running("1.1.0"), &down, StrategyRule::Auto),
             Ok(Strategy::Cold)
+        );
+        let why = strategy_reason(&staged, &running("1.1.0"), &down);
+        assert!(why.contains("reads a target's own relup first"), "{why}");
+        // Back to a version the down section does not name: both relups
+        // are named in the reason.
+        let middle = manifest("1.1.0", &["1.0.0"], "13.1.5");
+        let why = strategy_reason(&manifest("2.0.0", &[], "13.1.5"), &running("1.1.0"), &down);
+        assert_eq!(
+            why, "thermo 2.0.0 has no relup",
+            "going up: no word of down"
+        );
+        let why = strategy_reason(&middle, &running("1.6.0"), &down);
+        assert_eq!(
+            why,
+            "the relup of 1.1.0 upgrades from 1.0.0, not from the running 1.6.0, \
+             and the relup of the running 1.6.0 downgrades to 1.0.0, not to 1.1.0"
         );
     }
 

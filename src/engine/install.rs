@@ -480,6 +480,20 @@ impl Engine {
     /// space, hot or cold, the unpack plan), read-only. No recovery runs,
     /// no RELEASES is written, no journal, no lock beyond the engine's.
     pub(crate) async fn dry_run(&mut self, path: &Path, retry: bool) -> Result<DryRun> {
+        let root = Root::load(&self.settings.trust_root)?;
+        let bundle = Bundle::open(path)?;
+        let (m, _) = bundle.verify_manifest(&root)?;
+        let dry = self.dry_run_offer(&m, retry).await?;
+        // The install checks each chunk as it unpacks; a dry run that
+        // promised an install would go ahead checks them all now.
+        bundle.verify_tarball(&m)?;
+        Ok(dry)
+    }
+
+    /// [`dry_run`](Self::dry_run) of a verified manifest without its
+    /// tarball (the agent's dry run of an offer): everything but the
+    /// tarball's digests, which a download checks chunk by chunk.
+    pub(crate) async fn dry_run_offer(&mut self, m: &Manifest, retry: bool) -> Result<DryRun> {
         if let Some(j) = &self.state.current {
             return Err(Error::Refused {
                 reason: format!(
@@ -489,20 +503,14 @@ impl Engine {
                 ),
             });
         }
-        let root = Root::load(&self.settings.trust_root)?;
-        let bundle = Bundle::open(path)?;
-        let (m, _) = bundle.verify_manifest(&root)?;
-        let running = self.check_offer(&m, retry).await?;
+        let running = self.check_offer(m, retry).await?;
         let (space_needed, space_free) = space(self.root(), m.tarball.unpacked_size)?;
         check_space(self.root(), m.tarball.unpacked_size)?;
         let down_to = self.running_down_to(&running);
-        let strategy = decide::strategy(&m, &running, &down_to, self.settings.strategy)
+        let strategy = decide::strategy(m, &running, &down_to, self.settings.strategy)
             .map_err(|reason| Error::Refused { reason })?;
-        let (registered, plan) = self.plan_with_leftovers(&m).await?;
-        // The install checks each chunk as it unpacks; a dry run that
-        // promised an install would go ahead checks them all now.
-        bundle.verify_tarball(&m)?;
-        let needed = staging::chunks_read(&m, &plan);
+        let (registered, plan) = self.plan_with_leftovers(m).await?;
+        let needed = staging::chunks_read(m, &plan);
         let chunks_read = needed.iter().filter(|n| **n).count();
         let bytes_read = needed
             .iter()
@@ -531,7 +539,7 @@ impl Engine {
             running: running.current.clone(),
             permanent: running.permanent.clone(),
             strategy: strategy.name(),
-            why: decide::strategy_reason(&m, &running, &down_to),
+            why: decide::strategy_reason(m, &running, &down_to),
             creates: plan
                 .creates
                 .iter()
@@ -636,10 +644,19 @@ impl Engine {
     /// registration of the new version, and leftover paths are removed.
     async fn remove_leftovers(&mut self, p: &Prepared) -> Result<()> {
         let vsn = &p.manifest.release.version;
+        // Old: a release that was permanent before (going back to it is
+        // routine); unpacked: left by an attempt that did not finish.
+        let went_back = p.registered == Some(ReleaseStatus::Old);
         if let Some(status) = p.registered {
-            tracing::warn!(
-                "release_handler lists {vsn} as {status:?} from an earlier attempt; forgetting it"
-            );
+            if went_back {
+                tracing::info!(
+                    "release_handler keeps {vsn} as old (it ran before); forgetting it to install it afresh"
+                );
+            } else {
+                tracing::warn!(
+                    "release_handler lists {vsn} as {status:?} from an earlier attempt; forgetting it"
+                );
+            }
             self.node.set_removed(vsn).await.map_err(|e| {
                 self.node
                     .node_error("forgetting a leftover release (set_removed)", e)
@@ -652,10 +669,14 @@ impl Engine {
             .filter(|c| self.root().join(c).symlink_metadata().is_ok())
             .cloned()
             .collect();
-        if !stale.is_empty() {
+        if went_back && !stale.is_empty() {
+            tracing::info!("removing the old files of {vsn} to unpack them afresh: {stale:?}");
+        } else if !stale.is_empty() {
             tracing::warn!(
                 "removing leftover paths of {vsn} that no release boots from: {stale:?}"
             );
+        }
+        if !stale.is_empty() {
             self.remove_created(vsn, &stale).await?;
         }
         Ok(())

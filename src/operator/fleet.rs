@@ -10,7 +10,9 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::transport::mqtt::{self, Broker, Conn, Qos, Session};
-use crate::transport::protocol::{DeviceStatus, Online, Topic, Topics};
+use crate::transport::protocol::{
+    self, CommandKind, DeviceStatus, DryRunAnswer, DryRunRequest, Online, Topic, Topics,
+};
 
 pub(crate) fn session(role: &str) -> Result<Session> {
     let mut id = [0u8; 6];
@@ -68,6 +70,86 @@ pub async fn publish_once(
     }
     conn.disconnect().await;
     Ok(())
+}
+
+/// A fresh id for a dry-run request: its answers are told apart from
+/// older ones by it.
+fn dry_run_id() -> Result<String> {
+    let mut id = [0u8; 6];
+    getrandom::fill(&mut id).map_err(|e| Error::Internal {
+        detail: format!("no OS randomness: {e}"),
+    })?;
+    Ok(format!("dry-{}", hex::encode(id)))
+}
+
+/// Asks each of `devices` what the offer `envelope` would do (a `dry_run`
+/// command on its command topic) and collects the answers from their
+/// retained states, until all answered or `wait` passed. A device that
+/// did not answer in time maps to `None`.
+pub async fn dry_run(
+    b: &Broker,
+    topics: &Topics,
+    envelope: &[u8],
+    devices: &[String],
+    wait: Duration,
+) -> Result<BTreeMap<String, Option<DryRunAnswer>>> {
+    let offer = String::from_utf8(envelope.to_vec()).map_err(|_| {
+        Error::Usage("the bundle's manifest is not UTF-8 JSON; a dry run cannot carry it".into())
+    })?;
+    let id = dry_run_id()?;
+    let payload = serde_json::to_vec(&DryRunRequest {
+        v: protocol::VERSION,
+        cmd: CommandKind::DryRun,
+        id: id.clone(),
+        offer,
+    })
+    .expect("json");
+    let mut answers: BTreeMap<String, Option<DryRunAnswer>> =
+        devices.iter().map(|d| (d.clone(), None)).collect();
+    let mut conn = Conn::new(b, &session("dry-run")?)?;
+    let start = Instant::now();
+    let mut unsent: Vec<&String> = Vec::new();
+    let mut connected = false;
+    while answers.values().any(Option::is_none) {
+        let ev = match tokio::time::timeout_at((start + wait).into(), conn.poll()).await {
+            Err(_) if connected => break,
+            Err(_) => return Err(unreachable(b, "no connection in time")),
+            Ok(Err(e)) => return Err(e.into_error(&b.url)),
+            Ok(Ok(ev)) => ev,
+        };
+        match ev {
+            mqtt::Event::Connected { .. } if !connected => {
+                // Subscribed before the commands go out: the broker handles
+                // one client's packets in order, so no answer is missed.
+                conn.subscribe(&topics.state_filter(), Qos::AtLeastOnce)?;
+                connected = true;
+                unsent = devices.iter().rev().collect();
+            }
+            mqtt::Event::Message { topic, payload, .. } => {
+                if let Some(Topic::State(d)) = topics.parse(&topic)
+                    && let Some(slot) = answers.get_mut(&d)
+                    && let Ok(state) = serde_json::from_slice::<DeviceStatus>(&payload)
+                    && let Some(a) = state.dry_run.filter(|a| a.id == id)
+                {
+                    *slot = Some(a);
+                }
+            }
+            _ => {}
+        }
+        // As many commands as the request queue takes; the rest after
+        // the next event.
+        while let Some(d) = unsent.last() {
+            if conn
+                .publish(&topics.command(d), Qos::AtLeastOnce, false, payload.clone())
+                .is_err()
+            {
+                break;
+            }
+            unsent.pop();
+        }
+    }
+    conn.disconnect().await;
+    Ok(answers)
 }
 
 /// One device as the broker's retained messages describe it.
@@ -149,6 +231,47 @@ pub async fn status(
     Ok(rows.into_values().collect())
 }
 
+/// A dry-run answer in one line: the verdict, the release, then hot or
+/// cold and the download (would_install) or the reason.
+pub fn dry_run_line(a: &DryRunAnswer) -> String {
+    let mut t = a.verdict.replace('_', " ");
+    if let (Some(r), Some(v)) = (&a.release, &a.version) {
+        t.push_str(&format!(" {r} {v}"));
+    }
+    if a.verdict == "would_install" {
+        t.push_str(&format!(
+            ": {}, fetches {} of {} chunks ({}){}; {}",
+            a.strategy.as_deref().unwrap_or("?"),
+            a.chunks.unwrap_or(0),
+            a.chunks_total.unwrap_or(0),
+            crate::device::transfer::size_text(a.bytes.unwrap_or(0)),
+            if a.removes.is_empty() {
+                String::new()
+            } else {
+                format!(", removes {} after the commit", a.removes.join(", "))
+            },
+            a.why.as_deref().unwrap_or("")
+        ));
+    } else if let Some(r) = &a.reason {
+        t.push_str(&format!(": {r}"));
+    }
+    t
+}
+
+/// The answers of `beamup offer --dry-run`, one device a line.
+pub fn dry_run_table(answers: &BTreeMap<String, Option<DryRunAnswer>>) -> String {
+    let width = answers.keys().map(String::len).max().unwrap_or(0);
+    let mut out = String::new();
+    for (d, a) in answers {
+        let line = a.as_ref().map_or(
+            "no answer in time (offline, or an agent without dry runs)".into(),
+            dry_run_line,
+        );
+        out.push_str(&format!("{d:<width$}  {line}\n"));
+    }
+    out
+}
+
 /// The table `beamup fleet status` prints. `DISCARDED` counts the junk a
 /// device dropped (its `discarded` report), which never takes the place of
 /// the last real outcome.
@@ -208,6 +331,17 @@ pub fn table(rows: &[DeviceRow]) -> String {
         }
         out.push_str(&l[6]);
         out.push('\n');
+    }
+    let dry: Vec<(&str, &DryRunAnswer)> = rows
+        .iter()
+        .filter_map(|r| Some((r.device.as_str(), r.state.as_ref()?.dry_run.as_ref()?)))
+        .collect();
+    if !dry.is_empty() {
+        out.push_str("\nlast dry run of each device that answered one:\n");
+        let width = dry.iter().map(|(d, _)| d.len()).max().unwrap_or(0);
+        for (d, a) in dry {
+            out.push_str(&format!("{d:<width$}  {}  {}\n", a.at, dry_run_line(a)));
+        }
     }
     out
 }

@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant, SystemTime};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bundle::Bundle;
 use crate::device::unpack;
@@ -40,12 +40,116 @@ use crate::trust::root::Root;
 pub(crate) const MARKER_VAR: &str = "REHEARSAL_MARKER";
 
 /// Which environment variables the release reads its settings from.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct EnvNames {
     pub(crate) node_name: Option<String>,
     pub(crate) cookie: Option<String>,
     pub(crate) http_port: Option<String>,
     pub(crate) epmd_port: Option<String>,
+}
+
+impl EnvNames {
+    pub(crate) const ROLES: [&str; 4] = ["node_name", "cookie", "http_port", "epmd_port"];
+
+    /// The variable named for `role`.
+    pub(crate) fn slot(&mut self, role: &str) -> Option<&mut Option<String>> {
+        match role {
+            "node_name" => Some(&mut self.node_name),
+            "cookie" => Some(&mut self.cookie),
+            "http_port" => Some(&mut self.http_port),
+            "epmd_port" => Some(&mut self.epmd_port),
+            _ => None,
+        }
+    }
+}
+
+/// Whether `var` can name an environment variable (it ends up in an
+/// `env NAME=value` command line).
+pub(crate) fn is_env_var_name(var: &str) -> bool {
+    !var.is_empty()
+        && !var.starts_with(|c: char| c.is_ascii_digit())
+        && var.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// What a `--config` file and the flags can both set; a flag wins over the
+/// file, the file over the defaults.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Settings {
+    pub(crate) health_http: Option<String>,
+    #[serde(default, deserialize_with = "crate::durations::deserialize_some")]
+    pub(crate) soak: Option<Duration>,
+    #[serde(default, deserialize_with = "crate::durations::deserialize_some")]
+    pub(crate) health_timeout: Option<Duration>,
+    pub(crate) prepare: Option<String>,
+    pub(crate) check: Option<String>,
+    #[serde(default)]
+    pub(crate) env: EnvNames,
+}
+
+/// Defaults of what neither a flag nor the file sets.
+pub(crate) const DEFAULT_SOAK: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest `--config` file read.
+const SETTINGS_LIMIT: u64 = 64 * 1024;
+
+impl Settings {
+    /// Reads a `--config` file.
+    pub(crate) fn load(path: &Path) -> Result<Settings> {
+        let bytes = crate::fsutil::read_limited(path, SETTINGS_LIMIT, "rehearse config")?;
+        let text = String::from_utf8(bytes).map_err(|_| Error::Config {
+            path: path.to_path_buf(),
+            detail: "not UTF-8 text".into(),
+        })?;
+        Self::parse(&text, path)
+    }
+
+    pub(crate) fn parse(text: &str, path: &Path) -> Result<Settings> {
+        let invalid = |detail| Error::Config {
+            path: path.to_path_buf(),
+            detail,
+        };
+        let settings: Settings = toml::from_str(text)
+            .map_err(|e| invalid(crate::config::describe_toml_error(text, &e)))?;
+        let env = &settings.env;
+        let named = [
+            ("node_name", &env.node_name),
+            ("cookie", &env.cookie),
+            ("http_port", &env.http_port),
+            ("epmd_port", &env.epmd_port),
+        ];
+        for (role, var) in named {
+            if let Some(var) = var
+                && !is_env_var_name(var)
+            {
+                return Err(invalid(format!(
+                    "[env] {role} = {var:?} is not an environment variable name"
+                )));
+            }
+        }
+        Ok(settings)
+    }
+
+    /// `self` (the flags) over `file`, role by role for the env names.
+    pub(crate) fn over(self, file: Settings) -> Settings {
+        let mut env = file.env;
+        let mut flags = self.env;
+        for role in EnvNames::ROLES {
+            if let Some(Some(var)) = flags.slot(role).map(Option::take) {
+                *env.slot(role).expect("a role") = Some(var);
+            }
+        }
+        Settings {
+            health_http: self.health_http.or(file.health_http),
+            soak: self.soak.or(file.soak),
+            health_timeout: self.health_timeout.or(file.health_timeout),
+            prepare: self.prepare.or(file.prepare),
+            check: self.check.or(file.check),
+            env,
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -84,6 +188,10 @@ pub(crate) struct FromReport {
     /// it, or ERTS changes); `why` says which.
     pub(crate) restart_needed: Option<bool>,
     pub(crate) why: Option<String>,
+    /// Going back from the new version to this one (a revert) restarts the
+    /// node: the new release's relup does not downgrade to it.
+    pub(crate) downgrade_restart_needed: Option<bool>,
+    pub(crate) downgrade_why: Option<String>,
     /// What a device on this version downloads (what its unpack reads).
     pub(crate) download: Option<Download>,
     pub(crate) steps: Vec<StepReport>,
@@ -190,8 +298,9 @@ fn check_options(opts: &Options) -> Result<()> {
     .collect();
     if !missing.is_empty() {
         return Err(Error::Usage(format!(
-            "--env {}=VAR missing: name the environment variable the release reads it from \
-             (relx vm.args: `-name ${{VAR}}`; mix: RELEASE_NODE / RELEASE_COOKIE), so each rehearsal node gets its own",
+            "--env {}=VAR missing (or in the [env] table of --config): name the environment variable \
+             the release reads it from (relx vm.args: `-name ${{VAR}}`; mix: RELEASE_NODE / RELEASE_COOKIE), \
+             so each rehearsal node gets its own",
             missing.join("=VAR, --env ")
         )));
     }
@@ -486,6 +595,10 @@ async fn install_step(
             bytes_read: dry.bytes_read,
             tarball_size: dry.tarball_size,
         });
+    }
+    if step == "downgrade" {
+        rep.downgrade_restart_needed = Some(dry.strategy == "cold");
+        rep.downgrade_why = Some(dry.why.clone());
     }
     observer.reset();
     r.pid_before = observer.os_pid().await;
@@ -990,6 +1103,9 @@ pub(crate) fn text(r: &Report) -> String {
                 f.why.as_deref().unwrap_or("")
             ));
         }
+        if let (Some(true), Some(why)) = (f.downgrade_restart_needed, &f.downgrade_why) {
+            out.push_str(&format!("  revert      restart needed: {why}\n"));
+        }
         if let Some(d) = &f.download {
             out.push_str(&format!(
                 "  download    {} of {} chunks ({:.1} MiB of {:.1} MiB)\n",
@@ -1077,5 +1193,150 @@ mod tests {
             e.contains("node_name=VAR") && e.contains("cookie=VAR"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_cold_from_version_says_why_and_that_a_revert_restarts_too() {
+        let step = |step, version: &str| StepReport {
+            step,
+            version: version.into(),
+            ok: true,
+            strategy: Some("cold"),
+            ..StepReport::default()
+        };
+        let report = Report {
+            release: "thermo".into(),
+            to_version: "1.6.0".into(),
+            passed: true,
+            from: vec![FromReport {
+                tarball: "thermo-1.1.0.tar.gz".into(),
+                version: "1.1.0".into(),
+                passed: true,
+                restart_needed: Some(true),
+                why: Some("no relup from 1.1.0".into()),
+                downgrade_restart_needed: Some(true),
+                downgrade_why: Some("no relup down to 1.1.0".into()),
+                steps: vec![
+                    step("upgrade", "1.6.0"),
+                    step("downgrade", "1.1.0"),
+                    step("upgrade_again", "1.6.0"),
+                ],
+                ..FromReport::default()
+            }],
+            dir: "/tmp/x".into(),
+            kept: false,
+        };
+        let out = text(&report);
+        assert!(out.contains("): passed\n"), "{out}");
+        assert!(
+            out.contains("  device      restart needed: no relup from 1.1.0\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("  revert      restart needed: no relup down to 1.1.0\n"),
+            "{out}"
+        );
+        assert!(!out.contains("FAILED"), "{out}");
+    }
+
+    const FILE: &str = r#"
+health_http = "/health"
+soak = "1s"
+health_timeout = "20s"
+prepare = "bin/thermo rpc thermo_state incr"
+check = "bin/thermo rpc thermo_state get"
+
+[env]
+node_name = "NODE_NAME"
+cookie = "COOKIE"
+http_port = "THERMO_HTTP_PORT"
+epmd_port = "ERL_EPMD_PORT"
+"#;
+
+    fn parse(text: &str) -> Result<Settings> {
+        Settings::parse(text, Path::new("ci/rehearse.toml"))
+    }
+
+    #[test]
+    fn a_settings_file_sets_every_option() {
+        let s = parse(FILE).unwrap();
+        assert_eq!(s.health_http.as_deref(), Some("/health"));
+        assert_eq!(s.soak, Some(Duration::from_secs(1)));
+        assert_eq!(s.health_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(
+            s.prepare.as_deref(),
+            Some("bin/thermo rpc thermo_state incr")
+        );
+        assert_eq!(s.check.as_deref(), Some("bin/thermo rpc thermo_state get"));
+        assert_eq!(
+            s.env,
+            EnvNames {
+                node_name: Some("NODE_NAME".into()),
+                cookie: Some("COOKIE".into()),
+                http_port: Some("THERMO_HTTP_PORT".into()),
+                epmd_port: Some("ERL_EPMD_PORT".into()),
+            }
+        );
+        // Only [env] is needed; everything else has its default.
+        let s = parse("[env]\nnode_name = \"N\"\ncookie = \"C\"\n").unwrap();
+        assert_eq!((s.soak, s.health_http), (None, None));
+        assert_eq!(s.env.cookie.as_deref(), Some("C"));
+    }
+
+    #[track_caller]
+    fn refused(text: &str, needles: &[&str]) {
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::exit::CONFIG, "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with("ci/rehearse.toml: invalid configuration: "),
+            "{msg}"
+        );
+        for n in needles {
+            assert!(msg.contains(n), "{msg} lacks {n:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_config_errors_naming_key_and_file() {
+        refused(
+            "helth_http = \"/health\"\n",
+            &["line 1", "unknown field `helth_http`"],
+        );
+        refused(
+            "[env]\nnode_name = \"N\"\nnode = \"X\"\n",
+            &["line 3 in [env]", "unknown field `node`"],
+        );
+        refused("[environment]\n", &["unknown field `environment`"]);
+        refused("soak = \"soon\"\n", &["\"soon\" is not a duration"]);
+        refused(
+            "[env]\ncookie = \"MY COOKIE\"\n",
+            &["[env] cookie = \"MY COOKIE\" is not an environment variable name"],
+        );
+        refused("[env]\nhttp_port = 8080\n", &["line 2 in [env]", "string"]);
+    }
+
+    #[test]
+    fn flags_override_the_file_role_by_role() {
+        let flags = Settings {
+            soak: Some(Duration::from_secs(5)),
+            check: Some("true".into()),
+            env: EnvNames {
+                cookie: Some("RELEASE_COOKIE".into()),
+                ..EnvNames::default()
+            },
+            ..Settings::default()
+        };
+        let s = flags.over(parse(FILE).unwrap());
+        assert_eq!(s.soak, Some(Duration::from_secs(5)));
+        assert_eq!(s.health_timeout, Some(Duration::from_secs(20)));
+        assert_eq!(s.check.as_deref(), Some("true"));
+        assert_eq!(
+            s.prepare.as_deref(),
+            Some("bin/thermo rpc thermo_state incr")
+        );
+        assert_eq!(s.env.cookie.as_deref(), Some("RELEASE_COOKIE"));
+        assert_eq!(s.env.node_name.as_deref(), Some("NODE_NAME"));
+        assert_eq!(s.env.epmd_port.as_deref(), Some("ERL_EPMD_PORT"));
     }
 }

@@ -415,7 +415,68 @@ pub(crate) struct DeviceStatus {
     /// messages above its packet limit), counted since the agent started.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) discarded: Option<DiscardedReport>,
+    /// The answer to the latest `dry_run` command (in memory only: gone
+    /// after an agent restart).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) dry_run: Option<DryRunAnswer>,
     pub(crate) updated_at: String,
+}
+
+/// `{"v":1,"cmd":"dry_run","id":"...","offer":"<envelope>"}`: what would
+/// the device do with this offer? The envelope is the offer's payload (the
+/// bundle's `manifest.json`) as a string.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DryRunRequest {
+    pub(crate) v: u32,
+    pub(crate) cmd: CommandKind,
+    /// Chosen by the operator, echoed in the answer: 1-64 of A-Z a-z 0-9 . _ + -
+    pub(crate) id: String,
+    pub(crate) offer: String,
+}
+
+/// What a device would do with an offer, checked exactly as a real offer
+/// is (signatures, intake, policy, disk space, the unpack plan) and
+/// changing nothing.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct DryRunAnswer {
+    pub(crate) id: String,
+    /// would_install, would_refuse, would_ignore (decided before, or a
+    /// newer offer is being fetched), busy (an install runs)
+    pub(crate) verdict: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) release: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) sequence: Option<u64>,
+    /// would_install: hot or cold, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) strategy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) why: Option<String>,
+    /// What it would fetch of the tarball.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) chunks: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) chunks_total: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) space_needed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) space_free: Option<u64>,
+    /// Top-level paths the unpack would create in the release root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) creates: Vec<String>,
+    /// Releases the commit would remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) removes: Vec<String>,
+    /// Not would_install: why, and the exit code `beamup install` gives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) code: Option<u8>,
+    pub(crate) at: String,
 }
 
 /// Input a device dropped: how many, and the latest.
@@ -487,6 +548,8 @@ pub(crate) enum CommandKind {
     /// Install the last offered release again, even though it was rolled
     /// back (once; a new rollback is final again).
     Retry,
+    /// Say what an offer would do, changing nothing ([`DryRunRequest`]).
+    DryRun,
 }
 
 /// What an operator asks of a campaign's controller. Retained, so that a
@@ -647,5 +710,17 @@ mod tests {
         let c: Command = serde_json::from_str(r#"{"v":1,"cmd":"retry"}"#).unwrap();
         assert_eq!(c.cmd, CommandKind::Retry);
         assert!(serde_json::from_str::<Command>(r#"{"v":1,"cmd":"reboot"}"#).is_err());
+        // A dry run reads as a command first (its kind), then in full.
+        let text = r#"{"v":1,"cmd":"dry_run","id":"dry-1","offer":"{\"signed\":{}}"}"#;
+        let c: Command = serde_json::from_str(text).unwrap();
+        assert_eq!(c.cmd, CommandKind::DryRun);
+        let r: DryRunRequest = serde_json::from_str(text).unwrap();
+        assert_eq!(
+            (r.id.as_str(), r.offer.as_str()),
+            ("dry-1", r#"{"signed":{}}"#)
+        );
+        assert!(
+            serde_json::from_str::<DryRunRequest>(r#"{"v":1,"cmd":"dry_run","id":"x"}"#).is_err()
+        );
     }
 }

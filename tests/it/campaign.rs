@@ -3,14 +3,17 @@
 //! canary that pauses the campaign, thresholds, offline devices, device
 //! timeouts, pause/resume/abort, a controller killed with -9 at random
 //! points, a broker restarted without persistence, each checked against
-//! what the devices themselves say.
+//! what the devices themselves say; the dry run of an offer, which
+//! changes nothing on them.
 
 use std::time::{Duration, Instant};
 
 use beamup::error::exit;
 use serde_json::Value;
 
+use crate::support::cli::beamup;
 use crate::support::fleet::{Fleet, id};
+use crate::support::otp::{Flavor, releases_for};
 
 const CAMPAIGN: Duration = Duration::from_secs(240);
 const TIMING: &str = "timeout = \"8s\"\nsoak = \"1s\"";
@@ -566,4 +569,220 @@ fn a_broker_restarted_without_persistence_mid_campaign_loses_no_device() {
     let remote = f.beamup(&["campaign", "status", "lost", "--fleet", "acme", "--json"]);
     remote.ok();
     assert!(remote.stdout.contains("\"completed\""), "{}", remote.stdout);
+}
+
+/// What an agent would lose or change if a dry run touched anything: the
+/// release root's files, the engine's state file, the node's OS process,
+/// and the agent's download directory.
+fn device_fingerprint(f: &Fleet, i: usize) -> (String, Vec<u8>, String, Vec<String>) {
+    let d = &f.devices[i];
+    let root = format!("{:?}", d.snapshot());
+    let state = std::fs::read(d.path().join("state/state.json")).unwrap_or_default();
+    let pid = d.health().1["os_pid"].as_str().unwrap().to_string();
+    let downloads = std::fs::read_dir(d.path().join("state/agent/download"))
+        .map(|r| {
+            r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    (root, state, pid, downloads)
+}
+
+#[test]
+fn a_dry_run_of_an_offer_says_hot_cold_or_why_not_and_changes_nothing() {
+    let mut f = Fleet::new(3, TIMING, &[]);
+    // gw-2 takes hot upgrades only; gw-3's agent never runs: it cannot
+    // answer.
+    let config = f.devices[1].path().join("agent.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("\n[install]\nstrategy = \"hot-only\"\n");
+    std::fs::write(&config, text).unwrap();
+    f.start_agents(0..2);
+    let before: Vec<_> = (0..2).map(|i| device_fingerprint(&f, i)).collect();
+
+    // A campaign plan of 2.0.0 (no relup): gw-1 would take it cold, gw-2
+    // refuses it, gw-3 does not answer.
+    let cold = f.bundle("2.0.0", &[]);
+    let plan = f.plan(
+        "plan.toml",
+        &cold,
+        "id = \"dry\"\n[[waves]]\nname = \"all\"\ndevices = [\"gw-1\", \"gw-2\", \"gw-3\"]\n",
+    );
+    let run = f.beamup(&[
+        "campaign",
+        "plan",
+        plan.to_str().unwrap(),
+        "--dry-run",
+        "--wait",
+        "4s",
+        "--json",
+    ]);
+    run.ok();
+    let out: Value = serde_json::from_str(&run.stdout).unwrap();
+    let wave = &out["dry_run"]["waves"][0];
+    assert_eq!(wave["name"], "all", "{out:#}");
+    assert_eq!(
+        (wave["hot"].as_u64(), wave["cold"].as_u64()),
+        (Some(0), Some(1)),
+        "{wave:#}"
+    );
+    let refused = wave["refused"].as_array().unwrap();
+    assert_eq!(refused.len(), 1, "{wave:#}");
+    assert_eq!(refused[0]["device"], "gw-2");
+    assert_eq!(refused[0]["verdict"], "would_refuse");
+    assert_eq!(
+        refused[0]["reason"],
+        "refused: thermo 2.0.0 has no relup, so it needs a restart, and [install] strategy is hot-only",
+        "{wave:#}"
+    );
+    assert_eq!(wave["no_answer"], serde_json::json!(["gw-3"]), "{wave:#}");
+    assert_eq!(wave["answers"][0][0], "gw-1", "{wave:#}");
+    let a = &wave["answers"][0][1];
+    assert_eq!(a["strategy"], "cold", "{a}");
+    assert_eq!(a["why"], "thermo 2.0.0 has no relup", "{a}");
+    assert_eq!(wave["download_bytes"], a["bytes"], "{wave:#}");
+    assert!(a["bytes"].as_u64().unwrap() > 0, "{a}");
+    assert_eq!(out["dry_run"]["no_answer"], 1);
+
+    // The same as text.
+    let run = f.beamup(&[
+        "campaign",
+        "plan",
+        plan.to_str().unwrap(),
+        "--dry-run",
+        "--wait",
+        "3s",
+    ]);
+    run.ok();
+    for needle in [
+        "wave all: 0 hot, 1 cold, download ",
+        "1 would refuse, 1 no answer",
+        "gw-2                     would refuse: refused: thermo 2.0.0 has no relup",
+        "gw-3                     no answer",
+    ] {
+        assert!(
+            run.stdout.contains(needle),
+            "no {needle:?} in:\n{}",
+            run.stdout
+        );
+    }
+
+    // Hot: of the tarball only what an upgrade of one app reads.
+    let hot = f.bundle("1.1.0", &[]);
+    let ask = |bundle: &std::path::Path, device: &str| -> Value {
+        let run = f.beamup(&[
+            "offer",
+            bundle.to_str().unwrap(),
+            "--fleet",
+            "acme",
+            "--device",
+            device,
+            "--dry-run",
+            "--json",
+        ]);
+        run.ok();
+        serde_json::from_str::<Value>(&run.stdout).unwrap()[device].clone()
+    };
+    let a = ask(&hot, "gw-1");
+    assert_eq!(a["verdict"], "would_install", "{a:#}");
+    assert_eq!(a["strategy"], "hot", "{a:#}");
+    assert!(
+        a["why"]
+            .as_str()
+            .unwrap()
+            .contains("its relup upgrades from the running 1.0.0"),
+        "{a}"
+    );
+    let (chunks, total) = (
+        a["chunks"].as_u64().unwrap(),
+        a["chunks_total"].as_u64().unwrap(),
+    );
+    assert!(chunks > 0 && chunks < total / 4, "{a}");
+
+    // Policy: a bundle for gw-1 only.
+    let only_gw1 = f.dir().join("bundles/thermo-1.1.0-gw-1.bundle");
+    let tarball = releases_for(Flavor::Rebar3).tarball("1.1.0");
+    let run = beamup(
+        f.dir(),
+        &[
+            "bundle",
+            "--release",
+            tarball.to_str().unwrap(),
+            "--key",
+            "keys/k.key",
+            "--target",
+            "device:gw-1",
+            "--out",
+            only_gw1.to_str().unwrap(),
+        ],
+    );
+    run.ok();
+    let a = ask(&only_gw1, "gw-2");
+    assert_eq!(a["verdict"], "would_refuse", "{a:#}");
+    assert_eq!(a["code"], exit::WRONG_TARGET, "{a:#}");
+    assert!(
+        a["reason"]
+            .as_str()
+            .unwrap()
+            .contains("bundle targets device:gw-1, which does not include this device"),
+        "{a:#}"
+    );
+
+    // Signed by a key gw-2 does not trust, as text.
+    let foreign = f.devices[1].bundle("1.1.0");
+    let run = f.beamup(&[
+        "offer",
+        foreign.to_str().unwrap(),
+        "--fleet",
+        "acme",
+        "--device",
+        "gw-2",
+        "--dry-run",
+    ]);
+    run.ok();
+    assert!(
+        run.stdout.contains(
+            "gw-2  would refuse: offered manifest: signed only by keys this device does not trust"
+        ),
+        "{}",
+        run.stdout
+    );
+
+    // `fleet status` shows each device's last answer.
+    let run = f.beamup(&["fleet", "status", "--fleet", "acme"]);
+    run.ok();
+    let line = |d: &str| {
+        run.stdout
+            .lines()
+            .skip_while(|l| !l.starts_with("last dry run of each device"))
+            .find(|l| l.starts_with(d))
+            .unwrap_or_else(|| panic!("no dry-run line of {d}:\n{}", run.stdout))
+            .to_string()
+    };
+    assert!(
+        line("gw-1").contains("would install thermo 1.1.0: hot, fetches "),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        line("gw-2").contains("would refuse: offered manifest: signed only by keys"),
+        "{}",
+        run.stdout
+    );
+    let run = f.beamup(&["fleet", "status", "--fleet", "acme", "--json"]);
+    let rows: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        rows[1]["state"]["dry_run"]["code"],
+        exit::UNKNOWN_KEY,
+        "{rows:#}"
+    );
+
+    // Nothing changed: the roots byte for byte, the state files, the
+    // nodes' OS processes, no download; nothing was offered.
+    for (i, b) in before.iter().enumerate() {
+        assert_eq!(&device_fingerprint(&f, i), b, "{} changed", id(i));
+        assert_eq!(f.offers_to(i), 0, "{}", id(i));
+        let st = f.devices[i].status();
+        assert_eq!(st["node"]["permanent"], "1.0.0", "{st:#}");
+    }
 }

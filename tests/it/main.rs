@@ -6,7 +6,7 @@
 /// `beamup campaign` over real devices, `serve` and mosquitto: waves,
 /// soaks, thresholds, offline devices, timeouts, pause/resume/abort, a
 /// controller killed with -9 at random points, a broker restarted without
-/// persistence, the shipped ACL.
+/// persistence, the shipped ACL, the dry run of an offer.
 mod campaign;
 /// Real nodes booted in podman from `containers/pod.yaml`: provisioning,
 /// a hot upgrade over MQTT, restarts that boot the permanent release.
@@ -27,8 +27,8 @@ mod otp_release;
 /// the key from the environment, serve, campaign on real agents; a failed
 /// rehearsal that ships nothing; a cold release.
 mod pipeline;
-/// `beamup rehearse` on the thermo fixture: the good upgrade, each way an
-/// upgrade fails, a cold from-version, nothing left running.
+/// `beamup rehearse` on the thermo and thermex fixtures: the good upgrade,
+/// each way an upgrade fails, cold from-versions, nothing left running.
 mod rehearse;
 /// Every release shape's fixture (rebar3, rebar3 without ERTS, mix).
 mod release_flavors;

@@ -2,8 +2,10 @@
 //! step with the node's OS process and state kept; each way an upgrade
 //! fails (code_change up, code_change down, unhealthy during the soak, a
 //! failing `--check`) is reported with the step and the cause; a release
-//! without a relup is rehearsed cold; nothing it started survives it, not
-//! even its own kill -9.
+//! without a relup, or a from-version its relup does not cover, is
+//! rehearsed cold and says a restart is needed; a mix release rehearses
+//! like a rebar3 one; settings come from flags and `--config`; nothing it
+//! started survives it, not even its own kill -9.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -13,23 +15,38 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use crate::support::cli::{Run, beamup, bin};
-use crate::support::otp::{self, pid_running};
+use crate::support::otp::{self, Flavor, pid_running};
 
 /// `beamup rehearse --json` from thermo 1.0.0 to `to`, with the fixture's
 /// environment variables and a soak of `soak`; `extra` appended.
 fn rehearse(to: &str, soak: &str, extra: &[&str]) -> (Run, Value) {
-    let releases = otp::releases();
+    let mut args = ENV.to_vec();
+    args.extend(extra);
+    rehearse_flavor(Flavor::Rebar3, &[otp::BASE_VSN], to, soak, &args)
+}
+
+/// `beamup rehearse --json` of the `flavor` fixture from each of `from` to
+/// `to`, health-gated on `/health` with a soak of `soak`; `extra` appended
+/// (the `--env` names among them).
+fn rehearse_flavor(
+    flavor: Flavor,
+    from: &[&str],
+    to: &str,
+    soak: &str,
+    extra: &[&str],
+) -> (Run, Value) {
+    let releases = otp::releases_for(flavor);
     let tmp = tempfile::tempdir().unwrap();
-    let from = releases
-        .tarball(otp::BASE_VSN)
-        .to_str()
-        .unwrap()
-        .to_string();
+    let from: Vec<String> = from
+        .iter()
+        .map(|v| releases.tarball(v).to_str().unwrap().to_string())
+        .collect();
     let to = releases.tarball(to).to_str().unwrap().to_string();
-    let mut args = vec![
-        "rehearse",
-        "--from",
-        &from,
+    let mut args = vec!["rehearse"];
+    for f in &from {
+        args.extend(["--from", f]);
+    }
+    args.extend([
         "--to",
         &to,
         "--json",
@@ -39,8 +56,7 @@ fn rehearse(to: &str, soak: &str, extra: &[&str]) -> (Run, Value) {
         soak,
         "--health-timeout",
         "8s",
-    ];
-    args.extend(ENV);
+    ]);
     args.extend(extra);
     let run = beamup(tmp.path(), &args);
     let report: Value = serde_json::from_str(&run.stdout)
@@ -80,14 +96,40 @@ fn assert_nothing_left(report: &Value) {
 }
 
 fn steps(report: &Value) -> &Vec<Value> {
-    report["from"][0]["steps"].as_array().unwrap()
+    from_steps(&report["from"][0])
+}
+
+fn from_steps(from: &Value) -> &Vec<Value> {
+    from["steps"].as_array().unwrap()
 }
 
 fn step<'a>(report: &'a Value, name: &str) -> &'a Value {
-    steps(report)
+    from_step(&report["from"][0], name)
+}
+
+fn from_step<'a>(from: &'a Value, name: &str) -> &'a Value {
+    from_steps(from)
         .iter()
         .find(|s| s["step"] == name)
-        .unwrap_or_else(|| panic!("no step {name}: {report}"))
+        .unwrap_or_else(|| panic!("no step {name}: {from}"))
+}
+
+/// The steps after provisioning, each ok, with `strategy` and the node's
+/// OS pid kept (hot) or replaced (cold).
+#[track_caller]
+fn assert_install_steps(from: &Value, to: &str, strategy: &str) {
+    let base = from["version"].as_str().unwrap();
+    let first_pid = from_step(from, "provision")["pid_after"].clone();
+    for (name, vsn) in [("upgrade", to), ("downgrade", base), ("upgrade_again", to)] {
+        let s = from_step(from, name);
+        assert_eq!(s["ok"], true, "{s}");
+        assert_eq!(s["version"], vsn, "{s}");
+        assert_eq!(s["strategy"], strategy, "{s}");
+        assert_eq!(s["pid_kept"], strategy == "hot", "{s}");
+        if strategy == "hot" {
+            assert_eq!(s["pid_after"], first_pid, "{s}");
+        }
+    }
 }
 
 #[test]
@@ -221,6 +263,7 @@ fn a_release_without_relup_is_rehearsed_cold_and_says_a_restart_is_needed() {
         from["why"].as_str().unwrap().contains("has no relup"),
         "{from}"
     );
+    assert_eq!(from["downgrade_restart_needed"], true, "{from}");
     for name in ["upgrade", "downgrade", "upgrade_again"] {
         let s = step(&report, name);
         assert_eq!(s["ok"], true, "{s}");
@@ -231,16 +274,37 @@ fn a_release_without_relup_is_rehearsed_cold_and_says_a_restart_is_needed() {
 
 #[test]
 fn a_failing_check_fails_the_rehearsal_at_its_step() {
-    let (run, report) = rehearse(
+    // Env names and the check from --config; its 30 s soak is overridden
+    // by the flag.
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("rehearse.toml");
+    std::fs::write(
+        &config,
+        r#"soak = "30s"
+check = "echo step=$BEAMUP_STEP version=$BEAMUP_VERSION; test $BEAMUP_STEP != downgrade"
+
+[env]
+node_name = "NODE_NAME"
+cookie = "COOKIE"
+http_port = "THERMO_HTTP_PORT"
+epmd_port = "ERL_EPMD_PORT"
+"#,
+    )
+    .unwrap();
+    let (run, report) = rehearse_flavor(
+        Flavor::Rebar3,
+        &[otp::BASE_VSN],
         "1.1.0",
         "1s",
-        &[
-            "--check",
-            "echo step=$BEAMUP_STEP version=$BEAMUP_VERSION; test $BEAMUP_STEP != downgrade",
-        ],
+        &["--config", config.to_str().unwrap()],
     );
     assert_eq!(run.code, 33, "{}", run.stderr);
-    assert_eq!(step(&report, "upgrade")["check_ok"], true, "{report}");
+    let up = step(&report, "upgrade");
+    assert_eq!(up["check_ok"], true, "{report}");
+    assert!(
+        up["gate_ms"].as_u64().unwrap() < 10_000,
+        "--soak 1s wins: {up}"
+    );
     let s = step(&report, "downgrade");
     assert_eq!(s["ok"], false, "{s}");
     assert_eq!(s["check_ok"], false, "{s}");
@@ -249,6 +313,33 @@ fn a_failing_check_fails_the_rehearsal_at_its_step() {
         why.contains("--check failed after the downgrade")
             && why.contains("step=downgrade version=1.0.0"),
         "{why}"
+    );
+}
+
+#[test]
+fn an_unknown_key_in_the_config_is_refused_naming_key_and_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("rehearse.toml"),
+        "[env]\nnode_name = \"NODE_NAME\"\ncookie = \"COOKIE\"\nhttp = \"PORT\"\n",
+    )
+    .unwrap();
+    let r = otp::releases();
+    let run = beamup(
+        tmp.path(),
+        &[
+            "rehearse",
+            "--config",
+            "rehearse.toml",
+            "--from",
+            r.tarball("1.0.0").to_str().unwrap(),
+            "--to",
+            r.tarball("1.1.0").to_str().unwrap(),
+        ],
+    );
+    run.fails(
+        4,
+        "rehearse.toml: invalid configuration: line 4 in [env]: unknown field `http`",
     );
 }
 
@@ -335,5 +426,79 @@ fn kill_9_of_rehearse_leaves_no_node_running() {
     while Path::new(&dir).exists() {
         assert!(Instant::now() < deadline, "{dir} is left behind");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_mix_release_upgrades_hot_downgrades_and_upgrades_again_with_state_kept() {
+    // Mix's own names: RELEASE_NODE, RELEASE_COOKIE; the default sname
+    // distribution suits NAME@localhost.
+    let (run, report) = rehearse_flavor(
+        Flavor::Mix,
+        &[otp::BASE_VSN],
+        "1.1.0",
+        "1s",
+        &[
+            "--env",
+            "node_name=RELEASE_NODE",
+            "--env",
+            "cookie=RELEASE_COOKIE",
+            "--env",
+            "http_port=THERMEX_HTTP_PORT",
+            "--env",
+            "epmd_port=ERL_EPMD_PORT",
+            "--prepare",
+            "./bin/thermex rpc 'Thermex.State.incr()'",
+            "--check",
+            "./bin/thermex rpc 'IO.puts(Thermex.State.get().counter)' | grep -qx 1",
+        ],
+    );
+    run.ok();
+    assert_eq!(report["release"], "thermex", "{report}");
+    assert_eq!(report["passed"], true, "{report}");
+    let from = &report["from"][0];
+    assert_install_steps(from, "1.1.0", "hot");
+    for name in ["upgrade", "downgrade", "upgrade_again"] {
+        assert_eq!(from_step(from, name)["check_ok"], true, "{from}");
+    }
+    assert_eq!(from["restart_needed"], false, "{from}");
+    assert_eq!(from["downgrade_restart_needed"], false, "{from}");
+}
+
+#[test]
+fn a_from_version_the_relup_does_not_cover_is_rehearsed_cold_beside_a_hot_one() {
+    // 1.6.0's relup covers 1.0.0 only: a device on 1.1.0 restarts, both
+    // ways; that is reported, not failed.
+    let mut args = ENV.to_vec();
+    args.extend(["--check", "./bin/thermo rpc thermo_state get"]);
+    let (run, report) = rehearse_flavor(Flavor::Rebar3, &["1.0.0", "1.1.0"], "1.6.0", "1s", &args);
+    run.ok();
+    assert_eq!(report["passed"], true, "{report}");
+    let [hot, cold] = [&report["from"][0], &report["from"][1]];
+    assert_eq!(hot["version"], "1.0.0");
+    assert_install_steps(hot, "1.6.0", "hot");
+    assert_eq!(hot["restart_needed"], false, "{hot}");
+    assert_eq!(hot["downgrade_restart_needed"], false, "{hot}");
+
+    assert_eq!(cold["version"], "1.1.0");
+    assert_install_steps(cold, "1.6.0", "cold");
+    assert_eq!(cold["restart_needed"], true, "{cold}");
+    assert!(
+        cold["why"]
+            .as_str()
+            .unwrap()
+            .contains("the relup of 1.6.0 upgrades from 1.0.0, not from the running 1.1.0"),
+        "{cold}"
+    );
+    assert_eq!(cold["downgrade_restart_needed"], true, "{cold}");
+    let down_why = cold["downgrade_why"].as_str().unwrap();
+    assert!(
+        down_why.contains("the relup of the running 1.6.0 downgrades to 1.0.0, not to 1.1.0"),
+        "{down_why}"
+    );
+    for name in ["upgrade", "downgrade", "upgrade_again"] {
+        let s = from_step(cold, name);
+        assert_eq!(s["check_ok"], true, "{s}");
+        assert!(s["gate_ms"].as_u64().unwrap() >= 1000, "health-gated: {s}");
     }
 }

@@ -148,6 +148,7 @@ mod tests {
                     phase: crate::transport::protocol::PhaseReport::idle(),
                     last_outcome: None,
                     discarded: None,
+                    dry_run: None,
                     updated_at: String::new(),
                 };
                 (

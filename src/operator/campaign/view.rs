@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use super::decide::{self, Counts};
 use super::state::{Campaign, Track};
+use crate::transport::protocol::DryRunAnswer;
 
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -399,4 +400,197 @@ pub fn report_csv(r: &Report) -> String {
         ));
     }
     out
+}
+
+/// `beamup campaign plan --dry-run`: per wave, what the asked devices
+/// answered to a dry run of the campaign's offer.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DryRunSummary {
+    pub waves: Vec<DryRunWave>,
+    /// Summed over the waves.
+    pub hot: usize,
+    pub cold: usize,
+    pub download_bytes: u64,
+    pub refused: usize,
+    pub no_answer: usize,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct DryRunWave {
+    pub name: String,
+    pub hot: usize,
+    pub cold: usize,
+    /// What the devices that would install would fetch, together.
+    pub download_bytes: u64,
+    /// Devices not asked: they run the release already.
+    pub already_current: usize,
+    /// Devices that would refuse or ignore the offer (or are busy), and why.
+    pub refused: Vec<DryRunRefusal>,
+    /// Devices that did not answer in time.
+    pub no_answer: Vec<String>,
+    pub answers: Vec<(String, DryRunAnswer)>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct DryRunRefusal {
+    pub device: String,
+    pub verdict: String,
+    pub reason: String,
+}
+
+/// Sorts each wave's devices by their answer (`None`: no answer; devices
+/// not in `answers` were not asked, as they run the release already).
+pub fn dry_run_summary(
+    waves: &[(String, Vec<String>)],
+    answers: &std::collections::BTreeMap<String, Option<DryRunAnswer>>,
+) -> DryRunSummary {
+    let mut s = DryRunSummary::default();
+    for (name, devices) in waves {
+        let mut w = DryRunWave {
+            name: name.clone(),
+            ..DryRunWave::default()
+        };
+        for d in devices {
+            match answers.get(d) {
+                None => w.already_current += 1,
+                Some(None) => w.no_answer.push(d.clone()),
+                Some(Some(a)) => {
+                    if a.verdict == "would_install" {
+                        match a.strategy.as_deref() {
+                            Some("hot") => w.hot += 1,
+                            _ => w.cold += 1,
+                        }
+                        w.download_bytes += a.bytes.unwrap_or(0);
+                    } else {
+                        w.refused.push(DryRunRefusal {
+                            device: d.clone(),
+                            verdict: a.verdict.clone(),
+                            reason: a.reason.clone().unwrap_or_default(),
+                        });
+                    }
+                    w.answers.push((d.clone(), a.clone()));
+                }
+            }
+        }
+        s.hot += w.hot;
+        s.cold += w.cold;
+        s.download_bytes += w.download_bytes;
+        s.refused += w.refused.len();
+        s.no_answer += w.no_answer.len();
+        s.waves.push(w);
+    }
+    s
+}
+
+pub fn dry_run_text(s: &DryRunSummary) -> String {
+    let mib = |b: u64| format!("{:.1} MiB", b as f64 / 1048576.0);
+    let mut out = String::from("\ndry run: the devices checked the offer and changed nothing\n");
+    for w in &s.waves {
+        out.push_str(&format!(
+            "wave {}: {} hot, {} cold, download {}, {} would refuse, {} no answer{}\n",
+            w.name,
+            w.hot,
+            w.cold,
+            mib(w.download_bytes),
+            w.refused.len(),
+            w.no_answer.len(),
+            if w.already_current > 0 {
+                format!(", {} already current", w.already_current)
+            } else {
+                String::new()
+            }
+        ));
+        for r in &w.refused {
+            out.push_str(&format!(
+                "  {:<24} {}: {}\n",
+                r.device,
+                r.verdict.replace('_', " "),
+                r.reason
+            ));
+        }
+        for d in &w.no_answer {
+            out.push_str(&format!(
+                "  {d:<24} no answer (offline, or an agent without dry runs)\n"
+            ));
+        }
+    }
+    out.push_str(&format!(
+        "total: {} hot, {} cold, download {}, {} would refuse, {} no answer\n",
+        s.hot,
+        s.cold,
+        mib(s.download_bytes),
+        s.refused,
+        s.no_answer
+    ));
+    out
+}
+
+#[cfg(test)]
+mod dry_run_tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn answer(
+        verdict: &str,
+        strategy: Option<&str>,
+        bytes: u64,
+        reason: Option<&str>,
+    ) -> DryRunAnswer {
+        DryRunAnswer {
+            id: "dry-1".into(),
+            verdict: verdict.into(),
+            strategy: strategy.map(str::to_string),
+            bytes: Some(bytes),
+            reason: reason.map(str::to_string),
+            ..DryRunAnswer::default()
+        }
+    }
+
+    #[test]
+    fn each_device_counts_once_in_its_wave_by_its_answer() {
+        let waves = vec![
+            ("canary".to_string(), vec!["a".to_string(), "b".into()]),
+            (
+                "rest".to_string(),
+                vec!["c".into(), "d".into(), "e".into(), "f".into()],
+            ),
+        ];
+        let answers: BTreeMap<String, Option<DryRunAnswer>> = [
+            ("a", Some(answer("would_install", Some("hot"), 100, None))),
+            // b runs the release already: not asked.
+            ("c", Some(answer("would_install", Some("cold"), 1000, None))),
+            ("d", Some(answer("would_refuse", None, 0, Some("hot-only")))),
+            ("e", None),
+            ("f", Some(answer("would_install", Some("hot"), 10, None))),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        let s = dry_run_summary(&waves, &answers);
+        let c = &s.waves[0];
+        assert_eq!(
+            (c.hot, c.cold, c.download_bytes, c.already_current),
+            (1, 0, 100, 1)
+        );
+        let r = &s.waves[1];
+        assert_eq!((r.hot, r.cold, r.download_bytes), (1, 1, 1010));
+        assert_eq!(r.refused.len(), 1);
+        assert_eq!(
+            (r.refused[0].device.as_str(), r.refused[0].reason.as_str()),
+            ("d", "hot-only")
+        );
+        assert_eq!(r.no_answer, ["e"]);
+        assert_eq!(
+            (s.hot, s.cold, s.download_bytes, s.refused, s.no_answer),
+            (2, 1, 1110, 1, 1)
+        );
+        let text = dry_run_text(&s);
+        assert!(text.contains("wave canary: 1 hot, 0 cold, download 0.0 MiB, 0 would refuse, 0 no answer, 1 already current\n"), "{text}");
+        assert!(
+            text.contains("  d                        would refuse: hot-only\n"),
+            "{text}"
+        );
+        assert!(text.contains("total: 2 hot, 1 cold,"), "{text}");
+    }
 }

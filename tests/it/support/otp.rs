@@ -35,8 +35,9 @@ pub const BASE_VSN: &str = "1.0.0";
 /// [`REHEARSAL_VSNS`].
 pub const UPGRADE_VSNS: [&str; 4] = ["1.1.0", "1.2.0", "1.3.0", "2.0.0"];
 /// Rebar3 only: versions that fail a rehearsal in the ways that only a
-/// downgrade or a soak shows (`tests/otp/README.md`).
-pub const REHEARSAL_VSNS: [&str; 2] = ["1.4.0", "1.5.0"];
+/// downgrade or a soak shows, and one whose relup covers only 1.0.0
+/// (`tests/otp/README.md`).
+pub const REHEARSAL_VSNS: [&str; 3] = ["1.4.0", "1.5.0", "1.6.0"];
 
 /// How long a node may take from `bin/thermo daemon` to answering `/health`.
 /// Normally about a second; generous because tests start nodes in parallel.

@@ -27,6 +27,7 @@ fn state(id: &str, running: &str) -> DeviceStatus {
         phase: PhaseReport::idle(),
         last_outcome: None,
         discarded: None,
+        dry_run: None,
         updated_at: String::new(),
     }
 }
