@@ -276,6 +276,7 @@ pub async fn run(
                     // Retained offers come again with the subscription:
                     // what the broker holds now is the truth.
                     facts.offers.clear();
+                    facts.connected_at = now_ms();
                     for f in [
                         topics.state_filter(),
                         topics.online_filter(),

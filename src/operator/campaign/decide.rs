@@ -37,9 +37,6 @@ use super::roster::{self, DeviceFacts};
 use super::state::{Campaign, DeviceRecord, LogLine, Status, Target, Track, Verdict, Wave};
 use crate::transport::protocol::{ControlAction, Event, EventKind, PhaseName};
 
-/// How long a published offer or clear is given to come back from the
-/// broker before it is sent again.
-pub const ECHO_WAIT_MS: u64 = 5_000;
 
 /// What the broker says: per device its retained state and online flag,
 /// and the digest of the retained offer on its offer topic (if any).
@@ -47,6 +44,10 @@ pub const ECHO_WAIT_MS: u64 = 5_000;
 pub struct Facts {
     pub devices: BTreeMap<String, DeviceFacts>,
     pub offers: BTreeMap<String, String>,
+    /// When the controller's current connection to the broker began
+    /// (its clock): what it published since then the broker holds, QoS 1
+    /// on a live connection; what it published before may be lost.
+    pub connected_at: u64,
 }
 
 /// What the controller must do, after saving the state.
@@ -855,15 +856,18 @@ pub fn step(c: &mut Campaign, facts: &Facts, now: u64) -> Vec<Effect> {
         }
         for (t, target, revert) in all {
             let ours = on_broker == Some(&target.digest);
-            let quiet = |at: Option<u64>| at.is_none_or(|s| now >= s + ECHO_WAIT_MS);
+            // Sent again only when sent before this connection, whose
+            // retained offers have settled: an echo that is merely late
+            // (a busy broker, a long queue) is not a lost offer.
+            let lost = |at: Option<u64>| at.is_none_or(|s| s < facts.connected_at);
             let v = t.verdict();
-            if v == Verdict::Offered && !ours && quiet(t.sent_at) {
+            if v == Verdict::Offered && !ours && lost(t.sent_at) {
                 t.sent_at = Some(now);
                 effects.push(Effect::Offer {
                     device: id.clone(),
                     revert,
                 });
-            } else if v != Verdict::Offered && ours && t.offered_at.is_some() && quiet(t.cleared_at)
+            } else if v != Verdict::Offered && ours && t.offered_at.is_some() && lost(t.cleared_at)
             {
                 t.cleared_at = Some(now);
                 effects.push(Effect::Clear { device: id.clone() });
