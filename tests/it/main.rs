@@ -8,6 +8,10 @@
 /// controller killed with -9 at random points, a broker restarted without
 /// persistence, the shipped ACL, the dry run of an offer.
 mod campaign;
+/// Chaos: real and simulated devices under random faults (broker, agents,
+/// nodes, `serve`, controllers killed); the fleet view and the campaign
+/// reports must equal what devices and nodes say.
+mod chaos;
 /// Real nodes booted in podman from `containers/pod.yaml`: provisioning,
 /// a hot upgrade over MQTT, restarts that boot the permanent release.
 mod containers;

@@ -33,7 +33,21 @@ impl Fleet {
     /// `health_fails` a health command fails for 1.1.0 (their install of it
     /// rolls back, and the base they roll back to is healthy).
     pub fn new(n: usize, timing: &str, health_fails: &[usize]) -> Fleet {
-        let broker = Broker::start();
+        Self::on_broker(Broker::start(), n, timing, health_fails, None, &[])
+    }
+
+    /// As [`Fleet::new`], on `broker`; `watch_session`: the watcher's
+    /// client id for a persistent session (its subscriptions and queued
+    /// messages survive a broker restart with persistence); `more`: more
+    /// topics it records.
+    pub fn on_broker(
+        broker: Broker,
+        n: usize,
+        timing: &str,
+        health_fails: &[usize],
+        watch_session: Option<&str>,
+        more: &[&str],
+    ) -> Fleet {
         let ops = tempfile::Builder::new()
             .prefix("beamup-ops-")
             .tempdir()
@@ -58,15 +72,14 @@ impl Fleet {
             let groups: &[&str] = if i == 0 { &["canary"] } else { &["field"] };
             d.add_mqtt(&broker.url(), &id(i), groups, "");
         }
-        let watch = Sub::new(
-            &broker,
-            &[
-                "beamup/acme/device/+/offer",
-                "beamup/acme/device/+/state",
-                "beamup/acme/device/+/events",
-                "beamup/acme/campaign/+/status",
-            ],
-        );
+        let mut topics = vec![
+            "beamup/acme/device/+/offer",
+            "beamup/acme/device/+/state",
+            "beamup/acme/device/+/events",
+            "beamup/acme/campaign/+/status",
+        ];
+        topics.extend(more);
+        let watch = Sub::with_session(&broker, &topics, watch_session);
         let mut f = Fleet {
             broker,
             agents: (0..n).map(|_| None).collect(),

@@ -181,6 +181,9 @@ pub struct Msg {
     pub topic: String,
     pub payload: Vec<u8>,
     pub retain: bool,
+    /// Sent again by the broker (a QoS 1 message it had not seen
+    /// acknowledged, e.g. before it was restarted): the same message.
+    pub dup: bool,
 }
 
 impl Msg {
@@ -256,6 +259,7 @@ impl Sub {
                             topic: p.topic.clone(),
                             payload: p.payload.to_vec(),
                             retain: p.retain,
+                            dup: p.dup,
                         })
                     }
                     Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {

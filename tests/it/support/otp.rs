@@ -552,7 +552,8 @@ impl TestNode {
         self.script_command("stop")
     }
 
-    fn script_command(&self, verb: &str) -> String {
+    /// `env K=V... ROOT/bin/REL VERB` as one shell command line.
+    pub fn script_command(&self, verb: &str) -> String {
         let mut words = vec!["env".to_string()];
         words.extend(
             self.env()
