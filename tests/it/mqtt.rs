@@ -11,7 +11,7 @@ use beamup::error::exit;
 use serde_json::Value;
 
 use crate::support::cli::{Run, beamup};
-use crate::support::device::Device;
+use crate::support::device::{Device, envelope_of};
 use crate::support::mqtt::{Broker, Daemon, Msg, Sub, make_certs};
 use crate::support::otp::Flavor;
 
@@ -1034,17 +1034,6 @@ fn username_and_password_login() {
     );
     assert!(!log.contains("gw1-Secret-7f3a"), "{log}");
     assert!(!broker.log().contains("gw1-Secret-7f3a"));
-}
-
-/// The signed envelope of a bundle (its `manifest.json`), byte for byte.
-fn envelope_of(bundle: &Path) -> Vec<u8> {
-    use std::io::Read;
-    let mut a = tar::Archive::new(fs::File::open(bundle).unwrap());
-    let mut first = a.entries().unwrap().next().unwrap().unwrap();
-    assert_eq!(first.path().unwrap().to_str(), Some("manifest.json"));
-    let mut out = Vec::new();
-    first.read_to_end(&mut out).unwrap();
-    out
 }
 
 #[test]
