@@ -353,9 +353,18 @@ impl Engine {
     }
 
     /// Records a rejection decided outside `install` (an offer refused
-    /// before its data was fetched), so that `beamup status` shows it.
+    /// before its data was fetched), so that `beamup status` shows it. The
+    /// journal of an install that needs attention stays for `beamup
+    /// recover`.
     pub(crate) fn record_rejection(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
-        self.reject(m, e)
+        self.state.refused(Outcome::rejected(
+            m,
+            &self.settings.release_name,
+            e.to_string(),
+        ));
+        self.save()?;
+        self.begin_step(Step::Finished(OutcomeKind::Rejected), &e.to_string());
+        Ok(())
     }
 
     /// The locked state directory.
