@@ -355,7 +355,10 @@ impl Engine {
     /// Records a rejection decided outside `install` (an offer refused
     /// before its data was fetched), so that `beamup status` shows it. The
     /// journal of an install that needs attention stays for `beamup
-    /// recover`.
+    /// recover`. Input that never verified (`m` is `None`) is only counted:
+    /// it is no phase of any release, so no progress step is sent for it
+    /// (the agent would otherwise show the release it last handled as
+    /// rejected).
     pub(crate) fn record_rejection(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
         self.state.refused(Outcome::rejected(
             m,
@@ -363,7 +366,9 @@ impl Engine {
             e.to_string(),
         ));
         self.save()?;
-        self.begin_step(Step::Finished(OutcomeKind::Rejected), &e.to_string());
+        if m.is_some() {
+            self.begin_step(Step::Finished(OutcomeKind::Rejected), &e.to_string());
+        }
         Ok(())
     }
 

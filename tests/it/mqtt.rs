@@ -607,6 +607,8 @@ fn bad_offers_are_rejected_before_any_data_is_requested() {
         "{st:#}"
     );
     assert!(st["last_outcome"].is_null(), "{st:#}");
+    // Nor is it a phase: the device is as idle as before.
+    assert_eq!(st["phase"]["name"], "idle", "{st:#}");
     assert!(s.outcomes().is_empty());
     let cases = [
         (expired, "expired at"),
