@@ -277,11 +277,10 @@ impl Transfer {
         let Some(a) = self.active.as_mut() else {
             return Vec::new();
         };
-        let w = &a.download.window;
-        if w.in_flight() > 0 && w.room() < protocol::MAX_PIECES_PER_REQUEST {
-            return Vec::new();
-        }
-        let pieces = a.download.window.next_requests(now);
+        let pieces = a
+            .download
+            .window
+            .next_batch(now, protocol::MAX_PIECES_PER_REQUEST);
         if pieces.is_empty() {
             return Vec::new();
         }
