@@ -83,8 +83,19 @@ impl Index {
         };
         for e in entries.flatten() {
             let path = e.path();
-            if !path.is_file() {
-                continue;
+            // Only regular files of the directory itself: a symbolic link
+            // could make the server read anything it can reach.
+            match e.file_type() {
+                Ok(t) if t.is_file() => {}
+                Ok(t) if t.is_symlink() => {
+                    tracing::debug!(
+                        "{}: not served: a symbolic link (copy or move the bundle into {})",
+                        path.display(),
+                        self.dir.display()
+                    );
+                    continue;
+                }
+                _ => continue,
             }
             match Bundle::open(&path).and_then(|b| Ok((b.manifest_unverified()?, b))) {
                 Ok((m, b)) => {
@@ -117,6 +128,11 @@ impl Index {
         self.bundles.get(id).cloned()
     }
 }
+
+/// Largest request read. A `ChunkRequest` is about 150 bytes; anything
+/// much larger is not one, and is dropped before it is queued, so that a
+/// flood of padded requests cannot fill the queue with megabytes each.
+const MAX_REQUEST_BYTES: usize = 1024;
 
 /// The replies (offset, length) that answer `req`, given the size and
 /// chunk size of the tarball it names if it is held here; or why it is
@@ -193,7 +209,9 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
                     tracing::info!("connected to {}; serving requests on {filter}", opts.broker.url);
                 }
                 Ok(mqtt::Event::Message { topic, payload, .. }) => {
-                    if tx.try_send((topic, payload)).is_err() {
+                    if payload.len() > MAX_REQUEST_BYTES {
+                        tracing::debug!("request of {} bytes on {topic} dropped unread", payload.len());
+                    } else if tx.try_send((topic, payload)).is_err() {
                         tracing::warn!("request queue full; a request was dropped (the device asks again)");
                     }
                 }
