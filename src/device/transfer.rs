@@ -307,7 +307,11 @@ impl Transfer {
             DataReply::Error {
                 bundle, message, ..
             } if &bundle == a.download.tarball_id() => {
-                tracing::warn!("the server cannot serve this release: {message}");
+                // The message is the sender's text: one bounded line.
+                tracing::warn!(
+                    "the server cannot serve this release: {}",
+                    crate::logging::untrusted(&message, 200)
+                );
                 return Ok(Arrival::Ignored);
             }
             _ => {

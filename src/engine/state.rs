@@ -86,6 +86,9 @@ impl Discarded {
     /// Counts one discarded input: coalesced with the newest entry when the
     /// reason is the same, otherwise a new entry (the oldest falls out).
     pub(crate) fn add(&mut self, reason: &str, at: &str) {
+        // A reason quotes the input it refused: bounded, one line.
+        let reason = crate::logging::untrusted(reason, crate::transport::protocol::MAX_REASON);
+        let reason = reason.as_str();
         self.count += 1;
         if let Some(e) = self.recent.first_mut()
             && e.reason == reason

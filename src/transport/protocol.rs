@@ -411,6 +411,10 @@ pub(crate) struct DeviceStatus {
     pub(crate) updated_at: String,
 }
 
+/// Longest reason for discarded input, in characters: reasons quote what
+/// arrived, so they are cut (and their control characters escaped).
+pub(crate) const MAX_REASON: usize = 512;
+
 /// Input a device dropped: how many, and the latest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct DiscardedReport {
