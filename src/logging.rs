@@ -132,15 +132,44 @@ fn format_line(time: &str, level: &Level, record: impl FnOnce(&mut Fields), colo
         (true, Level::DEBUG) => ("\x1b[34m", "\x1b[0m"),
         (true, _) => ("\x1b[35m", "\x1b[0m"),
     };
-    let mut line = format!("{time} {on}{:>5}{off} {}", level.as_str(), fields.message);
+    let mut line = format!("{time} {on}{:>5}{off} ", level.as_str());
+    escape_controls(&fields.message, &mut line);
     if !fields.rest.is_empty() {
         if !fields.message.is_empty() {
             line.push(' ');
         }
-        line.push_str(&fields.rest);
+        escape_controls(&fields.rest, &mut line);
     }
     line.push('\n');
     line
+}
+
+/// Appends `text` with its control characters escaped (`\n`, `\u{1b}`),
+/// tabs kept: a message that carries bytes from the network cannot start
+/// a log line of its own or drive the terminal.
+fn escape_controls(text: &str, out: &mut String) {
+    for c in text.chars() {
+        if c.is_control() && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+}
+
+/// Untrusted text (from the network, a bundle, a node) fit for a log line
+/// or a report field: control characters escaped, at most `max`
+/// characters, the rest only counted.
+pub(crate) fn untrusted(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (n, (i, c)) in text.char_indices().enumerate() {
+        if n == max {
+            let _ = write!(out, "... ({} more bytes)", text.len() - i);
+            break;
+        }
+        escape_controls(c.encode_utf8(&mut [0; 4]), &mut out);
+    }
+    out
 }
 
 #[derive(Default)]
@@ -172,6 +201,25 @@ impl Visit for Fields {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_is_one_line_whatever_it_carries() {
+        let line = format_line(
+            "T",
+            &Level::WARN,
+            |f| {
+                f.message = "gone\nERROR forged\r\x1b[2J\tend".into();
+                f.rest = "peer=\"a\nb\"".into();
+            },
+            false,
+        );
+        assert_eq!(
+            line,
+            "T  WARN gone\\nERROR forged\\r\\u{1b}[2J\tend peer=\"a\\nb\"\n"
+        );
+        assert_eq!(untrusted("ab\ncd", 10), "ab\\ncd");
+        assert_eq!(untrusted("héllo world", 5), "héllo... (6 more bytes)");
+    }
 
     #[test]
     fn directives() {

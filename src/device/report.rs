@@ -406,12 +406,15 @@ impl Reporter {
     }
 
     pub(crate) fn discarded(&mut self, topic: &str, reason: &str) {
+        // Reasons quote what arrived (serde names the unknown variant): one
+        // bounded line, in the log and in the retained state alike.
+        let reason = crate::logging::untrusted(reason, protocol::MAX_REASON);
         tracing::warn!("message on {topic} discarded: {reason}");
         let count = self.status.discarded.as_ref().map_or(0, |d| d.count) + 1;
         self.status.discarded = Some(protocol::DiscardedReport {
             count,
             topic: topic.to_string(),
-            reason: reason.to_string(),
+            reason,
             at: now_text(),
         });
         self.status_dirty = true;

@@ -291,11 +291,10 @@ impl Transfer {
         let Some(a) = self.active.as_mut() else {
             return Vec::new();
         };
-        let w = &a.download.window;
-        if w.in_flight() > 0 && w.room() < protocol::MAX_PIECES_PER_REQUEST {
-            return Vec::new();
-        }
-        let pieces = a.download.window.next_requests(now);
+        let pieces = a
+            .download
+            .window
+            .next_batch(now, protocol::MAX_PIECES_PER_REQUEST);
         if pieces.is_empty() {
             return Vec::new();
         }
@@ -322,7 +321,11 @@ impl Transfer {
             DataReply::Error {
                 bundle, message, ..
             } if &bundle == a.download.tarball_id() => {
-                tracing::warn!("the server cannot serve this release: {message}");
+                // The message is the sender's text: one bounded line.
+                tracing::warn!(
+                    "the server cannot serve this release: {}",
+                    crate::logging::untrusted(&message, 200)
+                );
                 return Ok(Arrival::Ignored);
             }
             _ => {

@@ -353,9 +353,23 @@ impl Engine {
     }
 
     /// Records a rejection decided outside `install` (an offer refused
-    /// before its data was fetched), so that `beamup status` shows it.
+    /// before its data was fetched), so that `beamup status` shows it. The
+    /// journal of an install that needs attention stays for `beamup
+    /// recover`. Input that never verified (`m` is `None`) is only counted:
+    /// it is no phase of any release, so no progress step is sent for it
+    /// (the agent would otherwise show the release it last handled as
+    /// rejected).
     pub(crate) fn record_rejection(&mut self, m: Option<&Manifest>, e: &Error) -> Result<()> {
-        self.reject(m, e)
+        self.state.refused(Outcome::rejected(
+            m,
+            &self.settings.release_name,
+            e.to_string(),
+        ));
+        self.save()?;
+        if m.is_some() {
+            self.begin_step(Step::Finished(OutcomeKind::Rejected), &e.to_string());
+        }
+        Ok(())
     }
 
     /// The locked state directory.

@@ -86,6 +86,9 @@ impl Discarded {
     /// Counts one discarded input: coalesced with the newest entry when the
     /// reason is the same, otherwise a new entry (the oldest falls out).
     pub(crate) fn add(&mut self, reason: &str, at: &str) {
+        // A reason quotes the input it refused: bounded, one line.
+        let reason = crate::logging::untrusted(reason, crate::transport::protocol::MAX_REASON);
+        let reason = reason.as_str();
         self.count += 1;
         if let Some(e) = self.recent.first_mut()
             && e.reason == reason
@@ -386,6 +389,18 @@ impl DeviceState {
         if outcome.outcome != OutcomeKind::NeedsAttention {
             self.current = None;
         }
+        self.record(outcome);
+    }
+
+    /// Records a refusal decided outside an install (an offer refused
+    /// before any data was fetched, or input that never verified). The
+    /// journal stays as it is: it may hold an install that needs attention,
+    /// which `beamup recover` must still find.
+    pub(crate) fn refused(&mut self, outcome: Outcome) {
+        self.record(outcome);
+    }
+
+    fn record(&mut self, outcome: Outcome) {
         if is_unverified(&outcome) {
             self.discarded
                 .add(outcome.reason.as_deref().unwrap_or("unknown"), &outcome.at);
@@ -534,6 +549,33 @@ mod tests {
         );
         assert_eq!(only_junk.discarded.recent.len(), 1, "repeats coalesce");
         assert_eq!(only_junk.discarded.recent[0].count, 50);
+    }
+
+    #[test]
+    fn refusals_outside_an_install_keep_the_journal_of_one_that_needs_attention() {
+        let mut s = DeviceState {
+            current: Some(Journal {
+                release: "thermo".into(),
+                from_version: "1.0.0".into(),
+                to_version: "1.1.0".into(),
+                sequence: 7,
+                strategy: Strategy::Hot,
+                creates: vec!["releases/1.1.0".into()],
+                phase: Phase::RollingBack {
+                    reason: "unhealthy".into(),
+                },
+                started_at: "2026-01-01T00:00:00Z".into(),
+                swapped_boot: false,
+            }),
+            ..Default::default()
+        };
+        s.finish(outcome(OutcomeKind::NeedsAttention, 7));
+        assert!(s.current.is_some(), "needs attention keeps the journal");
+        s.refused(Outcome::rejected(None, "thermo", "not signed".into()));
+        s.refused(outcome(OutcomeKind::Rejected, 8));
+        assert!(s.current.is_some(), "a refused offer dropped the journal");
+        assert_eq!(s.discarded.count, 1);
+        assert_eq!(s.last_outcome().map(|o| o.sequence), Some(Some(8)));
     }
 
     #[test]

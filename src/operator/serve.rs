@@ -83,8 +83,19 @@ impl Index {
         };
         for e in entries.flatten() {
             let path = e.path();
-            if !path.is_file() {
-                continue;
+            // Only regular files of the directory itself: a symbolic link
+            // could make the server read anything it can reach.
+            match e.file_type() {
+                Ok(t) if t.is_file() => {}
+                Ok(t) if t.is_symlink() => {
+                    tracing::debug!(
+                        "{}: not served: a symbolic link (copy or move the bundle into {})",
+                        path.display(),
+                        self.dir.display()
+                    );
+                    continue;
+                }
+                _ => continue,
             }
             match Bundle::open(&path).and_then(|b| Ok((b.manifest_unverified()?, b))) {
                 Ok((m, b)) => {
@@ -116,6 +127,39 @@ impl Index {
         }
         self.bundles.get(id).cloned()
     }
+}
+
+/// Largest request read. A `ChunkRequest` is about 150 bytes; anything
+/// much larger is not one, and is dropped before it is queued, so that a
+/// flood of padded requests cannot fill the queue with megabytes each.
+const MAX_REQUEST_BYTES: usize = 1024;
+
+/// The replies (offset, length) that answer `req`, given the size and
+/// chunk size of the tarball it names if it is held here; or why it is
+/// refused (the error reply's text). Pure. A piece is at most a chunk (a
+/// device never asks for more), so one request costs at most
+/// `MAX_PIECES_PER_REQUEST` chunks of memory, whatever it claims.
+fn plan_replies(
+    req: &ChunkRequest,
+    held: Option<(u64, u32)>,
+    max_piece: u32,
+) -> std::result::Result<Vec<(u64, u32)>, &'static str> {
+    let Some((size, chunk_size)) = held else {
+        return Err("no bundle with this tarball here");
+    };
+    let piece = req.piece.unwrap_or(req.len);
+    let bad = req.len == 0
+        || piece == 0
+        || piece > chunk_size.min(max_piece)
+        || req.len.div_ceil(piece) as usize > protocol::MAX_PIECES_PER_REQUEST
+        || req
+            .offset
+            .checked_add(u64::from(req.len))
+            .is_none_or(|end| end > size);
+    if bad {
+        return Err("bad range");
+    }
+    Ok(req.replies().collect())
 }
 
 pub async fn run(opts: ServeOptions) -> Result<()> {
@@ -165,7 +209,9 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
                     tracing::info!("connected to {}; serving requests on {filter}", opts.broker.url);
                 }
                 Ok(mqtt::Event::Message { topic, payload, .. }) => {
-                    if tx.try_send((topic, payload)).is_err() {
+                    if payload.len() > MAX_REQUEST_BYTES {
+                        tracing::debug!("request of {} bytes on {topic} dropped unread", payload.len());
+                    } else if tx.try_send((topic, payload)).is_err() {
                         tracing::warn!("request queue full; a request was dropped (the device asks again)");
                     }
                 }
@@ -221,36 +267,29 @@ async fn worker(
         }
         let reply_to = topics.data(&device);
         let bundle = index.get(&id);
-        let bad = req.len == 0
-            || req.piece.is_some_and(|p| p == 0 || p > max_piece)
-            || (req.piece.is_none() && req.len > max_piece)
-            || req.len.div_ceil(req.piece.unwrap_or(req.len).max(1)) as usize
-                > protocol::MAX_PIECES_PER_REQUEST
-            || req
-                .offset
-                .checked_add(u64::from(req.len))
-                .is_none_or(|e| bundle.as_ref().is_some_and(|(b, _)| e > b.tarball_size()));
-        let replies: Vec<Vec<u8>> = match (&bundle, bad) {
-            (None, _) => vec![protocol::encode_error(
-                &id,
-                req.offset,
-                "no bundle with this tarball here",
-            )],
-            (Some(_), true) => vec![protocol::encode_error(&id, req.offset, "bad range")],
-            (Some((b, _)), false) => req
-                .replies()
-                .map(|(offset, len)| {
-                    let mut data = Vec::with_capacity(protocol::DATA_HEADER + len as usize);
-                    data.extend_from_slice(&protocol::encode_data(&id, offset, &[]));
-                    data.resize(protocol::DATA_HEADER + len as usize, 0);
-                    match b.read_tarball_at(&mut data[protocol::DATA_HEADER..], offset) {
-                        Ok(n) if n == len as usize => data,
-                        _ => protocol::encode_error(&id, offset, "read error"),
-                    }
-                })
-                .collect(),
+        let held = bundle.as_ref().map(|(b, cs)| (b.tarball_size(), *cs));
+        // Each reply with what it answers; a refusal is one error reply.
+        let replies: Vec<(Vec<u8>, u64, u32)> = match plan_replies(&req, held, max_piece) {
+            Err(why) => vec![(protocol::encode_error(&id, req.offset, why), req.offset, 0)],
+            Ok(pieces) => {
+                let (b, _) = bundle.as_ref().expect("held");
+                pieces
+                    .into_iter()
+                    .map(|(offset, len)| {
+                        let mut data = Vec::with_capacity(protocol::DATA_HEADER + len as usize);
+                        data.extend_from_slice(&protocol::encode_data(&id, offset, &[]));
+                        data.resize(protocol::DATA_HEADER + len as usize, 0);
+                        let reply =
+                            match b.read_tarball_at(&mut data[protocol::DATA_HEADER..], offset) {
+                                Ok(n) if n == len as usize => data,
+                                _ => protocol::encode_error(&id, offset, "read error"),
+                            };
+                        (reply, offset, len)
+                    })
+                    .collect()
+            }
         };
-        for (mut reply, (offset, len)) in replies.into_iter().zip(req.replies()) {
+        for (mut reply, offset, len) in replies {
             let chunk = bundle
                 .as_ref()
                 .map_or(req.chunk, |(_, cs)| (offset / u64::from(*cs)) as u32);
@@ -287,5 +326,53 @@ async fn worker(
                 tracing::warn!("{e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(offset: u64, len: u32, piece: Option<u32>) -> ChunkRequest {
+        ChunkRequest {
+            v: protocol::VERSION,
+            bundle: "00".repeat(32),
+            chunk: 0,
+            offset,
+            len,
+            piece,
+        }
+    }
+
+    #[test]
+    fn requests_beyond_the_tarball_or_above_a_chunk_are_refused() {
+        const CHUNK: u32 = 65536;
+        let held = Some((1_000_000, CHUNK));
+        let max = crate::release::manifest::MAX_CHUNK_SIZE;
+        let plan = |r: ChunkRequest| plan_replies(&r, held, max);
+        assert_eq!(
+            plan(req(0, 2 * CHUNK, Some(CHUNK))),
+            Ok(vec![(0, CHUNK), (65536, CHUNK)])
+        );
+        assert_eq!(plan(req(999_990, 10, None)), Ok(vec![(999_990, 10)]));
+        for bad in [
+            req(999_990, 11, None),
+            req(1_000_000, 1, None),
+            req(u64::MAX - 5, 10, None),
+            req(0, u32::MAX, None),
+            req(0, 0, None),
+            req(0, 10, Some(0)),
+            // Pieces above the chunk size: a device never asks for them,
+            // and each would be a large allocation.
+            req(0, 2 * CHUNK, Some(2 * CHUNK)),
+            req(0, CHUNK + 1, None),
+            req(0, 9 * CHUNK, Some(CHUNK)),
+        ] {
+            assert_eq!(plan(bad.clone()), Err("bad range"), "{bad:?}");
+        }
+        assert_eq!(
+            plan_replies(&req(0, 10, None), None, max),
+            Err("no bundle with this tarball here")
+        );
     }
 }

@@ -479,6 +479,10 @@ pub(crate) struct DryRunAnswer {
     pub(crate) at: String,
 }
 
+/// Longest reason for discarded input, in characters: reasons quote what
+/// arrived, so they are cut (and their control characters escaped).
+pub(crate) const MAX_REASON: usize = 512;
+
 /// Input a device dropped: how many, and the latest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct DiscardedReport {

@@ -155,10 +155,6 @@ impl Window {
         self.missing == 0
     }
 
-    pub(crate) fn in_flight(&self) -> usize {
-        self.inflight.len()
-    }
-
     /// Pieces the window has room for: requested and not answered, or
     /// answered and still being checked, count against it (so memory for
     /// chunks waiting to be hashed is bounded too).
@@ -200,6 +196,27 @@ impl Window {
     /// to them may never come); they are asked again.
     pub(crate) fn reset_in_flight(&mut self) {
         self.inflight.clear();
+    }
+
+    /// Requests to send now, in batches of at least `batch` pieces (so that
+    /// adjacent pieces can share a request) unless nothing is in flight:
+    /// timed-out ones again, then missing pieces in order. Timeouts are
+    /// looked at first: a window whose every request went unanswered (no
+    /// server holds the bundle yet, or none was listening) has no room
+    /// until they expire, and must still be asked again.
+    pub(crate) fn next_batch(&mut self, now: Instant, batch: usize) -> Vec<Piece> {
+        self.expire(now);
+        if !self.inflight.is_empty() && self.room() < batch {
+            return Vec::new();
+        }
+        self.next_requests(now)
+    }
+
+    /// Forgets the requests in flight for longer than the timeout.
+    fn expire(&mut self, now: Instant) {
+        let timeout = self.timeout;
+        self.inflight
+            .retain(|_, s| now.saturating_duration_since(s.at) < timeout);
     }
 
     /// Requests to send now: timed-out ones again, then missing pieces in
@@ -813,6 +830,29 @@ mod tests {
         w.reset_in_flight();
         assert_eq!(w.next_requests(now).len(), 1);
         assert_eq!(w.requested, 3);
+    }
+
+    #[test]
+    fn a_window_with_every_request_unanswered_asks_again_after_the_timeout() {
+        let mut w = window(vec![false; 20], 8);
+        let now = t0();
+        assert_eq!(w.next_batch(now, 4).len(), 8);
+        assert!(w.next_batch(now + Duration::from_secs(1), 4).is_empty());
+        // Not one answer came: all of them are asked again.
+        let again = w.next_batch(now + Duration::from_secs(6), 4);
+        let offsets: Vec<u64> = again.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, (0..8).map(|i| i * 4096).collect::<Vec<_>>());
+        // With room for less than a batch, it waits for more answers.
+        let later = now + Duration::from_secs(7);
+        for p in &again[..3] {
+            assert!(matches!(w.on_piece(p.offset, 4096), Accept::Store { .. }));
+            w.chunk_verified(p.chunk);
+        }
+        assert!(w.next_batch(later, 4).is_empty());
+        let p = again[3];
+        w.on_piece(p.offset, 4096);
+        w.chunk_verified(p.chunk);
+        assert_eq!(w.next_batch(later, 4).len(), 4);
     }
 
     #[test]

@@ -17,6 +17,11 @@ mod chaos;
 mod containers;
 /// The distribution protocol against real `erl` nodes and `epmd`.
 mod dist;
+/// Hostile input from the network (MQTT 5 and 3.1.1): junk, forged,
+/// replayed, foreign and oversize messages on a device's topics, floods of
+/// data replies, hostile requests to `serve`; the device and its node stay
+/// as they were.
+mod hostile;
 /// `beamup install` on the thermo (rebar3) release: hot, cold, rollbacks,
 /// hostile bundles, beamup killed at every step, each ending with the node
 /// restarted from disk.

@@ -2,6 +2,7 @@
 //! loopback and real nodes of the thermo release: offers verified before
 //! any data moves, chunked transfer with corruption, broker and agent
 //! crashes, outcomes reported across a broker outage, shared serving, TLS.
+//! Hostile input (oversize messages among it) is in `hostile`.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use beamup::error::exit;
 use serde_json::Value;
 
 use crate::support::cli::{Run, beamup};
-use crate::support::device::Device;
+use crate::support::device::{Device, envelope_of};
 use crate::support::mqtt::{Broker, Daemon, Msg, Sub, make_certs};
 use crate::support::otp::Flavor;
 
@@ -607,6 +608,8 @@ fn bad_offers_are_rejected_before_any_data_is_requested() {
         "{st:#}"
     );
     assert!(st["last_outcome"].is_null(), "{st:#}");
+    // Nor is it a phase: the device is as idle as before.
+    assert_eq!(st["phase"]["name"], "idle", "{st:#}");
     assert!(s.outcomes().is_empty());
     let cases = [
         (expired, "expired at"),
@@ -1036,17 +1039,6 @@ fn username_and_password_login() {
     assert!(!broker.log().contains("gw1-Secret-7f3a"));
 }
 
-/// The signed envelope of a bundle (its `manifest.json`), byte for byte.
-fn envelope_of(bundle: &Path) -> Vec<u8> {
-    use std::io::Read;
-    let mut a = tar::Archive::new(fs::File::open(bundle).unwrap());
-    let mut first = a.entries().unwrap().next().unwrap().unwrap();
-    assert_eq!(first.path().unwrap().to_str(), Some("manifest.json"));
-    let mut out = Vec::new();
-    first.read_to_end(&mut out).unwrap();
-    out
-}
-
 #[test]
 fn junk_on_the_device_topics_makes_it_forget_neither_a_rollback_nor_its_last_outcome() {
     let mut s = Setup::new(Broker::start(), "timeout = \"6s\"\nsoak = \"1s\"", "");
@@ -1157,70 +1149,6 @@ fn junk_on_the_device_topics_makes_it_forget_neither_a_rollback_nor_its_last_out
     let run = s.beamup(&["fleet", "status"]);
     run.ok();
     assert!(run.stdout.contains("rolled_back 1.2.0"), "{}", run.stdout);
-}
-
-/// An oversize message (above the agent's 16 MiB + 64 KiB packet limit) on
-/// each topic the device subscribes to, retained and not: the agent stays
-/// up and connected and takes a valid offer afterwards.
-fn oversize_messages_leave_the_device_connected(version: &str) {
-    let mut s = Setup::new(
-        Broker::start(),
-        "timeout = \"8s\"\nsoak = \"1s\"",
-        &format!("version = \"{version}\""),
-    );
-    s.d.node.incr().unwrap();
-    s.serve(&[]);
-    s.start_agent();
-    s.watch.wait_for("online", OUTCOME, |m| {
-        m.topic == "beamup/acme/device/gw-1/state" && m.json()["phase"]["name"] == "idle"
-    });
-    let pid = s.agent.as_mut().unwrap().running_pid().expect("running");
-    let connects = |s: &Setup| s.agent().log().matches("connected to mqtt://").count();
-    assert_eq!(connects(&s), 1);
-
-    let publisher = Sub::new(&s.broker, &[]);
-    let huge = vec![b'x'; 17 << 20];
-    publisher.publish("beamup/acme/device/gw-1/offer", huge.clone(), true);
-    publisher.publish("beamup/acme/device/gw-1/cmd", huge.clone(), false);
-    publisher.publish("beamup/acme/group/canary/offer", huge.clone(), false);
-    publisher.publish("beamup/acme/device/gw-1/data", huge, false);
-    std::thread::sleep(Duration::from_secs(6));
-    let agent = s.agent.as_mut().unwrap();
-    assert_eq!(agent.running_pid(), Some(pid), "{}", agent.log());
-    assert!(
-        connects(&s) <= 2,
-        "{} connections in 6 s:\n{}",
-        connects(&s),
-        s.agent().log()
-    );
-    if version == "3.1.1" {
-        // 3.1.1 cannot tell the broker its limit: the agent drops what is
-        // too large itself, and says so.
-        let st = s.watch.wait_for("oversize reported", OUTCOME, |m| {
-            m.topic == "beamup/acme/device/gw-1/state"
-                && m.json()["discarded"]["count"].as_u64() >= Some(4)
-        });
-        let reason = st.json()["discarded"]["reason"].to_string();
-        assert!(reason.contains("larger than"), "{reason}");
-    }
-
-    // Still taking offers: the next valid one is installed.
-    let bundle = s.bundle("1.1.0", &[]);
-    s.offer(&bundle);
-    let st = s.wait_phase("committed", "1.1.0");
-    assert_eq!(st["last_outcome"]["outcome"], "committed", "{st:#}");
-    assert_eq!(s.agent.as_mut().unwrap().running_pid(), Some(pid));
-    assert!(connects(&s) <= 2, "{}", s.agent().log());
-}
-
-#[test]
-fn oversize_messages_leave_an_mqtt_5_device_connected() {
-    oversize_messages_leave_the_device_connected("5");
-}
-
-#[test]
-fn oversize_messages_leave_an_mqtt_3_1_1_device_connected() {
-    oversize_messages_leave_the_device_connected("3.1.1");
 }
 
 #[test]

@@ -267,6 +267,17 @@ dir = "{dir}/state"
     }
 }
 
+/// The signed envelope of a bundle (its `manifest.json`), byte for byte.
+pub fn envelope_of(bundle: &Path) -> Vec<u8> {
+    use std::io::Read;
+    let mut a = tar::Archive::new(fs::File::open(bundle).unwrap());
+    let mut first = a.entries().unwrap().next().unwrap().unwrap();
+    assert_eq!(first.path().unwrap().to_str(), Some("manifest.json"));
+    let mut out = Vec::new();
+    first.read_to_end(&mut out).unwrap();
+    out
+}
+
 /// `s` as a TOML basic string.
 fn toml_str(s: &str) -> String {
     format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))

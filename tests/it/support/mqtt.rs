@@ -290,6 +290,13 @@ impl Sub {
             .unwrap();
     }
 
+    /// Publishes with QoS 0, as servers send data replies.
+    pub fn publish_at_most_once(&self, topic: &str, payload: Vec<u8>) {
+        self.client
+            .publish(topic, rumqttc::QoS::AtMostOnce, false, payload)
+            .unwrap();
+    }
+
     pub fn messages(&self) -> Vec<Msg> {
         self.msgs.lock().unwrap().clone()
     }
