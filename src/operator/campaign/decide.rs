@@ -37,7 +37,6 @@ use super::roster::{self, DeviceFacts};
 use super::state::{Campaign, DeviceRecord, LogLine, Status, Target, Track, Verdict, Wave};
 use crate::transport::protocol::{ControlAction, Event, EventKind, PhaseName};
 
-
 /// What the broker says: per device its retained state and online flag,
 /// and the digest of the retained offer on its offer topic (if any).
 #[derive(Clone, Debug, Default)]
