@@ -145,6 +145,7 @@ pub(crate) async fn run(cfg: Config) -> Result<()> {
     }
 
     // Recover an interrupted install before anything else.
+    let leftover = agent.transfer.existing_offer();
     match engine.recover().await {
         Ok(Some(o)) => {
             tracing::info!(
@@ -153,7 +154,21 @@ pub(crate) async fn run(cfg: Config) -> Result<()> {
                 o.release,
                 o.version
             );
-            agent.report.outcome(&mut agent.session, &o, None)?;
+            let again = leftover.as_deref().and_then(|e| agent.verified(e));
+            let settled = engine
+                .state()
+                .settled(&o.version, o.sequence.unwrap_or(0))
+                .is_some();
+            if intake::reports_recovered(&o, again.as_ref(), settled) {
+                agent.report.outcome(&mut agent.session, &o, None)?;
+            } else {
+                tracing::info!(
+                    "{} {} (sequence {}) is taken up again from its download: that install's outcome is the offer's",
+                    o.release,
+                    o.version,
+                    o.sequence.unwrap_or(0)
+                );
+            }
         }
         Ok(None) => {}
         Err(e) => tracing::error!("recovery failed: {e}"),
@@ -166,7 +181,7 @@ pub(crate) async fn run(cfg: Config) -> Result<()> {
     agent.report.set_idle();
     agent.refresh_node(&mut engine).await;
     // A download left by an earlier run is an offer received again.
-    if let Some(envelope) = agent.transfer.existing_offer() {
+    if let Some(envelope) = leftover {
         agent.handle_offer(&envelope, &mut engine, false).await?;
     }
 
@@ -327,6 +342,15 @@ impl Agent {
         tracing::warn!("offer rejected: {e}");
         let o = Outcome::rejected(m, &self.release_name, e.to_string());
         self.report.outcome(&mut self.session, &o, m)
+    }
+
+    /// The manifest of a signed offer, if it verifies against the trust
+    /// root (errors are `handle_offer`'s to report).
+    fn verified(&self, envelope: &[u8]) -> Option<Manifest> {
+        let root = Root::load(&self.trust_root).ok()?;
+        bundle::verify_envelope(envelope, &root, "offered manifest")
+            .ok()
+            .map(|(m, _)| m)
     }
 
     /// Verifies an offer before fetching anything, then starts (or resumes)

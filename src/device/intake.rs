@@ -6,9 +6,11 @@
 //! it is believed, then by the verified manifest. Then, for an offer taken
 //! up, which chunks are fetched (`chunks_to_fetch`), and before its
 //! install, whether the plan now reads chunks the download lacks
-//! (`chunks_missing`).
+//! (`chunks_missing`). And after a restart, whether what recovery found is
+//! the offer's outcome (`reports_recovered`).
 
-use crate::engine::state::OutcomeKind;
+use crate::engine::state::{Outcome, OutcomeKind};
+use crate::release::manifest::Manifest;
 
 /// What the envelope's digest alone says.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,6 +88,26 @@ pub(crate) fn by_manifest(f: &ManifestFacts) -> Verdict {
         Some(_) => Verdict::Take { replaces: true },
         None => Verdict::Take { replaces: false },
     }
+}
+
+/// Whether the outcome recovery returned after a restart is reported as
+/// an outcome. An install undone only because beamup was cut off is no
+/// verdict on its release: when the download it installed from is still
+/// there (`leftover`, verified) and names the same release and sequence,
+/// and the device has no final word on it (`settled`), that offer is taken
+/// up again, and what that install ends in is the offer's one outcome.
+/// Reporting the undo as well would give one offer two outcomes (rolled
+/// back, then committed). Everything else recovery returns is reported.
+pub(crate) fn reports_recovered(o: &Outcome, leftover: Option<&Manifest>, settled: bool) -> bool {
+    let taken_again = o.interrupted
+        && o.outcome == OutcomeKind::RolledBack
+        && !settled
+        && leftover.is_some_and(|m| {
+            m.release.name == o.release
+                && m.release.version == o.version
+                && Some(m.sequence) == o.sequence
+        });
+    !taken_again
 }
 
 /// The chunks to fetch of an offer taken up, one flag per chunk: what the
@@ -218,6 +240,37 @@ mod tests {
             assert_eq!(by_manifest(&older), Verdict::Older { fetching });
         }
         assert_eq!(by_manifest(&offer(1)), Verdict::Take { replaces: false });
+    }
+
+    #[test]
+    fn an_interrupted_undo_is_no_outcome_when_its_download_is_taken_up_again() {
+        let mut m = crate::release::manifest::for_tests(b"x", 4096);
+        m.release.name = "thermo".into();
+        m.release.version = "1.1.0".into();
+        m.sequence = 7;
+        let mut undo = Outcome::rejected(Some(&m), "thermo", "interrupted while soaking".into());
+        undo.outcome = OutcomeKind::RolledBack;
+        undo.interrupted = true;
+        assert!(!reports_recovered(&undo, Some(&m), false));
+        // No download, another release's, or one the device will not take
+        // again (a rollback of its own before): the undo is the outcome.
+        assert!(reports_recovered(&undo, None, false));
+        assert!(reports_recovered(&undo, Some(&m), true));
+        let mut other = m.clone();
+        other.sequence = 8;
+        assert!(reports_recovered(&undo, Some(&other), false));
+        // A rollback for the release's own sake, or a finished commit.
+        let own = Outcome {
+            interrupted: false,
+            ..undo.clone()
+        };
+        assert!(reports_recovered(&own, Some(&m), false));
+        let committed = Outcome {
+            outcome: OutcomeKind::Committed,
+            interrupted: false,
+            ..undo
+        };
+        assert!(reports_recovered(&committed, Some(&m), false));
     }
 
     #[test]

@@ -108,11 +108,15 @@ impl Setup {
     }
 
     fn start_agent(&mut self) {
+        self.start_agent_env(&[]);
+    }
+
+    fn start_agent_env(&mut self, env: &[(&str, &str)]) {
         let a = Daemon::start(
             self.d.path(),
             "agent.log",
             &["agent", "--config", "agent.toml"],
-            &[],
+            env,
         );
         self.agent = Some(a);
     }
@@ -494,6 +498,91 @@ fn sigterm_during_an_install_lets_it_reach_its_outcome() {
             m.topic.ends_with("/events") && m.json()["phase"] == "committed"
         });
     s.d.assert_settled_on("1.1.0", &[]);
+}
+
+/// The agent killed with -9 in the middle of a hot install (`crash`: the
+/// journal point it dies at), started again, stopped with SIGTERM while it
+/// deals with what it found, and started once more, as systemd would. The
+/// offer gets exactly one outcome event, and that outcome is what the node
+/// runs and has permanent.
+fn agent_killed_mid_install_then_stopped_reports_one_outcome(crash: &str) {
+    let mut s = Setup::new(Broker::start(), "timeout = \"20s\"\nsoak = \"2s\"", "");
+    let bundle = s.bundle("1.1.0", &[]);
+    s.serve(&[]);
+    s.start_agent_env(&[("BEAMUP_CRASH", crash)]);
+    s.offer(&bundle);
+    assert_eq!(
+        s.agent.as_mut().unwrap().wait_exit(OUTCOME),
+        None,
+        "the agent was to kill itself at {crash}"
+    );
+    assert!(
+        s.agent().log().contains(&format!("BEAMUP_CRASH={crash}")),
+        "{}",
+        s.agent().log()
+    );
+
+    // Started again, it undoes the interrupted install and takes the
+    // download it left up again; SIGTERM comes during that second soak.
+    s.start_agent();
+    s.agent()
+        .wait_log("recovered an interrupted install", Duration::from_secs(60));
+    let deadline = Instant::now() + OUTCOME;
+    while s.state_file()["current"]["phase"] != "soaking" {
+        assert!(Instant::now() < deadline, "{}", s.agent().log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let code = s.agent.as_mut().unwrap().term(Duration::from_secs(60));
+    assert_eq!(code, Some(0), "{}", s.agent().log());
+    s.start_agent();
+
+    // Quiet: no install in progress, an outcome on record, and time for
+    // any further event to arrive.
+    let deadline = Instant::now() + OUTCOME;
+    loop {
+        let st = s.state_file();
+        let last = st["history"][0]["outcome"].as_str().unwrap_or("");
+        if st["current"].is_null() && (last == "committed" || last == "rolled_back") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{st:#}\n{}", s.agent().log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+
+    let outcomes = s.outcomes();
+    assert_eq!(
+        outcomes.len(),
+        1,
+        "one offer, one outcome: {outcomes:#?}\n{}",
+        s.agent().log()
+    );
+    let o = &outcomes[0];
+    let on = match o["phase"].as_str() {
+        Some("committed") => "1.1.0",
+        Some("rolled_back") => "1.0.0",
+        other => panic!("outcome {other:?}: {o:#}"),
+    };
+    assert_eq!(o["version"], "1.1.0", "{o:#}");
+    s.d.assert_settled_on(on, &[]);
+    let st = s.d.status();
+    assert_eq!(st["last_outcome"]["outcome"], o["phase"], "{st:#}");
+    assert_eq!(st["last_outcome"]["sequence"], o["sequence"], "{st:#}");
+}
+
+#[test]
+fn agent_killed_before_install_release_then_stopped_reports_one_outcome() {
+    agent_killed_mid_install_then_stopped_reports_one_outcome("installing");
+}
+
+#[test]
+fn agent_killed_after_install_release_then_stopped_reports_one_outcome() {
+    agent_killed_mid_install_then_stopped_reports_one_outcome("installing+");
+}
+
+#[test]
+fn agent_killed_while_soaking_then_stopped_reports_one_outcome() {
+    agent_killed_mid_install_then_stopped_reports_one_outcome("soaking");
 }
 
 #[test]
