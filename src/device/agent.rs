@@ -101,6 +101,16 @@ fn is_passing(e: &Error) -> bool {
 /// Runs the agent until SIGTERM or SIGINT.
 pub(crate) async fn run(cfg: Config) -> Result<()> {
     crate::memory::tune_allocator();
+    // Before recovery: a SIGTERM that comes while it runs waits for the
+    // loop below (which stops cleanly) instead of killing the agent.
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::Internal {
+            detail: format!("cannot handle SIGTERM: {e}"),
+        })?;
+    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        .map_err(|e| Error::Internal {
+            detail: format!("cannot handle SIGINT: {e}"),
+        })?;
     let mq = cfg.mqtt.clone().ok_or_else(|| {
         Error::Usage("the agent needs an [mqtt] table in agent.toml (url, device_id, fleet)".into())
     })?;
@@ -191,14 +201,6 @@ pub(crate) async fn run(cfg: Config) -> Result<()> {
     ]);
     let watchdog = sd_notify::watchdog_enabled();
     let mut last_ping = Instant::now();
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| Error::Internal {
-            detail: format!("cannot handle SIGTERM: {e}"),
-        })?;
-    let mut sigint = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
-        .map_err(|e| Error::Internal {
-            detail: format!("cannot handle SIGINT: {e}"),
-        })?;
     let mut last_tick = Instant::now();
     // The engine is here while idle, inside `installing` while it installs.
     let mut engine: Option<Engine> = Some(engine);
