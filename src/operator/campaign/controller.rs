@@ -277,6 +277,12 @@ pub async fn run(
                     // what the broker holds now is the truth.
                     facts.offers.clear();
                     facts.connected_at = now_ms();
+                    // Offers and clears decided before this connection and
+                    // not sent yet are decided again once its retained
+                    // offers settled (decide sends what the broker lacks);
+                    // sent now, after the marker, their echoes would race
+                    // that reading and be sent twice.
+                    outgoing.retain(|(t, _, _)| !matches!(topics.parse(t), Some(Topic::DeviceOffer(_))));
                     for f in [
                         topics.state_filter(),
                         topics.online_filter(),
