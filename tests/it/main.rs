@@ -13,6 +13,9 @@ mod campaign;
 mod containers;
 /// The distribution protocol against real `erl` nodes and `epmd`.
 mod dist;
+/// A hostile peer in place of the node (its own EPMD, a correct
+/// handshake, then frames no node sends): `beamup status` reports it.
+mod hostile_node;
 /// `beamup install` on the thermo (rebar3) release: hot, cold, rollbacks,
 /// hostile bundles, beamup killed at every step, each ending with the node
 /// restarted from disk.
