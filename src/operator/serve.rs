@@ -190,6 +190,22 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
+/// Whether a request is refused ("bad range"): empty, pieces of 0 or
+/// above `max_piece`, more pieces than a request may ask for, or a range
+/// that wraps or ends beyond the tarball (of `tarball_size` bytes, when
+/// this server holds it).
+pub(crate) fn refused(req: &ChunkRequest, tarball_size: Option<u64>, max_piece: u32) -> bool {
+    req.len == 0
+        || req.piece.is_some_and(|p| p == 0 || p > max_piece)
+        || (req.piece.is_none() && req.len > max_piece)
+        || req.len.div_ceil(req.piece.unwrap_or(req.len).max(1)) as usize
+            > protocol::MAX_PIECES_PER_REQUEST
+        || req
+            .offset
+            .checked_add(u64::from(req.len))
+            .is_none_or(|e| tarball_size.is_some_and(|size| e > size))
+}
+
 async fn worker(
     mut rx: mpsc::Receiver<(String, bytes::Bytes)>,
     client: Client,
@@ -221,15 +237,11 @@ async fn worker(
         }
         let reply_to = topics.data(&device);
         let bundle = index.get(&id);
-        let bad = req.len == 0
-            || req.piece.is_some_and(|p| p == 0 || p > max_piece)
-            || (req.piece.is_none() && req.len > max_piece)
-            || req.len.div_ceil(req.piece.unwrap_or(req.len).max(1)) as usize
-                > protocol::MAX_PIECES_PER_REQUEST
-            || req
-                .offset
-                .checked_add(u64::from(req.len))
-                .is_none_or(|e| bundle.as_ref().is_some_and(|(b, _)| e > b.tarball_size()));
+        let bad = refused(
+            &req,
+            bundle.as_ref().map(|(b, _)| b.tarball_size()),
+            max_piece,
+        );
         let replies: Vec<Vec<u8>> = match (&bundle, bad) {
             (None, _) => vec![protocol::encode_error(
                 &id,
