@@ -56,6 +56,9 @@ pub(crate) mod config;
 pub(crate) mod durations;
 pub mod error;
 pub(crate) mod fsutil;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod logging;
 pub(crate) mod memory;
 

@@ -139,7 +139,7 @@ const MAX_REQUEST_BYTES: usize = 1024;
 /// refused (the error reply's text). Pure. A piece is at most a chunk (a
 /// device never asks for more), so one request costs at most
 /// `MAX_PIECES_PER_REQUEST` chunks of memory, whatever it claims.
-fn plan_replies(
+pub(crate) fn plan_replies(
     req: &ChunkRequest,
     held: Option<(u64, u32)>,
     max_piece: u32,

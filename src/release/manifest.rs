@@ -343,8 +343,8 @@ pub(crate) fn parse_duration(s: &str) -> std::result::Result<std::time::Duration
 }
 
 /// A manifest of release `x` 1 for the tarball bytes `tarball`, with
-/// their digests, for unit tests elsewhere in the crate.
-#[cfg(test)]
+/// their digests, for unit tests elsewhere in the crate and the fuzzers.
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn for_tests(tarball: &[u8], chunk_size: u32) -> Manifest {
     use sha2::{Digest, Sha256};
     let chunks: Vec<String> = tarball

@@ -10,7 +10,7 @@
 //! Bundle time checks as a device that creates everything (provisioning an
 //! empty root) does: every other device creates a subset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
 /// Most entries a release tarball may have (OTP releases have thousands).
@@ -42,6 +42,10 @@ pub(crate) struct Rules {
     declared: u64,
     entries: u64,
     made: HashMap<PathBuf, Made>,
+    /// Paths that the targets of created symlinks pass through on their way
+    /// (not their last component): none of them may be a symlink, or the
+    /// `..` after it would be taken from where that symlink points.
+    traversed: HashSet<PathBuf>,
 }
 
 impl Rules {
@@ -53,6 +57,7 @@ impl Rules {
             declared: 0,
             entries: 0,
             made: HashMap::new(),
+            traversed: HashSet::new(),
         }
     }
 
@@ -160,6 +165,29 @@ impl Rules {
                 }
             }
         }
+        if kind == tar::EntryType::Symlink {
+            // The lexical check above holds only if nothing the target
+            // walks through is itself a symlink: `l1 -> ..` then
+            // `l2 -> l1/..` climbs one more level than it reads.
+            let through = traversed(&rel, t);
+            if let Some(p) = through
+                .iter()
+                .find(|p| self.made.get(*p) == Some(&Made::Symlink))
+            {
+                return Err(format!(
+                    "symlink {shown} -> {t} goes through the symlink {} (its target would be \
+                     resolved from wherever that one points)",
+                    p.display()
+                ));
+            }
+            if self.traversed.contains(&rel) {
+                return Err(format!(
+                    "symlink {shown} is on the way of an earlier symlink's target (that \
+                     target would then be resolved from wherever this one points)"
+                ));
+            }
+            self.traversed.extend(through);
+        }
         let now = match kind {
             tar::EntryType::Directory => Made::Dir,
             tar::EntryType::Symlink => Made::Symlink,
@@ -254,6 +282,32 @@ pub(crate) fn safe_relative_path(raw: &[u8]) -> Result<Option<PathBuf>, String> 
     Ok((!out.as_os_str().is_empty() && s != ".").then_some(out))
 }
 
+/// The paths, relative to the root, that a symlink at `link` with target
+/// `target` walks through before its last component (lexically; the
+/// target has passed [`check_symlink_target`]).
+fn traversed(link: &Path, target: &str) -> Vec<PathBuf> {
+    let mut at: Vec<&str> = link
+        .parent()
+        .map(|d| d.iter().filter_map(|c| c.to_str()).collect())
+        .unwrap_or_default();
+    let parts: Vec<&str> = target
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    let mut out = Vec::new();
+    for (i, part) in parts.iter().enumerate() {
+        if *part == ".." {
+            at.pop();
+        } else {
+            at.push(part);
+            if i + 1 < parts.len() {
+                out.push(at.iter().collect());
+            }
+        }
+    }
+    out
+}
+
 /// A symlink's target must be relative and, resolved from the link's
 /// directory, stay inside the release root.
 fn check_symlink_target(link: &Path, target: &str) -> Result<(), &'static str> {
@@ -301,6 +355,10 @@ mod tests {
             ("lib/a-1/x", Regular, ""),
             ("lib/a-1/h", Link, "lib/a-1/x"),
             ("lib/a-1/s", Symlink, "x"),
+            // Through directories, and to a symlink as the last component.
+            ("lib/a-1/d/", Directory, ""),
+            ("lib/a-1/d/t", Symlink, "../s"),
+            ("lib/a-1/u", Symlink, "d/../d/t"),
         ];
         run(&ok).unwrap();
         for (bad, needle) in [
@@ -334,6 +392,25 @@ mod tests {
             (
                 vec![("lib/b-1/x", Regular, ""), ("lib/a-1/h", Link, "lib/b-1/x")],
                 "outside what this release adds",
+            ),
+            // Each link alone stays inside lexically, but l1 is lib/, so
+            // l2 is the root and l3 its parent: outside the release.
+            (
+                vec![
+                    ("lib/a-1/l1", Symlink, ".."),
+                    ("lib/a-1/l2", Symlink, "l1/.."),
+                    ("lib/a-1/l3", Symlink, "l2/.."),
+                ],
+                "goes through the symlink lib/a-1/l1",
+            ),
+            // The same, the link walked through made after the one that
+            // walks through it.
+            (
+                vec![
+                    ("lib/a-1/l2", Symlink, "l1/../.."),
+                    ("lib/a-1/l1", Symlink, ".."),
+                ],
+                "on the way of an earlier symlink's target",
             ),
         ] {
             let e = run(&bad).unwrap_err();

@@ -22,6 +22,9 @@ mod dist;
 /// data replies, hostile requests to `serve`; the device and its node stay
 /// as they were.
 mod hostile;
+/// A hostile peer in place of the node (its own EPMD, a correct
+/// handshake, then frames no node sends): `beamup status` reports it.
+mod hostile_node;
 /// `beamup install` on the thermo (rebar3) release: hot, cold, rollbacks,
 /// hostile bundles, beamup killed at every step, each ending with the node
 /// restarted from disk.

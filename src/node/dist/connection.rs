@@ -513,6 +513,45 @@ fn decode_reply(payload: &[u8], local: &Local) -> Option<(u64, Reply)> {
     Some((key, result))
 }
 
+/// The frame reader with one call pending, for the fuzz targets (see
+/// `crate::fuzzing::dist_frame`).
+#[cfg(feature = "fuzzing")]
+pub(crate) mod fuzzing {
+    use super::*;
+
+    const KEY: u64 = 3 | (5 << 18);
+
+    fn local() -> Local {
+        Local {
+            name: "fuzz@localhost".into(),
+            creation: 1,
+            pid: Pid {
+                node: "fuzz@localhost".into(),
+                id: 1,
+                serial: 0,
+                creation: 1,
+            },
+            salt: 99,
+        }
+    }
+
+    /// A frame body (the bytes after the length; a tick has none).
+    pub(crate) fn frame(buf: &[u8]) -> Result<Option<Reply>, String> {
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        let shared = Shared {
+            peer: "peer@localhost".into(),
+            state: Mutex::new(State::default()),
+            shutdown: Notify::new(),
+        };
+        let (tx, mut rx) = oneshot::channel();
+        shared.state.lock().unwrap().pending.insert(KEY, tx);
+        handle_frame(buf, &shared, &local())?;
+        Ok(rx.try_recv().ok())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,8 @@ use std::io;
 use std::time::Duration;
 
 pub use connection::Connection;
+#[cfg(feature = "fuzzing")]
+pub(crate) use connection::fuzzing as connection_fuzzing;
 pub(crate) use epmd::DEFAULT_EPMD_PORT;
 pub use term::{DecodeError, Term};
 

@@ -15,6 +15,12 @@ pub(crate) const VERSION: u8 = 131;
 /// Deepest nesting accepted when decoding; far beyond any reply shape
 /// release_handler produces, small enough to never exhaust a task's stack.
 pub(crate) const MAX_DEPTH: usize = 256;
+/// Items reserved up front for a tuple, list or map; the rest as they
+/// decode. A length field is only checked against the bytes left, and
+/// each item takes one byte there but 40 in memory: reserved in full at
+/// every level of nesting, one frame of n bytes could ask for
+/// 40 * n * MAX_DEPTH (an 8 MiB frame, 80 GiB).
+const PREALLOC_ITEMS: usize = 64;
 
 /// An Erlang process identifier.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -270,7 +276,7 @@ impl Term {
 
     /// Decodes one term that starts with the version byte and must fill
     /// `bytes` exactly.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn decode(bytes: &[u8]) -> Result<Term, DecodeError> {
         let mut d = Decoder::new(bytes);
         let term = d.versioned()?;
@@ -414,7 +420,7 @@ impl<'a> Decoder<'a> {
 
     fn items(&mut self, n: usize) -> Result<Vec<Term>, DecodeError> {
         let n = self.count(n, 1)?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(PREALLOC_ITEMS));
         for _ in 0..n {
             v.push(self.term()?);
         }
@@ -498,7 +504,7 @@ impl<'a> Decoder<'a> {
     fn map(&mut self) -> Result<Term, DecodeError> {
         let n = self.u32()?;
         let n = self.count(n as usize, 2)?;
-        let mut pairs = Vec::with_capacity(n);
+        let mut pairs = Vec::with_capacity(n.min(PREALLOC_ITEMS));
         for _ in 0..n {
             let k = self.term()?;
             let v = self.term()?;
