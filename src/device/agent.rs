@@ -625,7 +625,7 @@ impl Agent {
                     transfer::size_text(u64::from(mqtt::MAX_INCOMING))
                 ),
             ),
-            mqtt::Event::Other => {}
+            mqtt::Event::Other | mqtt::Event::SubAck => {}
         }
         Ok(())
     }

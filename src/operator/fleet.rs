@@ -175,10 +175,10 @@ pub async fn status(
     let start = Instant::now();
     let mut settle: Option<mqtt::Settle> = None;
     loop {
-        let deadline = match &settle {
-            Some(s) => s.deadline().min(start + max),
-            None => start + max,
-        };
+        let deadline = settle
+            .as_ref()
+            .and_then(mqtt::Settle::deadline)
+            .map_or(start + max, |d| d.min(start + max));
         let ev = match tokio::time::timeout_at(deadline.into(), conn.poll()).await {
             Err(_) if settle.is_some() => break,
             Err(_) => return Err(unreachable(b, "no connection in time")),
@@ -193,6 +193,11 @@ pub async fn status(
                     conn.begin_settle(topics.sync(&session.client_id))?
                         .with_quiet(quiet),
                 );
+            }
+            mqtt::Event::SubAck => {
+                if let Some(s) = settle.as_mut() {
+                    s.observe_suback(Instant::now());
+                }
             }
             mqtt::Event::Message {
                 topic,

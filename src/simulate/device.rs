@@ -277,7 +277,7 @@ impl SimDevice {
                 &topic,
                 &format!("a message of {size} bytes is larger than this device accepts"),
             ),
-            mqtt::Event::Other => {}
+            mqtt::Event::Other | mqtt::Event::SubAck => {}
         }
         Ok(())
     }

@@ -144,6 +144,12 @@ fn a_canary_commits_soaks_then_the_rest_commit_with_state_and_pid_kept() {
         retained.messages().iter().all(|m| m.payload.is_empty()),
         "offers left on the broker"
     );
+    // Nor the finished controller's session, for which it would queue
+    // every state and event of the fleet.
+    assert!(
+        !crate::support::mqtt::session_present(&f.broker, "beamup-campaign-acme-good"),
+        "the finished controller's MQTT session is still on the broker"
+    );
     // The same view from the broker, for any operator.
     let remote = f.beamup(&[
         "campaign",

@@ -1135,7 +1135,6 @@ fn run(rounds: u32, sims: usize) {
 /// Two rounds (1.0.0 -> 1.1.0 hot, then back by a hot downgrade) of three
 /// real devices and 100 simulated ones, each fault kind once per round.
 #[test]
-#[ignore = "finds an open disagreement (README \"Reliability: Chaos\"); -- --ignored runs it"]
 fn under_random_faults_the_fleet_view_and_the_reports_equal_what_devices_and_nodes_say() {
     run(2, 100);
 }

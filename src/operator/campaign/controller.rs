@@ -28,9 +28,15 @@ use crate::transport::protocol::{
 };
 
 const TICK: Duration = Duration::from_millis(250);
-/// Retained messages are taken to be all in once `mqtt::Settle` says so,
-/// or this long after subscribing.
+/// The lease check's retained message is taken to be in once
+/// `mqtt::Settle` says so, or this long after connecting.
 const SETTLE_MAX: Duration = Duration::from_secs(10);
+/// The controller decides on what it has this long after a (re)connection
+/// whose retained messages never settled. Long: deciding on half of them
+/// sends offers the broker holds again, and after a broker restart under
+/// load the subscriptions alone waited seconds behind the session's
+/// resent publishes.
+const RESUME_MAX: Duration = Duration::from_secs(30);
 /// A busy fleet sends thousands of messages a second: they are taken in as
 /// they come and decided on together, in turns at most this frequent (and
 /// further apart when a turn's save takes long: a large campaign's state
@@ -131,10 +137,10 @@ async fn check_lease(b: &Broker, topics: &Topics, id: &str) -> Result<()> {
     let mut settle: Option<mqtt::Settle> = None;
     let mut lease: Option<ControllerLease> = None;
     loop {
-        let until = match &settle {
-            Some(s) => s.deadline().min(deadline),
-            None => deadline,
-        };
+        let until = settle
+            .as_ref()
+            .and_then(mqtt::Settle::deadline)
+            .map_or(deadline, |d| d.min(deadline));
         match tokio::time::timeout_at(until.into(), conn.poll()).await {
             Err(_) if settle.is_some() => break,
             Err(_) => {
@@ -147,6 +153,11 @@ async fn check_lease(b: &Broker, topics: &Topics, id: &str) -> Result<()> {
             Ok(Ok(mqtt::Event::Connected { .. })) => {
                 conn.subscribe(&topic, Qos::AtLeastOnce)?;
                 settle = Some(conn.begin_settle(topics.sync(&session.client_id))?);
+            }
+            Ok(Ok(mqtt::Event::SubAck)) => {
+                if let Some(s) = settle.as_mut() {
+                    s.observe_suback(Instant::now());
+                }
             }
             Ok(Ok(mqtt::Event::Message {
                 topic: t, payload, ..
@@ -297,6 +308,11 @@ pub async fn run(
                     settled = false;
                     status_dirty = true;
                 }
+                Ok(mqtt::Event::SubAck) => {
+                    if let Some((_, s)) = settling.as_mut() {
+                        s.observe_suback(Instant::now());
+                    }
+                }
                 Ok(mqtt::Event::Message { topic, payload, retain }) => {
                     let marker = settling
                         .as_mut()
@@ -320,14 +336,17 @@ pub async fn run(
             _ = tick.tick() => {}
             // Not a tick later than the retained messages settle.
             _ = tokio::time::sleep_until(
-                settling.as_ref().map_or_else(Instant::now, |(_, s)| s.deadline()).into()
+                settling
+                    .as_ref()
+                    .map_or_else(Instant::now, |(at, s)| s.deadline().unwrap_or(*at + RESUME_MAX))
+                    .into()
             ), if settling.is_some() => {}
             _ = &mut shutdown, if !stopping => {
                 stopping = true;
             }
         }
         if let Some((at, s)) = &settling
-            && (s.settled(Instant::now()) || at.elapsed() >= SETTLE_MAX)
+            && (s.settled(Instant::now()) || at.elapsed() >= RESUME_MAX)
         {
             settling = None;
             settled = true;
@@ -434,6 +453,13 @@ pub async fn run(
     );
     // Queued publishes go out before the DISCONNECT queued after them.
     conn.disconnect().await;
+    if c.finished() {
+        // Nothing will resume this session: left, the broker would queue
+        // every state and event of the fleet for it until it expired.
+        if let Err(e) = Conn::end_session(&opts.broker, &session.client_id).await {
+            tracing::warn!("could not end the controller's MQTT session: {e}");
+        }
+    }
     if c.status == Status::Aborted {
         tracing::info!(
             "campaign {} aborted: {}",

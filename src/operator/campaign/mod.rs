@@ -446,10 +446,12 @@ pub async fn from_broker(
     let start = Instant::now();
     let mut settle: Option<mqtt::Settle> = None;
     loop {
-        let deadline = match &settle {
-            Some(s) => s.deadline().min(start + Duration::from_secs(15)),
-            None => start + Duration::from_secs(15),
-        };
+        let deadline = settle
+            .as_ref()
+            .and_then(mqtt::Settle::deadline)
+            .map_or(start + Duration::from_secs(15), |d| {
+                d.min(start + Duration::from_secs(15))
+            });
         match tokio::time::timeout_at(deadline.into(), conn.poll()).await {
             Err(_) if settle.is_some() => break,
             Err(_) => {
@@ -463,6 +465,11 @@ pub async fn from_broker(
                 conn.subscribe(&filter, Qos::AtLeastOnce)?;
                 conn.subscribe(&lease_filter, Qos::AtLeastOnce)?;
                 settle = Some(conn.begin_settle(topics.sync(&session.client_id))?);
+            }
+            Ok(Ok(mqtt::Event::SubAck)) => {
+                if let Some(s) = settle.as_mut() {
+                    s.observe_suback(Instant::now());
+                }
             }
             Ok(Ok(mqtt::Event::Message {
                 topic,

@@ -146,14 +146,15 @@ pub(crate) enum Event {
         retain: bool,
     },
     PubAck(u16),
+    /// The broker acknowledged a subscription (see [`Settle`]).
+    SubAck,
     /// A message above [`MAX_INCOMING`] that the connection's guard (see
     /// [`Conn::guarded`]) dropped unread; the broker had its acknowledgement.
     Dropped {
         topic: String,
         size: u64,
     },
-    /// A packet of no interest (pings, acks of subscriptions, our own
-    /// outgoing packets).
+    /// A packet of no interest (pings, our own outgoing packets).
     Other,
 }
 
@@ -246,6 +247,8 @@ pub(crate) struct Conn {
     credentials: String,
     /// The guard rumqttc connects through, if any, and what it reports.
     guard: Option<(guard::Guard, Arc<Mutex<guard::Shared>>)>,
+    /// SUBSCRIBEs queued since the last CONNACK, for [`Settle`].
+    subscriptions: std::sync::atomic::AtomicUsize,
 }
 
 fn tls_config(b: &Broker) -> Result<rustls::ClientConfig> {
@@ -422,7 +425,14 @@ impl Conn {
                 o.set_keep_alive(s.keep_alive)
                     .set_clean_start(!s.persistent)
                     .set_max_packet_size(Some(MAX_INCOMING))
-                    .set_outgoing_inflight_upper_limit(INFLIGHT);
+                    .set_outgoing_inflight_upper_limit(INFLIGHT)
+                    // The broker's window towards us, as 3.1.1 brokers
+                    // bound it on their own (mosquitto: 20). Unbounded, a
+                    // reconnect's thousands of retained messages sit in
+                    // the socket ahead of the PINGRESP, and a reader slower
+                    // than the keep-alive takes the ping as lost,
+                    // reconnects and gets them all again.
+                    .set_receive_maximum(Some(INFLIGHT));
                 if s.persistent {
                     o.set_session_expiry_interval(Some(7 * 24 * 3600));
                 }
@@ -487,6 +497,7 @@ impl Conn {
             url: b.url.clone(),
             credentials: credentials_hint(b),
             guard: guarded,
+            subscriptions: Default::default(),
         })
     }
 
@@ -536,6 +547,11 @@ impl Conn {
                 payload,
                 retain,
             } => self.message(topic, payload, retain),
+            ev @ Event::Connected { .. } => {
+                self.subscriptions
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+                ev
+            }
             ev => ev,
         })
     }
@@ -556,6 +572,7 @@ impl Conn {
                         retain: p.retain,
                     }),
                     v5::Event::Incoming(Packet::PubAck(a)) => Ok(Event::PubAck(a.pkid)),
+                    v5::Event::Incoming(Packet::SubAck(_)) => Ok(Event::SubAck),
                     v5::Event::Incoming(Packet::Disconnect(d)) => Err(ConnError::Other(format!(
                         "the broker disconnected us: {:?}",
                         d.reason_code
@@ -576,6 +593,7 @@ impl Conn {
                         retain: p.retain,
                     }),
                     rumqttc::Event::Incoming(Packet::PubAck(a)) => Ok(Event::PubAck(a.pkid)),
+                    rumqttc::Event::Incoming(Packet::SubAck(_)) => Ok(Event::SubAck),
                     _ => Ok(Event::Other),
                 }
             }
@@ -676,8 +694,14 @@ impl Conn {
         getrandom::fill(&mut n).map_err(|e| Error::Internal {
             detail: format!("no OS randomness: {e}"),
         })?;
-        let settle = Settle::new(marker_topic, hex::encode(n), std::time::Instant::now());
-        self.subscribe(settle.topic(), Qos::AtLeastOnce)?;
+        self.subscribe(&marker_topic, Qos::AtLeastOnce)?;
+        let settle = Settle::new(
+            marker_topic,
+            hex::encode(n),
+            self.subscriptions
+                .load(std::sync::atomic::Ordering::Relaxed),
+            std::time::Instant::now(),
+        );
         self.publish(
             settle.topic(),
             Qos::AtLeastOnce,
@@ -699,7 +723,10 @@ impl Conn {
         r.map_err(|e| Error::Mqtt {
             url: self.url.clone(),
             detail: format!("subscribe to {filter}: {e}"),
-        })
+        })?;
+        self.subscriptions
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     #[cfg(feature = "operator")]
@@ -721,6 +748,42 @@ impl Conn {
             while self.poll().await.is_ok() {}
         })
         .await;
+    }
+
+    #[cfg(feature = "operator")]
+    /// Ends the persistent session of `client_id` on the broker: a
+    /// connection with a clean session takes it over and discards it, and
+    /// with it the subscriptions for which the broker would otherwise
+    /// queue every matching message until the session expires. Best
+    /// effort: the error says why it did not happen.
+    pub(crate) async fn end_session(b: &Broker, client_id: &str) -> Result<()> {
+        let session = Session {
+            client_id: client_id.into(),
+            persistent: false,
+            keep_alive: Duration::from_secs(30),
+            will: None,
+        };
+        let mut conn = Conn::new(b, &session)?;
+        let connected = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match conn.poll().await {
+                    Ok(Event::Connected { .. }) => return Ok(()),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+        .await;
+        let result = match connected {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.into_error(&b.url)),
+            Err(_) => Err(Error::Mqtt {
+                url: b.url.clone(),
+                detail: "no connection within 5 s".into(),
+            }),
+        };
+        conn.disconnect().await;
+        result
     }
 }
 

@@ -17,6 +17,12 @@
 //! the marker (an ACL that withholds the topic, a marker lost with a
 //! connection), a pause of [`QUIET`] settles, as before there was one.
 //!
+//! No clock runs before the broker acknowledged every subscription of the
+//! connection: the SUBSCRIBEs queue behind whatever the client still had
+//! to send (a persistent session resends its unacknowledged publishes
+//! first, which took seconds after a broker restart under load), and a
+//! quiet pause before the broker even saw them means nothing.
+//!
 //! Pure: facts and the time in, a verdict out.
 
 use std::time::{Duration, Instant};
@@ -33,20 +39,40 @@ pub(crate) struct Settle {
     last_retained: Instant,
     marker_seen: bool,
     quiet: Duration,
+    /// SUBACKs still to come before any pause counts.
+    subacks_due: usize,
 }
 
 impl Settle {
     /// `topic` is the client's own marker topic, `nonce` this attempt's
     /// payload (a marker of an earlier connection, queued for a persistent
-    /// session, must not count).
-    pub(crate) fn new(topic: String, nonce: String, now: Instant) -> Settle {
+    /// session, must not count), `subscriptions` the SUBSCRIBEs of this
+    /// connection so far, the marker's own included.
+    pub(crate) fn new(topic: String, nonce: String, subscriptions: usize, now: Instant) -> Settle {
         Settle {
             topic,
             nonce,
             last_retained: now,
             marker_seen: false,
             quiet: QUIET,
+            subacks_due: subscriptions,
         }
+    }
+
+    /// Takes in a SUBACK of this connection. Once all have come, retained
+    /// messages are on their way and pauses count from now.
+    pub(crate) fn observe_suback(&mut self, now: Instant) {
+        if self.subacks_due > 0 {
+            self.subacks_due -= 1;
+            if self.subacks_due == 0 {
+                self.last_retained = now;
+            }
+        }
+    }
+
+    /// Whether the broker acknowledged every subscription.
+    pub(crate) fn subscribed(&self) -> bool {
+        self.subacks_due == 0
     }
 
     /// The pause that settles without the marker (default [`QUIET`]).
@@ -86,18 +112,22 @@ impl Settle {
         false
     }
 
-    /// When it will be settled if nothing else arrives.
-    pub(crate) fn deadline(&self) -> Instant {
+    /// When it will be settled if nothing else arrives: never before the
+    /// subscriptions were acknowledged (callers bound the whole wait).
+    pub(crate) fn deadline(&self) -> Option<Instant> {
+        if !self.subscribed() {
+            return None;
+        }
         let wait = if self.marker_seen {
             AFTER_MARKER
         } else {
             self.quiet
         };
-        self.last_retained + wait
+        Some(self.last_retained + wait)
     }
 
     pub(crate) fn settled(&self, now: Instant) -> bool {
-        now >= self.deadline()
+        self.deadline().is_some_and(|d| now >= d)
     }
 }
 
@@ -111,10 +141,40 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// A reader whose one subscription the broker acknowledged at `t0`.
+    fn acked(nonce: &str, t0: Instant) -> Settle {
+        let mut s = Settle::new(T.into(), nonce.into(), 1, t0);
+        s.observe_suback(t0);
+        s
+    }
+
+    #[test]
+    fn nothing_settles_before_every_subscription_is_acknowledged() {
+        // Three SUBSCRIBEs (two filters and the marker's) queued behind
+        // seconds of resent publishes: the quiet before them is no answer.
+        let t0 = Instant::now();
+        let mut s = Settle::new(T.into(), "n1".into(), 3, t0);
+        assert_eq!(s.deadline(), None);
+        assert!(!s.settled(t0 + ms(5_000)));
+        s.observe_suback(t0 + ms(2_000));
+        s.observe_suback(t0 + ms(2_001));
+        assert!(!s.subscribed());
+        assert!(!s.settled(t0 + ms(5_000)));
+        s.observe_suback(t0 + ms(5_000));
+        assert!(s.subscribed());
+        // The quiet counts from the last acknowledgement.
+        assert!(!s.settled(t0 + ms(5_000) + QUIET - ms(1)));
+        assert!(s.settled(t0 + ms(5_000) + QUIET));
+        // A SUBACK beyond the count (a SUBSCRIBE resent from an earlier
+        // connection) changes nothing.
+        s.observe_suback(t0 + ms(9_000));
+        assert!(s.settled(t0 + ms(5_000) + QUIET));
+    }
+
     #[test]
     fn the_marker_settles_once_retained_messages_paused_briefly() {
         let t0 = Instant::now();
-        let mut s = Settle::new(T.into(), "n1".into(), t0);
+        let mut s = acked("n1", t0);
         assert!(!s.observe("beamup/acme/device/a/state", b"{}", true, t0 + ms(5)));
         assert!(s.observe(T, b"n1", false, t0 + ms(10)));
         assert!(!s.settled(t0 + ms(50)));
@@ -125,7 +185,7 @@ mod tests {
     fn retained_messages_after_the_marker_keep_it_unsettled() {
         // A broker that lets the marker overtake its retainer.
         let t0 = Instant::now();
-        let mut s = Settle::new(T.into(), "n1".into(), t0);
+        let mut s = acked("n1", t0);
         s.observe(T, b"n1", false, t0 + ms(1));
         for i in 1..20 {
             s.observe("beamup/acme/device/a/state", b"{}", true, t0 + ms(50 * i));
@@ -137,7 +197,7 @@ mod tests {
     #[test]
     fn without_the_marker_only_the_long_quiet_settles() {
         let t0 = Instant::now();
-        let s = Settle::new(T.into(), "n1".into(), t0);
+        let s = acked("n1", t0);
         assert!(!s.settled(t0 + ms(300)));
         assert!(s.settled(t0 + QUIET));
     }
@@ -145,7 +205,7 @@ mod tests {
     #[test]
     fn an_old_marker_and_live_traffic_do_not_settle() {
         let t0 = Instant::now();
-        let mut s = Settle::new(T.into(), "n2".into(), t0);
+        let mut s = acked("n2", t0);
         // An earlier connection's marker, queued for a persistent session.
         assert!(s.observe(T, b"n1", false, t0 + ms(1)));
         assert!(!s.settled(t0 + ms(200)));

@@ -62,10 +62,21 @@ impl Broker {
 
     /// With extra configuration lines.
     pub fn start_with(extra: &str) -> Broker {
-        let mut dir = tempfile::Builder::new()
-            .prefix("beamup-mosquitto-")
-            .tempdir()
-            .unwrap();
+        // In memory where there is a tmpfs: with persistence the broker
+        // rewrites its whole database after every change, and on a disk
+        // shared with parallel builds those writes, not beamup, set the
+        // pace (a restarted broker of a few hundred devices answered a
+        // few dozen messages a second). A kill -9 keeps the files all the
+        // same.
+        let shm = Path::new("/dev/shm");
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("beamup-mosquitto-");
+        let mut dir = if shm.is_dir() {
+            builder.tempdir_in(shm)
+        } else {
+            builder.tempdir()
+        }
+        .unwrap();
         for _ in 0..5 {
             let port = free_port();
             let anonymous =
@@ -198,6 +209,28 @@ pub struct Sub {
     stop: Arc<AtomicBool>,
     client: rumqttc::Client,
     thread: Option<thread::JoinHandle<()>>,
+}
+
+/// Whether the broker holds a persistent session for `client_id` (asked
+/// by connecting under it without a clean session: the CONNACK says).
+pub fn session_present(broker: &Broker, client_id: &str) -> bool {
+    let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", broker.port);
+    o.set_keep_alive(Duration::from_secs(5))
+        .set_clean_session(false);
+    let (client, mut conn) = rumqttc::Client::new(o, 8);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let present = loop {
+        assert!(Instant::now() < deadline, "no CONNACK for {client_id}");
+        match conn.recv_timeout(Duration::from_secs(1)) {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c)))) => {
+                break c.session_present;
+            }
+            Ok(Err(e)) => panic!("connecting as {client_id}: {e}"),
+            _ => {}
+        }
+    };
+    let _ = client.disconnect();
+    present
 }
 
 impl Sub {
