@@ -540,6 +540,22 @@ impl Chaos {
             injected.join("; ")
         );
         self.wait_quiet(round);
+        // A node killed a moment after its device committed stays down:
+        // beamup starts a node only to install or roll back; the node's
+        // supervisor (systemd's `Restart=`) starts it again, into its
+        // permanent release, as it does here.
+        // Only then: a node left down after a rollback is the agent's
+        // failure, and the comparison below must see it.
+        for i in 0..REAL {
+            let committed = self.f.devices[i].status()["last_outcome"]["outcome"] == "committed";
+            if committed && self.f.devices[i].node.beam_pids().is_empty() {
+                let vsn = self.f.devices[i].node.restart_from_disk();
+                eprintln!(
+                    "round {round}: the node of {} was down after its install; started again from disk, as its supervisor would: {vsn}",
+                    id(i)
+                );
+            }
+        }
         let msgs: Vec<Msg> = self.f.watch.messages()[first_msg..].to_vec();
         let broker_log = self.f.broker.log();
         std::fs::write(self.f.dir().join("mosquitto.log"), &broker_log).unwrap();

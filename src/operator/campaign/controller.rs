@@ -254,6 +254,10 @@ pub async fn run(
     // decision until they are all in (or `SETTLE_MAX` passed).
     let mut settling: Option<(Instant, mqtt::Settle)> = None;
     let mut settled = false;
+    // Publishes wait in `outgoing` while there is no connection: handed
+    // to the client then, they would fill its request queue, and the
+    // next connection's SUBSCRIBEs would find no room.
+    let mut connected = false;
     // What is on disk, by digest: a large campaign's state is megabytes,
     // and one copy of it in memory at a time is enough.
     let mut saved: [u8; 32] = Sha256::digest(serde_json::to_vec(&c).expect("json")).into();
@@ -281,6 +285,7 @@ pub async fn run(
             ev = conn.poll() => match ev {
                 Ok(mqtt::Event::Connected { session_present, .. }) => {
                     backoff.reset();
+                    connected = true;
                     if !session_present {
                         tracing::info!("new MQTT session: reading the fleet's retained messages again");
                     }
@@ -330,6 +335,7 @@ pub async fn run(
                     tracing::warn!("broker {}: {why}; reconnecting in {d:?}", opts.broker.url);
                     settled = false;
                     settling = None;
+                    connected = false;
                     tokio::time::sleep(d).await;
                 }
             },
@@ -367,7 +373,9 @@ pub async fn run(
         // What was decided (and saved) goes out as fast as the connection
         // takes it, not a queue's worth per turn: an offer that waited here
         // for its turn would be offered again once its echo is overdue.
-        publish_queued(&conn, &mut outgoing);
+        if connected {
+            publish_queued(&conn, &mut outgoing);
+        }
         if !settled || last_turn.is_some_and(|t| t.elapsed() < turn_gap) {
             continue;
         }
