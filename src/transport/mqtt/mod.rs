@@ -426,12 +426,10 @@ impl Conn {
                     .set_clean_start(!s.persistent)
                     .set_max_packet_size(Some(MAX_INCOMING))
                     .set_outgoing_inflight_upper_limit(INFLIGHT)
-                    // The broker's window towards us, as 3.1.1 brokers
-                    // bound it on their own (mosquitto: 20). Unbounded, a
-                    // reconnect's thousands of retained messages sit in
-                    // the socket ahead of the PINGRESP, and a reader slower
-                    // than the keep-alive takes the ping as lost,
-                    // reconnects and gets them all again.
+                    // The broker's window towards us. Absent, MQTT 5
+                    // allows 65,535 in flight: a reconnect's thousands of
+                    // retained messages would sit in the socket ahead of
+                    // the broker's PINGRESP and PUBACKs.
                     .set_receive_maximum(Some(INFLIGHT));
                 if s.persistent {
                     o.set_session_expiry_interval(Some(7 * 24 * 3600));
