@@ -139,6 +139,27 @@ pub(crate) fn hash_chunks(
     size: u64,
     chunk_size: u32,
 ) -> io::Result<Vec<[u8; 32]>> {
+    hash_into(r, size, chunk_size, None)
+}
+
+/// Hashes exactly `size` bytes of `r`, in one pass with a fixed buffer.
+pub fn hash_stream(r: &mut impl Read, size: u64, chunk_size: u32) -> io::Result<Digests> {
+    let mut whole = Sha256::new();
+    let chunks = hash_into(r, size, chunk_size, Some(&mut whole))?;
+    Ok(Digests {
+        whole: whole.finalize().into(),
+        chunks,
+    })
+}
+
+/// The chunk digests of exactly `size` bytes of `r`, feeding `whole` too
+/// when given.
+fn hash_into(
+    r: &mut impl Read,
+    size: u64,
+    chunk_size: u32,
+    mut whole: Option<&mut Sha256>,
+) -> io::Result<Vec<[u8; 32]>> {
     let chunk_size = u64::from(chunk_size);
     let mut chunk = Sha256::new();
     let mut in_chunk = 0u64;
@@ -155,6 +176,9 @@ pub(crate) fn hash_chunks(
             ));
         }
         let mut rest = &buf[..n];
+        if let Some(w) = whole.as_mut() {
+            w.update(rest);
+        }
         while !rest.is_empty() {
             let take = rest.len().min((chunk_size - in_chunk) as usize);
             chunk.update(&rest[..take]);
@@ -171,48 +195,6 @@ pub(crate) fn hash_chunks(
         chunks.push(chunk.finalize().into());
     }
     Ok(chunks)
-}
-
-/// Hashes exactly `size` bytes of `r`, in one pass with a fixed buffer.
-pub fn hash_stream(r: &mut impl Read, size: u64, chunk_size: u32) -> io::Result<Digests> {
-    let chunk_size = u64::from(chunk_size);
-    let mut whole = Sha256::new();
-    let mut chunk = Sha256::new();
-    let mut in_chunk = 0u64;
-    let mut chunks = Vec::new();
-    let mut buf = vec![0u8; IO_BUF];
-    let mut left = size;
-    while left > 0 {
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let n = r.read(&mut buf[..want])?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "file ended early",
-            ));
-        }
-        let data = &buf[..n];
-        whole.update(data);
-        let mut rest = data;
-        while !rest.is_empty() {
-            let take = rest.len().min((chunk_size - in_chunk) as usize);
-            chunk.update(&rest[..take]);
-            in_chunk += take as u64;
-            rest = &rest[take..];
-            if in_chunk == chunk_size {
-                chunks.push(chunk.finalize_reset().into());
-                in_chunk = 0;
-            }
-        }
-        left -= n as u64;
-    }
-    if in_chunk > 0 {
-        chunks.push(chunk.finalize().into());
-    }
-    Ok(Digests {
-        whole: whole.finalize().into(),
-        chunks,
-    })
 }
 
 /// An opened bundle whose manifest envelope has been read but not trusted.

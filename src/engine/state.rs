@@ -481,6 +481,23 @@ fn same_outcome(a: &Outcome, b: &Outcome) -> bool {
 mod tests {
     use super::*;
 
+    /// A hot install of thermo 1.1.0 (sequence `seq`) rolling back.
+    fn rolling_back(seq: u64) -> Journal {
+        Journal {
+            release: "thermo".into(),
+            from_version: "1.0.0".into(),
+            to_version: "1.1.0".into(),
+            sequence: seq,
+            strategy: Strategy::Hot,
+            creates: vec!["releases/1.1.0".into()],
+            phase: Phase::RollingBack {
+                reason: "unhealthy".into(),
+            },
+            started_at: "2026-01-01T00:00:00Z".into(),
+            swapped_boot: false,
+        }
+    }
+
     fn outcome(kind: OutcomeKind, seq: u64) -> Outcome {
         Outcome {
             outcome: kind,
@@ -554,19 +571,7 @@ mod tests {
     #[test]
     fn refusals_outside_an_install_keep_the_journal_of_one_that_needs_attention() {
         let mut s = DeviceState {
-            current: Some(Journal {
-                release: "thermo".into(),
-                from_version: "1.0.0".into(),
-                to_version: "1.1.0".into(),
-                sequence: 7,
-                strategy: Strategy::Hot,
-                creates: vec!["releases/1.1.0".into()],
-                phase: Phase::RollingBack {
-                    reason: "unhealthy".into(),
-                },
-                started_at: "2026-01-01T00:00:00Z".into(),
-                swapped_boot: false,
-            }),
+            current: Some(rolling_back(7)),
             ..Default::default()
         };
         s.finish(outcome(OutcomeKind::NeedsAttention, 7));
@@ -625,19 +630,7 @@ mod tests {
     #[test]
     fn journal_round_trips_through_json() {
         let s = DeviceState {
-            current: Some(Journal {
-                release: "thermo".into(),
-                from_version: "1.0.0".into(),
-                to_version: "1.1.0".into(),
-                sequence: 5,
-                strategy: Strategy::Hot,
-                creates: vec!["releases/1.1.0".into()],
-                phase: Phase::RollingBack {
-                    reason: "unhealthy".into(),
-                },
-                started_at: "2026-01-01T00:00:00Z".into(),
-                swapped_boot: false,
-            }),
+            current: Some(rolling_back(5)),
             ..Default::default()
         };
         let text = serde_json::to_string(&s).unwrap();

@@ -15,12 +15,8 @@ use crate::transport::protocol::{
 };
 
 pub(crate) fn session(role: &str) -> Result<Session> {
-    let mut id = [0u8; 6];
-    getrandom::fill(&mut id).map_err(|e| Error::Internal {
-        detail: format!("no OS randomness: {e}"),
-    })?;
     Ok(Session {
-        client_id: format!("beamup-{role}-{}", hex::encode(id)),
+        client_id: format!("beamup-{role}-{}", mqtt::nonce(6)?),
         persistent: false,
         keep_alive: Duration::from_secs(30),
         will: None,
@@ -75,11 +71,7 @@ pub async fn publish_once(
 /// A fresh id for a dry-run request: its answers are told apart from
 /// older ones by it.
 fn dry_run_id() -> Result<String> {
-    let mut id = [0u8; 6];
-    getrandom::fill(&mut id).map_err(|e| Error::Internal {
-        detail: format!("no OS randomness: {e}"),
-    })?;
-    Ok(format!("dry-{}", hex::encode(id)))
+    Ok(format!("dry-{}", mqtt::nonce(6)?))
 }
 
 /// Asks each of `devices` what the offer `envelope` would do (a `dry_run`

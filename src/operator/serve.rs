@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::bundle::Bundle;
 use crate::error::{Error, Result};
-use crate::transport::mqtt::{self, Backoff, Broker, Client, Conn, Qos, Session};
+use crate::transport::mqtt::{self, Backoff, Broker, Client, Conn, Qos};
 use crate::transport::protocol::{self, ChunkRequest, Topic, Topics};
 
 #[derive(Clone, Debug)]
@@ -171,16 +171,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
     }
     crate::memory::tune_allocator();
     let topics = Topics::new(&opts.prefix, &opts.fleet);
-    let mut id = [0u8; 6];
-    getrandom::fill(&mut id).map_err(|e| Error::Internal {
-        detail: format!("no OS randomness: {e}"),
-    })?;
-    let session = Session {
-        client_id: format!("beamup-serve-{}", hex::encode(id)),
-        persistent: false,
-        keep_alive: Duration::from_secs(30),
-        will: None,
-    };
+    let session = crate::operator::fleet::session("serve")?;
     let mut conn = Conn::new(&opts.broker, &session)?;
     let client = conn.client();
     let mut index = Index {

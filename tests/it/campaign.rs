@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use beamup::error::exit;
 use serde_json::Value;
 
-use crate::support::cli::beamup;
+use crate::support::cli::sign_bundle;
 use crate::support::fleet::{Fleet, id};
 use crate::support::otp::{Flavor, releases_for};
 
@@ -708,21 +708,7 @@ fn a_dry_run_of_an_offer_says_hot_cold_or_why_not_and_changes_nothing() {
     // Policy: a bundle for gw-1 only.
     let only_gw1 = f.dir().join("bundles/thermo-1.1.0-gw-1.bundle");
     let tarball = releases_for(Flavor::Rebar3).tarball("1.1.0");
-    let run = beamup(
-        f.dir(),
-        &[
-            "bundle",
-            "--release",
-            tarball.to_str().unwrap(),
-            "--key",
-            "keys/k.key",
-            "--target",
-            "device:gw-1",
-            "--out",
-            only_gw1.to_str().unwrap(),
-        ],
-    );
-    run.ok();
+    sign_bundle(f.dir(), tarball, &only_gw1, &["--target", "device:gw-1"]);
     let a = ask(&only_gw1, "gw-2");
     assert_eq!(a["verdict"], "would_refuse", "{a:#}");
     assert_eq!(a["code"], exit::WRONG_TARGET, "{a:#}");

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::cli::beamup;
+use crate::support::cli::sign_bundle;
 use crate::support::fleet::{Fleet, id};
 use crate::support::mqtt::{Broker, Daemon, Msg};
 use crate::support::otp::{Flavor, releases_for};
@@ -224,28 +224,8 @@ impl Chaos {
         f.start_agents(0..REAL);
         let tarball = release_tarball(f.dir(), "1.1.0", 200_000);
         let sim_bundle = f.dir().join("bundles/sim-1.1.0.bundle");
-        beamup(
-            f.dir(),
-            &[
-                "bundle",
-                "--release",
-                tarball.to_str().unwrap(),
-                "--key",
-                "keys/k.key",
-                "--out",
-                sim_bundle.to_str().unwrap(),
-            ],
-        )
-        .ok();
-        let shm = Path::new("/dev/shm");
-        let shm = if shm.is_dir() {
-            tempfile::Builder::new()
-                .prefix("beamup-chaos-")
-                .tempdir_in(shm)
-                .unwrap()
-        } else {
-            tempfile::tempdir().unwrap()
-        };
+        sign_bundle(f.dir(), &tarball, &sim_bundle, &[]);
+        let shm = crate::support::memory_tempdir("beamup-chaos-");
         Chaos {
             f,
             rng: Rng(seed | 1),
@@ -276,23 +256,17 @@ impl Chaos {
             .f
             .dir()
             .join(format!("bundles/thermo-{vsn}-r{round}.bundle"));
-        let tarball = releases_for(Flavor::Rebar3)
-            .tarball(vsn)
-            .display()
-            .to_string();
-        let mut args = vec![
-            "bundle",
-            "--release",
-            &tarball,
-            "--key",
-            "keys/k.key",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        if vsn == "1.0.0" {
-            args.push("--allow-downgrade");
-        }
-        beamup(self.f.dir(), &args).ok();
+        let extra: &[&str] = if vsn == "1.0.0" {
+            &["--allow-downgrade"]
+        } else {
+            &[]
+        };
+        sign_bundle(
+            self.f.dir(),
+            releases_for(Flavor::Rebar3).tarball(vsn),
+            &out,
+            extra,
+        );
         (out, vsn)
     }
 
@@ -547,8 +521,9 @@ impl Chaos {
         // Only then: a node left down after a rollback is the agent's
         // failure, and the comparison below must see it.
         for i in 0..REAL {
-            let committed = self.f.devices[i].status()["last_outcome"]["outcome"] == "committed";
-            if committed && self.f.devices[i].node.beam_pids().is_empty() {
+            if self.f.devices[i].node.beam_pids().is_empty()
+                && self.f.devices[i].status()["last_outcome"]["outcome"] == "committed"
+            {
                 let vsn = self.f.devices[i].node.restart_from_disk();
                 eprintln!(
                     "round {round}: the node of {} was down after its install; started again from disk, as its supervisor would: {vsn}",

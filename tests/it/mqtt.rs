@@ -171,6 +171,17 @@ impl Setup {
             .collect()
     }
 
+    /// Until the agent's journal (state.json) shows the install in
+    /// progress at `phase`.
+    #[track_caller]
+    fn wait_journal_phase(&self, phase: &str) {
+        let deadline = Instant::now() + OUTCOME;
+        while self.state_file()["current"]["phase"] != phase {
+            assert!(Instant::now() < deadline, "{}", self.agent().log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn state_file(&self) -> Value {
         let text = fs::read_to_string(self.d.path().join("state/state.json")).unwrap_or_default();
         serde_json::from_str(&text).unwrap_or(Value::Null)
@@ -476,11 +487,7 @@ fn sigterm_during_an_install_lets_it_reach_its_outcome() {
     s.serve(&[]);
     s.start_agent();
     s.offer(&bundle);
-    let deadline = Instant::now() + OUTCOME;
-    while s.state_file()["current"]["phase"] != "soaking" {
-        assert!(Instant::now() < deadline, "{}", s.agent().log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.wait_journal_phase("soaking");
     let code = s.agent.as_mut().unwrap().term(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{}", s.agent().log());
     assert!(
@@ -527,11 +534,7 @@ fn agent_killed_mid_install_then_stopped_reports_one_outcome(crash: &str) {
     s.start_agent();
     s.agent()
         .wait_log("recovered an interrupted install", Duration::from_secs(60));
-    let deadline = Instant::now() + OUTCOME;
-    while s.state_file()["current"]["phase"] != "soaking" {
-        assert!(Instant::now() < deadline, "{}", s.agent().log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.wait_journal_phase("soaking");
     let code = s.agent.as_mut().unwrap().term(Duration::from_secs(60));
     assert_eq!(code, Some(0), "{}", s.agent().log());
     s.start_agent();
@@ -828,10 +831,7 @@ fn outcome_is_reported_after_the_broker_was_down_at_commit() {
     s.offer(&bundle);
     // Soaking: the broker goes away, the install goes on.
     let deadline = Instant::now() + OUTCOME;
-    while s.state_file()["current"]["phase"] != "soaking" {
-        assert!(Instant::now() < deadline, "{}", s.agent().log());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    s.wait_journal_phase("soaking");
     s.broker.stop();
     while s.state_file()["history"][0]["outcome"] != "committed" {
         assert!(Instant::now() < deadline, "{}", s.agent().log());

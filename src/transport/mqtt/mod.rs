@@ -688,14 +688,11 @@ impl Conn {
     /// publishes a fresh marker there. See [`Settle`].
     #[cfg(feature = "operator")]
     pub(crate) fn begin_settle(&self, marker_topic: String) -> Result<Settle> {
-        let mut n = [0u8; 8];
-        getrandom::fill(&mut n).map_err(|e| Error::Internal {
-            detail: format!("no OS randomness: {e}"),
-        })?;
+        let n = nonce(8)?;
         self.subscribe(&marker_topic, Qos::AtLeastOnce)?;
         let settle = Settle::new(
             marker_topic,
-            hex::encode(n),
+            n,
             self.subscriptions
                 .load(std::sync::atomic::Ordering::Relaxed),
             std::time::Instant::now(),
@@ -783,6 +780,16 @@ impl Conn {
         conn.disconnect().await;
         result
     }
+}
+
+/// `bytes` fresh random bytes in hex: client ids, markers, request ids.
+#[cfg(feature = "operator")]
+pub(crate) fn nonce(bytes: usize) -> Result<String> {
+    let mut n = vec![0u8; bytes];
+    getrandom::fill(&mut n).map_err(|e| Error::Internal {
+        detail: format!("no OS randomness: {e}"),
+    })?;
+    Ok(hex::encode(n))
 }
 
 #[cfg(feature = "operator")]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::cli::{Run, beamup};
+use crate::support::cli::{Run, beamup, sign_bundle};
 use crate::support::device::{Device, keys_and_root};
 use crate::support::mqtt::{Broker, Daemon, Sub};
 use crate::support::otp::{Flavor, releases_for};
@@ -144,21 +144,12 @@ impl Fleet {
     /// A bundle of thermo `vsn` in the served directory.
     pub fn bundle(&self, vsn: &str, extra: &[&str]) -> PathBuf {
         let out = self.dir().join(format!("bundles/thermo-{vsn}.bundle"));
-        let tarball = releases_for(Flavor::Rebar3)
-            .tarball(vsn)
-            .display()
-            .to_string();
-        let mut args = vec![
-            "bundle",
-            "--release",
-            &tarball,
-            "--key",
-            "keys/k.key",
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        args.extend(extra);
-        beamup(self.dir(), &args).ok();
+        sign_bundle(
+            self.dir(),
+            releases_for(Flavor::Rebar3).tarball(vsn),
+            &out,
+            extra,
+        );
         out
     }
 

@@ -27,6 +27,22 @@ pub fn http(port: u16, request: &str) -> Option<serde_json::Value> {
     serde_json::from_str(text.split_once("\r\n\r\n")?.1).ok()
 }
 
+/// A temporary directory in memory (`/dev/shm`) where there is a tmpfs,
+/// else in the usual place: for files rewritten all the time (a broker's
+/// database, thousands of simulated devices' state), whose writes on a
+/// disk shared with parallel builds would set the pace.
+pub fn memory_tempdir(prefix: &str) -> tempfile::TempDir {
+    let shm = Path::new("/dev/shm");
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(prefix);
+    if shm.is_dir() {
+        builder.tempdir_in(shm)
+    } else {
+        builder.tempdir()
+    }
+    .unwrap()
+}
+
 /// The repository's root.
 pub fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))

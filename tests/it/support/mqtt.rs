@@ -62,21 +62,12 @@ impl Broker {
 
     /// With extra configuration lines.
     pub fn start_with(extra: &str) -> Broker {
-        // In memory where there is a tmpfs: with persistence the broker
-        // rewrites its whole database after every change, and on a disk
-        // shared with parallel builds those writes, not beamup, set the
-        // pace (a restarted broker of a few hundred devices answered a
-        // few dozen messages a second). A kill -9 keeps the files all the
-        // same.
-        let shm = Path::new("/dev/shm");
-        let mut builder = tempfile::Builder::new();
-        builder.prefix("beamup-mosquitto-");
-        let mut dir = if shm.is_dir() {
-            builder.tempdir_in(shm)
-        } else {
-            builder.tempdir()
-        }
-        .unwrap();
+        // With persistence the broker rewrites its whole database after
+        // every change: on disk, beside parallel builds, those writes set
+        // the pace (a restarted broker of a few hundred devices answered
+        // a few dozen messages a second). A kill -9 keeps the files all
+        // the same.
+        let mut dir = super::memory_tempdir("beamup-mosquitto-");
         for _ in 0..5 {
             let port = free_port();
             let anonymous =

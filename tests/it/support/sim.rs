@@ -90,15 +90,7 @@ impl SimFleet {
             .unwrap();
         keys_and_root(ops.path());
         fs::create_dir(ops.path().join("bundles")).unwrap();
-        let shm = Path::new("/dev/shm");
-        let state = if shm.is_dir() {
-            tempfile::Builder::new()
-                .prefix("beamup-sim-")
-                .tempdir_in(shm)
-                .unwrap()
-        } else {
-            tempfile::tempdir().unwrap()
-        };
+        let state = super::memory_tempdir("beamup-sim-");
         let serve = Daemon::start(
             ops.path(),
             "serve.log",
@@ -239,19 +231,7 @@ impl SimFleet {
     pub fn bundle(&self, vsn: &str, payload: usize) -> PathBuf {
         let tarball = release_tarball(self.dir(), vsn, payload);
         let out = self.dir().join(format!("bundles/thermo-{vsn}.bundle"));
-        beamup(
-            self.dir(),
-            &[
-                "bundle",
-                "--release",
-                tarball.to_str().unwrap(),
-                "--key",
-                "keys/k.key",
-                "--out",
-                out.to_str().unwrap(),
-            ],
-        )
-        .ok();
+        super::cli::sign_bundle(self.dir(), &tarball, &out, &[]);
         out
     }
 
