@@ -1,7 +1,8 @@
 //! The campaign controller (`beamup campaign run`): the effects around
-//! [`decide::step`]. One MQTT session; each turn it takes in what the
-//! broker said, lets `decide` change the state, saves the state, and only
-//! then publishes what was decided.
+//! [`decide::step`]. Two MQTT connections, one that reads (a persistent
+//! session) and one that publishes (see [`Writer`]); each turn it takes in
+//! what the broker said, lets `decide` change the state, saves the state,
+//! and only then publishes what was decided.
 //!
 //! Why it survives kill -9: every decision is on disk before its effect
 //! leaves; the truth about devices is on the broker (retained states,
@@ -200,14 +201,108 @@ async fn check_lease(b: &Broker, topics: &Topics, id: &str) -> Result<()> {
     }
 }
 
-/// Hands queued publishes to the connection, oldest first, until its
-/// request queue is full (the rest wait for the next call).
-fn publish_queued(conn: &Conn, outgoing: &mut VecDeque<(String, Bytes, bool)>) {
+/// Hands queued publishes to the writer, oldest first, until its request
+/// queue is full (the rest wait for the next call).
+fn publish_queued(client: &mqtt::Client, outgoing: &mut VecDeque<(String, Bytes, bool)>) {
     while let Some((topic, payload, retain)) = outgoing.pop_front() {
-        if let Err(e) = conn.publish(&topic, Qos::AtLeastOnce, retain, payload.clone()) {
-            tracing::debug!("{e}; sending it later");
+        if let Err(e) = client.try_publish(&topic, Qos::AtLeastOnce, retain, payload.clone()) {
+            tracing::debug!("publish to {topic}: {e}; sending it later");
             outgoing.push_front((topic, payload, retain));
             break;
+        }
+    }
+}
+
+/// What the writer's connection reports to the controller.
+enum WriterEvent {
+    /// A new connection (a clean session: whatever the last one had not
+    /// delivered is gone).
+    Up,
+    Down,
+    /// A PUBACK: room for more.
+    Acked,
+    /// Credentials refused: trying again will not help.
+    Refused(Error),
+}
+
+/// The controller publishes through a connection of its own, polled by a
+/// task of its own, so that the broker's PUBACKs to its offers never wait
+/// in a socket behind the fleet's messages (a controller that reconnects
+/// is sent thousands at once, and a busy one reads them slowly): its
+/// offers go out at the broker's pace, not the reading's. It carries the
+/// lease's last will.
+struct Writer {
+    client: mqtt::Client,
+    events: tokio::sync::mpsc::UnboundedReceiver<WriterEvent>,
+    closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Writer {
+    fn start(broker: &Broker, session: &Session) -> Result<Writer> {
+        let mut conn = Conn::new(broker, session)?;
+        let client = conn.client();
+        let (tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let closing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let url = broker.url.clone();
+        let task = tokio::spawn({
+            let closing = closing.clone();
+            // Polled here and nowhere else: never cancelled halfway.
+            async move {
+                let mut backoff =
+                    mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+                loop {
+                    let report = match conn.poll().await {
+                        Ok(mqtt::Event::Connected { .. }) => {
+                            backoff.reset();
+                            Some(WriterEvent::Up)
+                        }
+                        Ok(mqtt::Event::PubAck(_)) => Some(WriterEvent::Acked),
+                        Ok(_) => None,
+                        Err(_) if closing.load(std::sync::atomic::Ordering::Relaxed) => return,
+                        Err(mqtt::ConnError::Auth(why)) => {
+                            let _ = tx.send(WriterEvent::Refused(
+                                mqtt::ConnError::Auth(why).into_error(&url),
+                            ));
+                            return;
+                        }
+                        Err(why) => {
+                            let d = backoff.next_delay();
+                            tracing::warn!(
+                                "broker {url} (publishing): {why}; reconnecting in {d:?}"
+                            );
+                            let _ = tx.send(WriterEvent::Down);
+                            tokio::time::sleep(d).await;
+                            None
+                        }
+                    };
+                    if let Some(r) = report
+                        && tx.send(r).is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Writer {
+            client,
+            events,
+            closing,
+            task,
+        })
+    }
+
+    /// What was handed to it goes out, then a DISCONNECT (no last will).
+    async fn close(self) {
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.client.try_disconnect();
+        let mut task = self.task;
+        if tokio::time::timeout(Duration::from_secs(3), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
         }
     }
 }
@@ -240,24 +335,40 @@ pub async fn run(
     let topics = Topics::new(&c.prefix, &c.fleet);
     check_lease(&opts.broker, &topics, &c.id).await?;
 
+    // Reads: persistent, so the broker queues device events while the
+    // controller is down.
     let session = Session {
         client_id: format!("beamup-campaign-{}-{}", c.fleet, c.id),
         persistent: true,
         keep_alive: Duration::from_secs(30),
-        will: Some((topics.campaign_controller(&c.id), lease(false))),
+        will: None,
     };
+    let marker = topics.sync(&session.client_id);
     let mut conn = Conn::new(&opts.broker, &session)?;
+    // Writes: a clean session. What a broken connection had not delivered
+    // is decided again (see `WriterEvent::Up`), never resent behind the
+    // controller's back.
+    let mut writer = Writer::start(
+        &opts.broker,
+        &Session {
+            client_id: format!("{}-out", session.client_id),
+            persistent: false,
+            keep_alive: Duration::from_secs(30),
+            will: Some((topics.campaign_controller(&c.id), lease(false))),
+        },
+    )?;
     let mut facts = Facts::default();
     let mut backoff = mqtt::Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
     let mut outgoing: VecDeque<(String, Bytes, bool)> = VecDeque::new();
-    // Retained messages of the current connection still coming in; no
-    // decision until they are all in (or `SETTLE_MAX` passed).
+    // Retained messages (or, after the writer reconnected, the echoes of
+    // what the broker took from its last connection) still coming in; no
+    // decision until they are all in (or `RESUME_MAX` passed).
     let mut settling: Option<(Instant, mqtt::Settle)> = None;
     let mut settled = false;
-    // Publishes wait in `outgoing` while there is no connection: handed
-    // to the client then, they would fill its request queue, and the
-    // next connection's SUBSCRIBEs would find no room.
-    let mut connected = false;
+    let mut reading = false;
+    // Publishes wait in `outgoing` while the writer has no connection:
+    // handed to its client then, they would be dropped with the session.
+    let mut writing = false;
     // What is on disk, by digest: a large campaign's state is megabytes,
     // and one copy of it in memory at a time is enough.
     let mut saved: [u8; 32] = Sha256::digest(serde_json::to_vec(&c).expect("json")).into();
@@ -285,20 +396,13 @@ pub async fn run(
             ev = conn.poll() => match ev {
                 Ok(mqtt::Event::Connected { session_present, .. }) => {
                     backoff.reset();
-                    connected = true;
+                    reading = true;
                     if !session_present {
                         tracing::info!("new MQTT session: reading the fleet's retained messages again");
                     }
                     // Retained offers come again with the subscription:
                     // what the broker holds now is the truth.
                     facts.offers.clear();
-                    facts.connected_at = now_ms();
-                    // Offers and clears decided before this connection and
-                    // not sent yet are decided again once its retained
-                    // offers settled (decide sends what the broker lacks);
-                    // sent now, after the marker, their echoes would race
-                    // that reading and be sent twice.
-                    outgoing.retain(|(t, _, _)| !matches!(topics.parse(t), Some(Topic::DeviceOffer(_))));
                     for f in [
                         topics.state_filter(),
                         topics.online_filter(),
@@ -308,8 +412,7 @@ pub async fn run(
                     ] {
                         conn.subscribe(&f, Qos::AtLeastOnce)?;
                     }
-                    outgoing.push_front((topics.campaign_controller(&c.id), lease(true).into(), true));
-                    settling = Some((Instant::now(), conn.begin_settle(topics.sync(&session.client_id))?));
+                    settling = Some((Instant::now(), conn.begin_settle(marker.clone())?));
                     settled = false;
                     status_dirty = true;
                 }
@@ -335,8 +438,38 @@ pub async fn run(
                     tracing::warn!("broker {}: {why}; reconnecting in {d:?}", opts.broker.url);
                     settled = false;
                     settling = None;
-                    connected = false;
+                    reading = false;
                     tokio::time::sleep(d).await;
+                }
+            },
+            ev = writer.events.recv() => match ev {
+                Some(WriterEvent::Up) => {
+                    writing = true;
+                    // What went out before now may be lost with the last
+                    // connection's session: once the reader's fresh marker
+                    // is back (after the echoes of all the broker took),
+                    // decide sends again the offers and clears the broker
+                    // lacks. Those not handed over yet are decided again
+                    // then too: sent now, their echoes would race that
+                    // reading and be sent twice.
+                    facts.connected_at = now_ms();
+                    outgoing.retain(|(t, _, _)| !matches!(topics.parse(t), Some(Topic::DeviceOffer(_))));
+                    outgoing.push_front((topics.campaign_controller(&c.id), lease(true).into(), true));
+                    status_dirty = true;
+                    settled = false;
+                    if reading {
+                        let at = settling.as_ref().map_or_else(Instant::now, |(at, _)| *at);
+                        let s = conn.remark(settling.take().map(|(_, s)| s), marker.clone())?;
+                        settling = Some((at, s));
+                    }
+                }
+                Some(WriterEvent::Down) => writing = false,
+                Some(WriterEvent::Acked) => {}
+                Some(WriterEvent::Refused(e)) => return Err(e),
+                None => {
+                    return Err(Error::Internal {
+                        detail: "the campaign's publishing connection ended".into(),
+                    });
                 }
             },
             _ = tick.tick() => {}
@@ -360,23 +493,19 @@ pub async fn run(
         if stopping {
             // What was decided and saved but not sent yet goes out now if
             // it can; the next run sends again whatever the broker lacks.
-            while let Some((topic, payload, retain)) = outgoing.pop_front() {
-                if conn
-                    .publish(&topic, Qos::AtLeastOnce, retain, payload)
-                    .is_err()
-                {
-                    break;
-                }
+            if writing {
+                publish_queued(&writer.client, &mut outgoing);
             }
             break;
         }
         // What was decided (and saved) goes out as fast as the connection
         // takes it, not a queue's worth per turn: an offer that waited here
         // for its turn would be offered again once its echo is overdue.
-        if connected {
-            publish_queued(&conn, &mut outgoing);
+        if writing {
+            publish_queued(&writer.client, &mut outgoing);
         }
-        if !settled || last_turn.is_some_and(|t| t.elapsed() < turn_gap) {
+        // Decisions need both: the facts read, and a way to send them.
+        if !settled || !writing || last_turn.is_some_and(|t| t.elapsed() < turn_gap) {
             continue;
         }
         let turn_started = Instant::now();
@@ -430,7 +559,7 @@ pub async fn run(
             published_status = Some(status_now);
             status_dirty = false;
         }
-        publish_queued(&conn, &mut outgoing);
+        publish_queued(&writer.client, &mut outgoing);
         // Finished: once the broker holds none of its offers (or a few
         // seconds passed), so that no device finds one later.
         if c.finished() && outgoing.is_empty() {
@@ -447,19 +576,16 @@ pub async fn run(
     // Goodbye: the last view and the lease, then a clean disconnect.
     let bytes = serde_json::to_vec(&c).expect("json");
     opts.store.save(&c)?;
-    let _ = conn.publish(
-        &topics.campaign_status(&c.id),
-        Qos::AtLeastOnce,
-        true,
-        bytes,
-    );
-    let _ = conn.publish(
-        &topics.campaign_controller(&c.id),
-        Qos::AtLeastOnce,
-        true,
-        lease(false),
-    );
+    for (topic, payload) in [
+        (topics.campaign_status(&c.id), bytes),
+        (topics.campaign_controller(&c.id), lease(false)),
+    ] {
+        let _ = writer
+            .client
+            .try_publish(&topic, Qos::AtLeastOnce, true, payload.into());
+    }
     // Queued publishes go out before the DISCONNECT queued after them.
+    writer.close().await;
     conn.disconnect().await;
     if c.finished() {
         // Nothing will resume this session: left, the broker would queue

@@ -43,9 +43,9 @@ use crate::transport::protocol::{ControlAction, Event, EventKind, PhaseName};
 pub struct Facts {
     pub devices: BTreeMap<String, DeviceFacts>,
     pub offers: BTreeMap<String, String>,
-    /// When the controller's current connection to the broker began
-    /// (its clock): what it published since then the broker holds, QoS 1
-    /// on a live connection; what it published before may be lost.
+    /// When the controller's current publishing connection began (its
+    /// clock): what it published since then the broker holds, QoS 1 on a
+    /// live connection; what it published before may be lost.
     pub connected_at: u64,
 }
 

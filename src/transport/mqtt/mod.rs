@@ -706,6 +706,29 @@ impl Conn {
         Ok(settle)
     }
 
+    /// Sends a fresh marker on this connection's marker topic, already
+    /// subscribed: `settle` renewed (see [`Settle::renew`]), or a new one
+    /// that waits for no SUBACK.
+    #[cfg(feature = "operator")]
+    pub(crate) fn remark(&self, settle: Option<Settle>, marker_topic: String) -> Result<Settle> {
+        let n = nonce(8)?;
+        let now = std::time::Instant::now();
+        let settle = match settle {
+            Some(mut s) => {
+                s.renew(n, now);
+                s
+            }
+            None => Settle::new(marker_topic, n, 0, now),
+        };
+        self.publish(
+            settle.topic(),
+            Qos::AtLeastOnce,
+            false,
+            settle.nonce().as_bytes().to_vec(),
+        )?;
+        Ok(settle)
+    }
+
     pub(crate) fn subscribe(&self, filter: &str, qos: Qos) -> Result<()> {
         let r = match &self.inner {
             Inner::V5 { client, .. } => client
@@ -798,6 +821,36 @@ pub(crate) fn nonce(bytes: usize) -> Result<String> {
 pub(crate) enum Client {
     V5(v5::AsyncClient),
     V3(rumqttc::AsyncClient),
+}
+
+#[cfg(feature = "operator")]
+impl Client {
+    /// Like [`Conn::publish`], from any task: fails when the request
+    /// queue is full.
+    pub(crate) fn try_publish(
+        &self,
+        topic: &str,
+        qos: Qos,
+        retain: bool,
+        payload: bytes::Bytes,
+    ) -> std::result::Result<(), String> {
+        match self {
+            Client::V5(c) => c
+                .try_publish(topic, v5_qos(qos), retain, payload)
+                .map_err(|e| e.to_string()),
+            Client::V3(c) => c
+                .try_publish(topic, v3_qos(qos), retain, payload)
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    /// Queues a DISCONNECT behind what is queued already.
+    pub(crate) fn try_disconnect(&self) {
+        let _ = match self {
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V3(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        };
+    }
 }
 
 fn v5_qos(q: Qos) -> v5::mqttbytes::QoS {

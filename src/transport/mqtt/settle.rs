@@ -70,6 +70,20 @@ impl Settle {
         }
     }
 
+    /// A fresh marker for the same subscriptions (no new SUBSCRIBE, so no
+    /// retained messages to wait for): once it is back, every message the
+    /// broker took before it was sent has reached this reader. For a
+    /// reader whose client publishes through another connection that just
+    /// reconnected: what the broker accepted from the old one shows up
+    /// before the new marker. SUBACKs still due stay due.
+    pub(crate) fn renew(&mut self, nonce: String, now: Instant) {
+        self.nonce = nonce;
+        self.marker_seen = false;
+        if self.subscribed() {
+            self.last_retained = now;
+        }
+    }
+
     /// Whether the broker acknowledged every subscription.
     pub(crate) fn subscribed(&self) -> bool {
         self.subacks_due == 0
@@ -200,6 +214,29 @@ mod tests {
         let s = acked("n1", t0);
         assert!(!s.settled(t0 + ms(300)));
         assert!(s.settled(t0 + QUIET));
+    }
+
+    #[test]
+    fn a_renewed_marker_settles_only_when_it_is_back() {
+        let t0 = Instant::now();
+        let mut s = acked("n1", t0);
+        s.observe(T, b"n1", false, t0 + ms(1));
+        assert!(s.settled(t0 + ms(101)));
+        s.renew("n2".into(), t0 + ms(200));
+        assert!(!s.settled(t0 + ms(400)));
+        // The old marker, late, does not count for the new one.
+        s.observe(T, b"n1", false, t0 + ms(450));
+        assert!(!s.settled(t0 + ms(500)));
+        s.observe(T, b"n2", false, t0 + ms(600));
+        assert!(s.settled(t0 + ms(600)));
+        // Renewed before the SUBACKs came, it still waits for them.
+        let mut s = Settle::new(T.into(), "n1".into(), 2, t0);
+        s.renew("n2".into(), t0 + ms(10));
+        s.observe(T, b"n2", false, t0 + ms(20));
+        assert!(!s.settled(t0 + ms(5_000)));
+        s.observe_suback(t0 + ms(30));
+        s.observe_suback(t0 + ms(40));
+        assert!(s.settled(t0 + ms(140)));
     }
 
     #[test]
