@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{beamup, beamup_in, keys_and_root, scratch};
+use common::{beamup, beamup_in, keys_and_root, loadavg, scratch};
 use serde_json::Value;
 
 const INSTALL: Duration = Duration::from_millis(200);
@@ -758,15 +758,6 @@ fn timeline(log: &Path) -> (Duration, Duration) {
 
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 /// `FLEET_BENCH=campaign,serve,10k` (any of them; default all) runs only

@@ -361,3 +361,14 @@ impl Drop for BenchNode {
         let _ = self.epmd.wait();
     }
 }
+
+/// The machine's load averages (1, 5, 15 minutes): what else ran beside
+/// a figure.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}

@@ -6,7 +6,8 @@
 //! gzip stream itself; clear, they are a tar stream the target compresses
 //! (so that the fuzzer works on tar headers, not on deflate). Bit 1 picks
 //! the plan: the device's upgrade plan (`releases/1`, `bin/x-1`,
-//! `lib/x-1`) or provisioning (every unit the tarball holds).
+//! `lib/x-1`) or provisioning (every unit the tarball holds). Bit 2 set:
+//! on one thread (as on a one-core device), not the two-thread pipeline.
 //!
 //! Properties: nothing appears or changes outside the root; only the
 //! planned units appear in it; every symlink in it resolves inside it;
@@ -62,7 +63,8 @@ fuzz_target!(|data: &[u8]| {
         }
     };
     let creates = beamup::fuzzing::plan_creates(&plan);
-    let result = beamup::staging::unpack(&root, &plan, &m, &bundle);
+    let threads = if mode & 4 == 0 { 2 } else { 1 };
+    let result = beamup::staging::unpack_on(&root, &plan, &m, &bundle, threads);
 
     check_outside(&case, &outside);
     for p in all_paths(&root) {

@@ -219,20 +219,41 @@ pub struct Unpacked {
 /// error, whatever was created is left for the caller to `remove` (the
 /// journal lists it).
 ///
-/// Two threads share the work, as `gzip -d | tar -x` does: one reads,
-/// verifies and inflates, the other checks entries and writes files.
+/// On a machine with more than one core two threads share the work, as
+/// `gzip -d | tar -x` does: one reads, verifies and inflates, the other
+/// checks entries and writes files. On one core (or a container limited
+/// to one) a pipeline only adds switches between them: one thread does it
+/// all.
 pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, bundle: &Bundle) -> Result<Unpacked> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(2));
+    unpack_on(root, plan, m, bundle, threads)
+}
+
+/// [`unpack`] on `threads` threads (1, or 2 for the pipeline).
+pub fn unpack_on(
+    root: &Path,
+    plan: &Plan,
+    m: &Manifest,
+    bundle: &Bundle,
+    threads: usize,
+) -> Result<Unpacked> {
+    if threads <= 1 {
+        return extract(
+            root,
+            plan,
+            m,
+            Inflated {
+                sources: sources(m, plan, bundle),
+                current: None,
+            },
+        );
+    }
     let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(PIPE_DEPTH);
     std::thread::scope(|s| {
         s.spawn(move || {
-            if m.tarball.parts.is_empty() {
-                inflate_into(bundle.verified_tarball(m), &tx);
-            } else {
-                for part in parts_read(m, plan) {
-                    let range = bundle.verified_range(m, part.offset, part.size);
-                    if !inflate_into(range, &tx) {
-                        return;
-                    }
+            for source in sources(m, plan, bundle) {
+                if !inflate_into(source, &tx) {
+                    return;
                 }
             }
         });
@@ -252,6 +273,26 @@ pub fn unpack(root: &Path, plan: &Plan, m: &Manifest, bundle: &Bundle) -> Result
 /// Blocks in flight between the two threads, and their size.
 const PIPE_DEPTH: usize = 4;
 const PIPE_BLOCK: usize = 256 * 1024;
+
+type Source<'a> = Box<dyn Read + 'a>;
+
+/// The compressed bytes to inflate, each checked against the manifest as
+/// it is read: the whole tarball, or the parts the plan creates, in order.
+fn sources<'a>(
+    m: &'a Manifest,
+    plan: &'a Plan,
+    bundle: &'a Bundle,
+) -> Box<dyn Iterator<Item = Source<'a>> + 'a> {
+    if m.tarball.parts.is_empty() {
+        Box::new(std::iter::once(
+            Box::new(bundle.verified_tarball(m)) as Source<'a>
+        ))
+    } else {
+        Box::new(parts_read(m, plan).map(move |part| {
+            Box::new(bundle.verified_range(m, part.offset, part.size)) as Source<'a>
+        }))
+    }
+}
 
 /// Inflates one gzip stream (all its members) from `tarball` into `tx`,
 /// then reads `tarball` to its end (so its verification covers every
@@ -282,6 +323,38 @@ fn inflate_into<R: Read>(tarball: R, tx: &mpsc::SyncSender<io::Result<Vec<u8>>>)
     true
 }
 
+/// The sources inflated one after the other on the calling thread, each
+/// read to its end once its gzip stream ended (as [`inflate_into`] does).
+struct Inflated<'a> {
+    sources: Box<dyn Iterator<Item = Source<'a>> + 'a>,
+    current: Option<MultiGzDecoder<io::BufReader<Source<'a>>>>,
+}
+
+impl Read for Inflated<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let Some(gz) = self.current.as_mut() else {
+                match self.sources.next() {
+                    Some(source) => {
+                        self.current = Some(MultiGzDecoder::new(io::BufReader::with_capacity(
+                            PIPE_BLOCK, source,
+                        )));
+                        continue;
+                    }
+                    None => return Ok(0),
+                }
+            };
+            let n = gz.read(out)?;
+            if n > 0 || out.is_empty() {
+                return Ok(n);
+            }
+            if let Some(gz) = self.current.take() {
+                io::copy(&mut gz.into_inner(), &mut io::sink())?;
+            }
+        }
+    }
+}
+
 /// The receiving end of the inflate pipe as a `Read`; the sender hanging up
 /// is the end of the stream.
 struct ChannelReader {
@@ -309,7 +382,7 @@ impl Read for ChannelReader {
     }
 }
 
-fn extract(root: &Path, plan: &Plan, m: &Manifest, mut tarball: ChannelReader) -> Result<Unpacked> {
+fn extract(root: &Path, plan: &Plan, m: &Manifest, mut tarball: impl Read) -> Result<Unpacked> {
     let unsafe_tar = |detail: String| Error::UnsafeTarball { detail };
     let tops: HashSet<&Path> = plan.creates.iter().map(PathBuf::as_path).collect();
     let creates = |top: &Path| tops.contains(top);
@@ -497,16 +570,20 @@ mod tests {
             "{needed} of {} chunks",
             need.len()
         );
-        // The bundle holds only those chunks, and unpacks all the same.
-        let root = dir.path().join("root");
-        fs::create_dir(&root).unwrap();
-        unpack(&root, &plan, &m, &bundle).unwrap();
-        assert_eq!(
-            fs::read(root.join("lib/b-1/ebin/b.beam")).unwrap(),
-            entries[2].1
-        );
-        assert_eq!(fs::read(root.join("bin/x-2")).unwrap(), entries[3].1);
-        assert!(!root.join("lib/a-1").exists());
+        // The bundle holds only those chunks, and unpacks all the same, on
+        // one thread as on two.
+        for threads in [1, 2] {
+            let root = dir.path().join(format!("root-{threads}"));
+            fs::create_dir(&root).unwrap();
+            let done = unpack_on(&root, &plan, &m, &bundle, threads).unwrap();
+            assert_eq!((done.files, done.bytes), (3, 13 + 9_000 + 9), "{threads}");
+            assert_eq!(
+                fs::read(root.join("lib/b-1/ebin/b.beam")).unwrap(),
+                entries[2].1
+            );
+            assert_eq!(fs::read(root.join("bin/x-2")).unwrap(), entries[3].1);
+            assert!(!root.join("lib/a-1").exists());
+        }
         check_available(bundle.path(), &m, &plan, &need).unwrap();
 
         // A plan that also creates lib/a-1 reads chunks the file lacks: the
@@ -521,10 +598,12 @@ mod tests {
         assert_eq!(e.exit_code(), crate::error::exit::INCOMPLETE, "{e}");
         assert!(e.to_string().contains("units: lib/a-1"), "{e}");
         assert!(!e.to_string().contains("lib/b-1"), "{e}");
-        let root2 = dir.path().join("root2");
-        fs::create_dir(&root2).unwrap();
-        let e = unpack(&root2, &more, &m, &bundle).unwrap_err();
-        assert!(e.to_string().contains("wrong SHA-256"), "{e}");
+        for threads in [1, 2] {
+            let root2 = dir.path().join(format!("more-{threads}"));
+            fs::create_dir(&root2).unwrap();
+            let e = unpack_on(&root2, &more, &m, &bundle, threads).unwrap_err();
+            assert!(e.to_string().contains("wrong SHA-256"), "{threads}: {e}");
+        }
 
         // A plain tarball is read whole: every chunk is needed.
         let mut plain = m.clone();
