@@ -210,9 +210,10 @@ impl Chaos {
         // mosquitto with persistence as docs/mosquitto/mosquitto.conf has
         // it, and no cap on queued messages (the watcher must see every
         // offer and request of a burst to count them).
-        let broker = Broker::start_with(
-            "persistence true\nautosave_on_changes true\nautosave_interval 1\nmax_queued_messages 0\n",
-        );
+        let broker = Broker::start_with(&format!(
+            "{}max_queued_messages 0\n",
+            crate::support::mqtt::PERSISTENCE
+        ));
         let mut f = Fleet::on_broker(
             broker,
             REAL,

@@ -1241,8 +1241,24 @@ fn junk_on_the_device_topics_makes_it_forget_neither_a_rollback_nor_its_last_out
 }
 
 #[test]
+fn the_test_brokers_persist_as_the_shipped_mosquitto_conf_does() {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/mosquitto/mosquitto.conf"),
+    )
+    .unwrap();
+    let set: Vec<&str> = shipped
+        .lines()
+        .filter(|l| l.starts_with("autosave") || l.starts_with("persistence "))
+        .collect();
+    let ours: Vec<&str> = crate::support::mqtt::PERSISTENCE.lines().collect();
+    assert_eq!(set, ours, "docs/mosquitto/mosquitto.conf");
+}
+
+#[test]
 fn a_broker_crash_right_after_an_offer_is_acknowledged_keeps_the_offer() {
-    let mut broker = Broker::persistent();
+    // `offer` exits only once the broker acknowledged the offer: a broker
+    // that saves every change keeps it through kill -9.
+    let mut broker = Broker::durable();
     let d = Device::new();
     let bundle = d.bundle("1.1.0");
     beamup(

@@ -33,15 +33,24 @@ pub struct Broker {
     child: Option<Child>,
 }
 
+/// mosquitto's persistence lines of docs/mosquitto/mosquitto.conf.
+pub const PERSISTENCE: &str = "persistence true\nautosave_on_changes true\nautosave_interval 100\n";
+
 impl Broker {
     pub fn start() -> Broker {
         Self::start_with("")
     }
 
-    /// With persistence as docs/mosquitto/mosquitto.conf sets it: the
-    /// database is saved after every change, so sessions, retained and
-    /// queued messages survive a restart, even a crash ([`Broker::kill`]).
+    /// Persistence as docs/mosquitto/mosquitto.conf sets it: saved every
+    /// 100 changes and on SIGTERM ([`Broker::stop`]); a crash
+    /// ([`Broker::kill`]) loses what changed since the last save.
     pub fn persistent() -> Broker {
+        Self::start_with(PERSISTENCE)
+    }
+
+    /// Persistence saved after every change: every acknowledged message
+    /// survives even a crash.
+    pub fn durable() -> Broker {
         Self::start_with("persistence true\nautosave_on_changes true\nautosave_interval 1\n")
     }
 
@@ -62,11 +71,9 @@ impl Broker {
 
     /// With extra configuration lines.
     pub fn start_with(extra: &str) -> Broker {
-        // With persistence the broker rewrites its whole database after
-        // every change: on disk, beside parallel builds, those writes set
-        // the pace (a restarted broker of a few hundred devices answered
-        // a few dozen messages a second). A kill -9 keeps the files all
-        // the same.
+        // A save rewrites the broker's whole database: on disk, beside
+        // parallel builds, those writes would set the pace of tests that
+        // save often. A kill -9 keeps the files all the same.
         let mut dir = super::memory_tempdir("beamup-mosquitto-");
         for _ in 0..5 {
             let port = free_port();

@@ -893,12 +893,34 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// A port on 127.0.0.1 free at the time of asking.
+/// A port on 127.0.0.1 free at the time of asking, for a process to
+/// listen on later. Drawn below the kernel's ephemeral range: a port the
+/// kernel hands out (the local end of every outgoing connection, any
+/// `bind(0)`) could be taken in the meantime by a process the suite
+/// started, and the listener would find it in use. Never the same port
+/// twice in one test process.
 pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("binding 127.0.0.1:0")
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let ephemeral_from = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (low, high) = (10_000u16, ephemeral_from.saturating_sub(1));
+    assert!(
+        high > low + 1000,
+        "ephemeral ports start at {ephemeral_from}"
+    );
+    let mut given = GIVEN.lock().unwrap();
+    loop {
+        let mut r = [0u8; 2];
+        getrandom::fill(&mut r).expect("getrandom");
+        let port = low + u16::from_le_bytes(r) % (high - low);
+        if !given.contains(&port) && TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            given.insert(port);
+            return port;
+        }
+    }
 }
 
 /// Node names must be unique across parallel tests and test processes, and
