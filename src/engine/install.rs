@@ -1361,24 +1361,47 @@ pub(crate) fn sync_new(root: &Path, creates: &[PathBuf]) -> Result<()> {
             files.push(p);
         }
     }
-    for f in &files {
-        fs::File::open(f)
-            .and_then(|f| f.sync_all())
-            .ctx(f, "fsync")?;
-    }
-    // Children before parents, then the directories that gained an entry.
-    for d in dirs.iter().rev() {
-        fsutil::sync_dir(d)?;
-    }
+    // And the directories that gained an entry.
     let parents: std::collections::BTreeSet<PathBuf> = creates
         .iter()
         .filter_map(|p| root.join(p).parent().map(Path::to_path_buf))
         .collect();
-    for d in parents {
-        fsutil::sync_dir(&d)?;
-    }
-    Ok(())
+    dirs.extend(parents);
+    // Nothing needs them durable in any order, only all of them before the
+    // release can become permanent: fsyncs that run at once share the
+    // filesystem's journal commits (one by one, each waited for its own).
+    let all: Vec<(&Path, &str)> = files
+        .iter()
+        .map(|f| (f.as_path(), "fsync"))
+        .chain(dirs.iter().map(|d| (d.as_path(), "fsync directory")))
+        .collect();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let sync_some = || -> Result<()> {
+        loop {
+            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let Some((path, what)) = all.get(i) else {
+                return Ok(());
+            };
+            fs::File::open(path)
+                .and_then(|f| f.sync_all())
+                .ctx(path, what)?;
+        }
+    };
+    std::thread::scope(|s| {
+        let helpers: Vec<_> = (1..SYNC_THREADS.min(all.len()))
+            .map(|_| s.spawn(sync_some))
+            .collect();
+        let mine = sync_some();
+        helpers
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .chain([mine])
+            .collect::<Result<()>>()
+    })
 }
+
+/// fsyncs in flight at once: they wait on the disk, not on a core.
+const SYNC_THREADS: usize = 8;
 
 fn sync_fs(root: &Path) -> Result<()> {
     let dir = fs::File::open(root).ctx(root, "open")?;
