@@ -697,6 +697,11 @@ impl Conn {
                 .load(std::sync::atomic::Ordering::Relaxed),
             std::time::Instant::now(),
         );
+        self.send_marker(settle)
+    }
+
+    #[cfg(feature = "operator")]
+    fn send_marker(&self, settle: Settle) -> Result<Settle> {
         self.publish(
             settle.topic(),
             Qos::AtLeastOnce,
@@ -720,13 +725,7 @@ impl Conn {
             }
             None => Settle::new(marker_topic, n, 0, now),
         };
-        self.publish(
-            settle.topic(),
-            Qos::AtLeastOnce,
-            false,
-            settle.nonce().as_bytes().to_vec(),
-        )?;
-        Ok(settle)
+        self.send_marker(settle)
     }
 
     pub(crate) fn subscribe(&self, filter: &str, qos: Qos) -> Result<()> {
