@@ -16,7 +16,7 @@ use crate::install::{
     Entry, hostile_cases, hostile_indexed_tarball, hostile_tarball, signed_bundle_of,
     signed_indexed_bundle_of,
 };
-use crate::support::cli::{Run, beamup};
+use crate::support::cli::{Run, beamup, sign_bundle};
 use crate::support::device::{Device, keys_and_root};
 use crate::support::otp::{Flavor, TestNode, releases, releases_for};
 
@@ -609,19 +609,12 @@ fn unpack_of_a_mix_release_reports_only_what_it_created() {
     let p = s.path();
     for vsn in ["0.1.0", "0.2.0"] {
         mix_tarball(p, &format!("meter-{vsn}.tar.gz"), vsn);
-        beamup(
+        sign_bundle(
             p,
-            &[
-                "bundle",
-                "--release",
-                &format!("meter-{vsn}.tar.gz"),
-                "--key",
-                "keys/k.key",
-                "--out",
-                &format!("meter-{vsn}.bundle"),
-            ],
-        )
-        .ok();
+            &p.join(format!("meter-{vsn}.tar.gz")),
+            &p.join(format!("meter-{vsn}.bundle")),
+            &[],
+        );
     }
     let dir = p.join("meter");
     let (run, doc) = s.unpack(&p.join("meter-0.1.0.bundle"), &dir, &[]);
@@ -691,19 +684,7 @@ fn a_provisioned_mix_root_boots_with_a_releases_file_release_handler_reads() {
     let s = Signer::new();
     let tarball = releases_for(Flavor::Mix).tarball("1.0.0");
     let bundle = s.path().join("thermex-1.0.0.bundle");
-    beamup(
-        s.path(),
-        &[
-            "bundle",
-            "--release",
-            tarball.to_str().unwrap(),
-            "--key",
-            "keys/k.key",
-            "--out",
-            bundle.to_str().unwrap(),
-        ],
-    )
-    .ok();
+    sign_bundle(s.path(), tarball, &bundle, &[]);
     let mut report = Value::Null;
     let node = TestNode::start_flavor_with(Flavor::Mix, |root| {
         let (run, doc) = s.unpack(&bundle, root, &[]);

@@ -101,9 +101,6 @@ pub fn beamup(dir: &Path, args: &[&str]) -> Run {
     )
 }
 
-/// Runs `beamup ARGS` with its address space capped, so that an attempt to
-/// allocate what a hostile file claims fails loudly instead of succeeding on
-/// a large machine.
 /// `beamup bundle` of `tarball` into `out`, signed with the fixtures'
 /// `keys/k.key` in `dir`, with `extra` flags; it must succeed.
 pub fn sign_bundle(dir: &Path, tarball: &Path, out: &Path, extra: &[&str]) {
@@ -120,6 +117,9 @@ pub fn sign_bundle(dir: &Path, tarball: &Path, out: &Path, extra: &[&str]) {
     beamup(dir, &args).ok();
 }
 
+/// Runs `beamup ARGS` with its address space capped, so that an attempt to
+/// allocate what a hostile file claims fails loudly instead of succeeding on
+/// a large machine.
 pub fn beamup_with_memory_cap(dir: &Path, cap_bytes: u64, args: &[&str]) -> Run {
     let mut cmd = Command::new(bin());
     cmd.args(args)
