@@ -184,6 +184,13 @@ impl SimDevice {
                 return Ok(());
             }
             let next_tick = last_tick + if self.busy() { TICK } else { IDLE_TICK };
+            // An install's next step is due on time, not at the next tick:
+            // the install takes the time it was given, as a node's would.
+            let wake = self
+                .install
+                .as_ref()
+                .filter(|i| !i.steps.is_empty() || i.outcome.is_some())
+                .map_or(next_tick, |i| i.next_at.min(next_tick));
             let reconnect_at = self.session.as_ref().and_then(|s| s.reconnect_at());
             let can_poll = self.session.is_some() && reconnect_at.is_none();
             let wake_at = reconnect_at.unwrap_or_else(Instant::now);
@@ -202,8 +209,10 @@ impl SimDevice {
                         s.reconnect_now();
                     }
                 }
-                _ = tokio::time::sleep_until(next_tick.into()) => {
-                    last_tick = Instant::now();
+                _ = tokio::time::sleep_until(wake.into()) => {
+                    if Instant::now() >= next_tick {
+                        last_tick = Instant::now();
+                    }
                     self.on_tick()?;
                 }
                 _ = stop.changed() => {}
