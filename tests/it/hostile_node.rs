@@ -168,7 +168,7 @@ dir = "{root}/state"
 /// each claiming as many elements as there are bytes left. Found by the
 /// `etf` fuzz target's allocation limit (fuzz/regressions/etf/): each
 /// level reserved room for all its claimed elements (40 bytes each)
-/// before decoding one, so this 4 MiB frame asked for 160 MiB per level.
+/// before decoding one, so a 4 MiB frame asked for 160 MiB per level.
 fn nested_claims(size: usize) -> Vec<u8> {
     let mut f = vec![112, 131];
     for _ in 0..300 {
@@ -183,7 +183,8 @@ fn nested_claims(size: usize) -> Vec<u8> {
 #[test]
 fn status_survives_a_node_whose_frame_claims_huge_nested_tuples() {
     let dir = tempfile::tempdir().unwrap();
-    let node = Server::start(node(nested_claims(4 << 20)));
+    // The largest frame a node may send.
+    let node = Server::start(node(nested_claims(1 << 20)));
     let epmd = Server::start(epmd(node.port));
     let config = agent_toml(dir.path(), epmd.port);
     let run = cli::beamup_with_memory_cap(
@@ -197,5 +198,51 @@ fn status_survives_a_node_whose_frame_claims_huge_nested_tuples() {
             && run.stdout.contains("nested deeper than 256"),
         "{}",
         run.stdout
+    );
+}
+
+/// `beamup status` against a hostile node that sends `frame`; its output.
+fn status_against(frame: Vec<u8>) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let node = Server::start(node(frame));
+    let epmd = Server::start(epmd(node.port));
+    let config = agent_toml(dir.path(), epmd.port);
+    let run = cli::beamup_with_memory_cap(
+        dir.path(),
+        1 << 30,
+        &["status", "--config", config.to_str().unwrap()],
+    );
+    run.ok();
+    run.stdout
+}
+
+#[test]
+fn status_survives_a_node_whose_frame_decodes_to_forty_times_its_size() {
+    // A control message of 16 strings of 65,000 bytes: 1 MiB on the wire,
+    // each byte a 40-byte term once decoded (40 MiB).
+    let mut frame = vec![112, 131, 108];
+    frame.extend(16u32.to_be_bytes());
+    for _ in 0..16 {
+        frame.push(107);
+        frame.extend(65_000u16.to_be_bytes());
+        frame.extend(std::iter::repeat_n(b'a', 65_000));
+    }
+    frame.push(106);
+    assert!(frame.len() <= 1 << 20);
+    let out = status_against(frame);
+    assert!(
+        out.contains("hostile@localhost unreachable")
+            && out.contains("decodes to more than 8 MiB in memory; refused"),
+        "{out}"
+    );
+}
+
+#[test]
+fn status_refuses_a_frame_over_one_mebibyte_before_reading_it() {
+    let out = status_against(vec![112; (1 << 20) + 1]);
+    assert!(
+        out.contains("hostile@localhost unreachable")
+            && out.contains("the node sent a 1048577-byte frame, over the 1048576-byte limit"),
+        "{out}"
     );
 }

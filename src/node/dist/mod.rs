@@ -42,8 +42,10 @@ pub struct ConnectOptions {
     pub idle_timeout: Duration,
     /// Give up on a write the peer does not drain within this long.
     pub write_timeout: Duration,
-    /// Largest frame accepted from the peer. release_handler replies are a
-    /// few KiB; the limit bounds memory if the peer misbehaves.
+    /// Largest frame accepted from the peer, read into memory whole.
+    /// release_handler's replies are a few KiB; the limit bounds memory if
+    /// the peer misbehaves (and `term::MAX_DECODED_BYTES` what a frame
+    /// decodes to).
     pub max_frame_len: u32,
 }
 
@@ -55,7 +57,7 @@ impl Default for ConnectOptions {
             tick_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(75),
             write_timeout: Duration::from_secs(30),
-            max_frame_len: 8 << 20,
+            max_frame_len: 1 << 20,
         }
     }
 }

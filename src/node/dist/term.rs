@@ -5,8 +5,9 @@
 //! allocations straight from length fields (`Vec::with_capacity(count)` on a
 //! 32-bit count) and recurses without a depth limit: a single hostile frame
 //! could abort the agent. This decoder caps every allocation by the bytes
-//! actually present and caps nesting depth, so the worst case is bounded by
-//! the frame size limit of the connection.
+//! actually present, caps nesting depth and the memory a decoded term
+//! takes (`MAX_DECODED_BYTES`), so the worst case is bounded whatever the
+//! frame holds.
 
 use std::fmt;
 
@@ -21,6 +22,12 @@ pub(crate) const MAX_DEPTH: usize = 256;
 /// every level of nesting, one frame of n bytes could ask for
 /// 40 * n * MAX_DEPTH (an 8 MiB frame, 80 GiB).
 const PREALLOC_ITEMS: usize = 64;
+/// Most memory the nodes of one decoded term may take. Each node is 40
+/// bytes however few it took on the wire (one byte of a `STRING_EXT`), so
+/// without this a frame of n bytes could decode to about 40 n (a
+/// 1 MiB frame, 40 MiB). release_handler's replies decode to a few hundred
+/// KiB at most; a term that needs more is refused, not decoded.
+pub(crate) const MAX_DECODED_BYTES: usize = 8 << 20;
 
 /// An Erlang process identifier.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -337,6 +344,8 @@ pub(crate) struct Decoder<'a> {
     bytes: &'a [u8],
     pos: usize,
     depth: usize,
+    /// Bytes of term nodes decoded so far (`MAX_DECODED_BYTES`).
+    held: usize,
 }
 
 impl<'a> Decoder<'a> {
@@ -345,6 +354,7 @@ impl<'a> Decoder<'a> {
             bytes,
             pos: 0,
             depth: 0,
+            held: 0,
         }
     }
 
@@ -408,7 +418,22 @@ impl<'a> Decoder<'a> {
         }
     }
 
+    /// Counts `nodes` more term nodes against `MAX_DECODED_BYTES`.
+    fn hold(&mut self, nodes: usize) -> Result<(), DecodeError> {
+        self.held = self
+            .held
+            .saturating_add(nodes.saturating_mul(std::mem::size_of::<Term>()));
+        if self.held > MAX_DECODED_BYTES {
+            return Err(self.err(format!(
+                "the term decodes to more than {} MiB in memory; refused",
+                MAX_DECODED_BYTES >> 20
+            )));
+        }
+        Ok(())
+    }
+
     pub(crate) fn term(&mut self) -> Result<Term, DecodeError> {
+        self.hold(1)?;
         if self.depth >= MAX_DEPTH {
             return Err(self.err(format!("nested deeper than {MAX_DEPTH}")));
         }
@@ -550,6 +575,7 @@ impl<'a> Decoder<'a> {
             107 => {
                 let n = self.u16()?;
                 let raw = self.take(usize::from(n))?;
+                self.hold(raw.len())?;
                 Term::List(raw.iter().map(|&b| Term::Int(i64::from(b))).collect())
             }
             109 => {
@@ -816,6 +842,43 @@ fn write_atom(f: &mut fmt::Formatter<'_>, a: &str) -> fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A list of `strings` `STRING_EXT`s of `len` bytes each.
+    fn list_of_strings(strings: usize, len: u16) -> Vec<u8> {
+        let mut b = vec![VERSION, 108];
+        b.extend((strings as u32).to_be_bytes());
+        for _ in 0..strings {
+            b.push(107);
+            b.extend(len.to_be_bytes());
+            b.extend(std::iter::repeat_n(b'a', usize::from(len)));
+        }
+        b.push(106);
+        b
+    }
+
+    #[test]
+    fn a_term_that_decodes_to_more_than_the_limit_is_refused() {
+        // 1 MiB on the wire, 40 MiB as term nodes.
+        let big = list_of_strings(16, 65_000);
+        let e = Term::decode(&big).unwrap_err();
+        assert!(e.what.contains("decodes to more than 8 MiB"), "{e}");
+        // A big which_releases reply (a thousand 25-byte strings) is far
+        // below it.
+        let releases = list_of_strings(1000, 25);
+        assert!(matches!(Term::decode(&releases), Ok(Term::List(l)) if l.len() == 1000));
+        // Nodes count as well as strings: 300,000 small integers.
+        let mut ints = vec![VERSION, 108];
+        ints.extend(300_000u32.to_be_bytes());
+        for _ in 0..300_000 {
+            ints.extend([97, 1]);
+        }
+        ints.push(106);
+        assert!(Term::decode(&ints).is_err());
+        ints.truncate(2 + 4 + 2 * 100_000);
+        ints[2..6].copy_from_slice(&100_000u32.to_be_bytes());
+        ints.push(106);
+        assert!(Term::decode(&ints).is_ok());
+    }
 
     fn roundtrip(t: Term) {
         let bytes = t.encode();
