@@ -1,5 +1,7 @@
 //! Fetching a release tarball in pieces: which pieces to ask for next (a
-//! bounded window of requests in flight, re-asked after a timeout), what to
+//! bounded window of requests in flight, re-asked after a timeout that
+//! follows the replies' round trip and backs off when they do not come),
+//! what to
 //! make of a piece that arrives (requested? duplicate? the wrong size?), and
 //! the file it all goes into.
 //!
@@ -16,7 +18,7 @@
 //! is worked out again on resume): after a power cut, a kill or a broker
 //! restart the transfer resumes with exactly what is needed and missing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -50,7 +52,14 @@ pub(crate) enum Accept {
 struct Sent {
     len: u32,
     at: Instant,
+    /// Asked before and timed out: its reply may answer either request, so
+    /// it is no sample of the round trip.
+    again: bool,
 }
+
+/// The longest a piece is waited for before it is asked again, however
+/// slow the replies were or how often they timed out.
+pub(crate) const MAX_PIECE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The request window over the pieces of one tarball, or of the chunks of
 /// it that are needed (see [`Window::needing`]).
@@ -72,7 +81,23 @@ pub(crate) struct Window {
     /// The lowest chunk that may still be missing.
     cursor: usize,
     window: usize,
+    /// The timeout given: the least a piece is waited for.
+    base_timeout: Duration,
+    /// The current timeout: four smoothed round trips (at least the base),
+    /// doubled each time requests time out, at most `MAX_PIECE_TIMEOUT`.
+    /// A server or broker that falls behind (a whole fleet fetching at
+    /// once) then gets fewer requests again instead of more: with a fixed
+    /// timeout every piece queued longer than it was asked and sent twice.
     timeout: Duration,
+    /// Smoothed round trip of the pieces answered at their first asking.
+    srtt: Option<Duration>,
+    /// Offsets whose request timed out and that were not asked again yet.
+    timed_out: HashSet<u64>,
+    /// How much of the window is open: all of it at first, one piece after
+    /// requests time out, and one more with each piece that arrives. What
+    /// a timeout asks again is then one piece, not a window's worth of
+    /// replies the server may still be sending.
+    open: usize,
     /// Complete chunks whose digest is being checked.
     verifying: std::collections::HashSet<u32>,
     /// Digest failures per chunk.
@@ -105,7 +130,11 @@ impl Window {
             inflight: BTreeMap::new(),
             cursor: 0,
             window: window.max(1),
-            timeout,
+            base_timeout: timeout.min(MAX_PIECE_TIMEOUT),
+            timeout: timeout.min(MAX_PIECE_TIMEOUT),
+            srtt: None,
+            timed_out: HashSet::new(),
+            open: window.max(1),
             verifying: Default::default(),
             failures: HashMap::new(),
             requested: 0,
@@ -131,6 +160,7 @@ impl Window {
             let cs = u64::from(self.chunk_size);
             let need = &self.need;
             self.inflight.retain(|off, _| need[(off / cs) as usize]);
+            self.timed_out.retain(|off| need[(off / cs) as usize]);
         }
         self
     }
@@ -160,6 +190,7 @@ impl Window {
     /// chunks waiting to be hashed is bounded too).
     pub(crate) fn room(&self) -> usize {
         self.window
+            .min(self.open)
             .saturating_sub(self.inflight.len() + self.verifying.len())
     }
 
@@ -189,6 +220,7 @@ impl Window {
             self.piece = piece;
             self.partial.clear();
             self.inflight.clear();
+            self.timed_out.clear();
         }
     }
 
@@ -212,19 +244,35 @@ impl Window {
         self.next_requests(now)
     }
 
-    /// Forgets the requests in flight for longer than the timeout.
+    /// Forgets the requests in flight for longer than the timeout, which
+    /// doubles if any did.
     fn expire(&mut self, now: Instant) {
         let timeout = self.timeout;
-        self.inflight
-            .retain(|_, s| now.saturating_duration_since(s.at) < timeout);
+        let before = self.inflight.len();
+        let timed_out = &mut self.timed_out;
+        self.inflight.retain(|&offset, s| {
+            let waiting = now.saturating_duration_since(s.at) < timeout;
+            if !waiting {
+                timed_out.insert(offset);
+            }
+            waiting
+        });
+        if self.inflight.len() < before {
+            self.timeout = (self.timeout * 2).min(MAX_PIECE_TIMEOUT);
+            self.open = 1;
+        }
+    }
+
+    /// How long a piece asked now is waited for.
+    #[cfg(test)]
+    fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Requests to send now: timed-out ones again, then missing pieces in
     /// order, up to the window.
     pub(crate) fn next_requests(&mut self, now: Instant) -> Vec<Piece> {
-        let timeout = self.timeout;
-        self.inflight
-            .retain(|_, s| now.saturating_duration_since(s.at) < timeout);
+        self.expire(now);
         let mut out = Vec::new();
         while self.cursor < self.have.len() && (self.have[self.cursor] || !self.need[self.cursor]) {
             self.cursor += 1;
@@ -248,7 +296,15 @@ impl Window {
                         continue;
                     }
                     let len = (clen - p * self.piece).min(self.piece);
-                    self.inflight.insert(offset, Sent { len, at: now });
+                    let again = self.timed_out.remove(&offset);
+                    self.inflight.insert(
+                        offset,
+                        Sent {
+                            len,
+                            at: now,
+                            again,
+                        },
+                    );
                     self.requested += 1;
                     out.push(Piece {
                         chunk: c,
@@ -262,9 +318,9 @@ impl Window {
         out
     }
 
-    /// A piece arrived: only what was asked for, in the size asked for, and
-    /// not yet held, is stored.
-    pub(crate) fn on_piece(&mut self, offset: u64, len: usize) -> Accept {
+    /// A piece arrived at `now`: only what was asked for, in the size asked
+    /// for, and not yet held, is stored.
+    pub(crate) fn on_piece(&mut self, offset: u64, len: usize, now: Instant) -> Accept {
         let Some(sent) = self.inflight.get(&offset) else {
             self.ignored += 1;
             return Accept::Ignore("not requested (or a duplicate)");
@@ -273,6 +329,13 @@ impl Window {
             self.ignored += 1;
             return Accept::Ignore("not the length requested");
         }
+        if !sent.again {
+            let sample = now.saturating_duration_since(sent.at);
+            let srtt = self.srtt.map_or(sample, |s| (s * 7 + sample) / 8);
+            self.srtt = Some(srtt);
+            self.timeout = (srtt * 4).clamp(self.base_timeout, MAX_PIECE_TIMEOUT);
+        }
+        self.open = (self.open + 1).min(self.window);
         self.inflight.remove(&offset);
         let chunk = (offset / u64::from(self.chunk_size)) as u32;
         if self.have[chunk as usize] {
@@ -509,7 +572,7 @@ impl Download {
     /// [`WRITE_BATCH`]); pieces of a larger chunk are written, and the chunk
     /// is checked once all are in.
     pub(crate) fn on_data(&mut self, offset: u64, data: bytes::Bytes) -> Result<Received> {
-        let (chunk, complete) = match self.window.on_piece(offset, data.len()) {
+        let (chunk, complete) = match self.window.on_piece(offset, data.len(), Instant::now()) {
             Accept::Ignore(why) => return Ok(Received::Ignored(why)),
             Accept::Store { chunk, complete } => (chunk, complete),
         };
@@ -734,7 +797,7 @@ mod tests {
         assert_eq!(r.iter().map(|p| p.chunk).collect::<Vec<_>>(), [0, 1, 2]);
         assert!(w.next_requests(now).is_empty(), "window full");
         assert_eq!(
-            w.on_piece(4096, 4096),
+            w.on_piece(4096, 4096, t0()),
             Accept::Store {
                 chunk: 1,
                 complete: true
@@ -751,7 +814,7 @@ mod tests {
         let now = t0();
         assert_eq!(w.next_requests(now).len(), 2);
         assert!(matches!(
-            w.on_piece(0, 4096),
+            w.on_piece(0, 4096, t0()),
             Accept::Store { complete: true, .. }
         ));
         assert_eq!(w.room(), 0, "chunk 0 is being checked");
@@ -766,18 +829,21 @@ mod tests {
         let mut w = window(vec![false; 4], 2);
         w.next_requests(t0());
         assert!(
-            matches!(w.on_piece(3 * 4096, 4096), Accept::Ignore(_)),
+            matches!(w.on_piece(3 * 4096, 4096, t0()), Accept::Ignore(_)),
             "unrequested"
         );
-        assert!(matches!(w.on_piece(0, 100), Accept::Ignore(_)), "short");
-        assert!(matches!(w.on_piece(0, 4096), Accept::Store { .. }));
+        assert!(
+            matches!(w.on_piece(0, 100, t0()), Accept::Ignore(_)),
+            "short"
+        );
+        assert!(matches!(w.on_piece(0, 4096, t0()), Accept::Store { .. }));
         w.chunk_verified(0);
         assert!(
-            matches!(w.on_piece(0, 4096), Accept::Ignore(_)),
+            matches!(w.on_piece(0, 4096, t0()), Accept::Ignore(_)),
             "duplicate"
         );
         assert!(
-            matches!(w.on_piece(17, 4096), Accept::Ignore(_)),
+            matches!(w.on_piece(17, 4096, t0()), Accept::Ignore(_)),
             "misaligned"
         );
         assert_eq!(w.ignored, 4);
@@ -801,14 +867,14 @@ mod tests {
             ]
         );
         assert_eq!(
-            w.on_piece(12288, 904),
+            w.on_piece(12288, 904, t0()),
             Accept::Store {
                 chunk: 1,
                 complete: false
             }
         );
         assert_eq!(
-            w.on_piece(8192, 4096),
+            w.on_piece(8192, 4096, t0()),
             Accept::Store {
                 chunk: 1,
                 complete: true
@@ -833,26 +899,108 @@ mod tests {
     }
 
     #[test]
-    fn a_window_with_every_request_unanswered_asks_again_after_the_timeout() {
-        let mut w = window(vec![false; 20], 8);
+    fn the_timeout_doubles_while_requests_go_unanswered_up_to_a_minute() {
+        let mut w = window(vec![false; 1], 1);
         let now = t0();
-        assert_eq!(w.next_batch(now, 4).len(), 8);
-        assert!(w.next_batch(now + Duration::from_secs(1), 4).is_empty());
-        // Not one answer came: all of them are asked again.
-        let again = w.next_batch(now + Duration::from_secs(6), 4);
-        let offsets: Vec<u64> = again.iter().map(|p| p.offset).collect();
-        assert_eq!(offsets, (0..8).map(|i| i * 4096).collect::<Vec<_>>());
-        // With room for less than a batch, it waits for more answers.
-        let later = now + Duration::from_secs(7);
-        for p in &again[..3] {
-            assert!(matches!(w.on_piece(p.offset, 4096), Accept::Store { .. }));
+        let at = |s: u64| now + Duration::from_secs(s);
+        assert_eq!(w.next_requests(now).len(), 1);
+        // 5 s, then 10, 20, 40, and never more than 60.
+        let mut asked = vec![];
+        for s in 1..400 {
+            if !w.next_requests(at(s)).is_empty() {
+                asked.push(s);
+            }
+        }
+        assert_eq!(asked, [5, 15, 35, 75, 135, 195, 255, 315, 375]);
+        assert_eq!(w.timeout(), MAX_PIECE_TIMEOUT);
+    }
+
+    #[test]
+    fn the_timeout_follows_slow_replies_so_a_queued_piece_is_not_asked_twice() {
+        let mut w = window(vec![false; 400], 4);
+        let now = t0();
+        let at = |ms: u64| now + Duration::from_millis(ms);
+        // Replies come 4 s after their request: a broker or server behind
+        // a fleet's worth of requests.
+        let mut clock = 0;
+        for _ in 0..8 {
+            let asked = w.next_requests(at(clock));
+            for p in &asked {
+                assert!(matches!(
+                    w.on_piece(p.offset, 4096, at(clock + 4000)),
+                    Accept::Store { .. }
+                ));
+                w.chunk_verified(p.chunk);
+            }
+            clock += 4000;
+        }
+        assert!(w.timeout() >= Duration::from_secs(12), "{:?}", w.timeout());
+        // A piece 6 s late now is still waited for, not asked again.
+        let asked = w.next_requests(at(clock));
+        assert_eq!(asked.len(), 4);
+        assert!(w.next_requests(at(clock + 6000)).is_empty());
+        // Fast replies bring it back down to the 5 s floor.
+        for p in &asked {
+            w.on_piece(p.offset, 4096, at(clock + 6010));
             w.chunk_verified(p.chunk);
         }
-        assert!(w.next_batch(later, 4).is_empty());
-        let p = again[3];
-        w.on_piece(p.offset, 4096);
-        w.chunk_verified(p.chunk);
-        assert_eq!(w.next_batch(later, 4).len(), 4);
+        clock += 6010;
+        for _ in 0..30 {
+            for p in w.next_requests(at(clock)) {
+                w.on_piece(p.offset, 4096, at(clock + 10));
+                w.chunk_verified(p.chunk);
+            }
+            clock += 10;
+        }
+        assert_eq!(w.timeout(), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn a_reply_to_a_piece_asked_twice_is_no_round_trip_sample() {
+        let mut w = window(vec![false; 2], 1);
+        let now = t0();
+        let at = |s: u64| now + Duration::from_secs(s);
+        w.next_requests(now);
+        let again = w.next_requests(at(5));
+        assert_eq!(again.len(), 1);
+        assert_eq!(w.timeout(), Duration::from_secs(10));
+        // Answered 30 s after the first asking: which request it answers
+        // is unknown, so the timeout stays as the backoff left it.
+        w.on_piece(again[0].offset, 4096, at(30));
+        assert_eq!(w.timeout(), Duration::from_secs(10));
+    }
+
+    #[test]
+    fn a_window_with_every_request_unanswered_asks_again_after_the_timeout() {
+        let mut w = window(vec![false; 40], 8);
+        let now = t0();
+        let at = |ms: u64| now + Duration::from_millis(ms);
+        assert_eq!(w.next_batch(now, 4).len(), 8);
+        assert!(w.next_batch(at(1000), 4).is_empty());
+        // Not one answer came (no server was listening): asked again, one
+        // piece first, the lowest.
+        let again = w.next_batch(at(6000), 4);
+        assert_eq!(again.iter().map(|p| p.offset).collect::<Vec<_>>(), [0]);
+        assert!(w.next_batch(at(6100), 4).is_empty());
+        // Each answer opens the window by one more piece: 2, then 4, then
+        // the eight it had, the timed-out pieces first.
+        let mut batch = again;
+        let (mut sizes, mut offsets) = (vec![], vec![]);
+        for round in 0..4 {
+            sizes.push(batch.len());
+            offsets.extend(batch.iter().map(|p| p.offset));
+            let t = at(6100 + 10 * round);
+            for p in &batch {
+                assert!(matches!(
+                    w.on_piece(p.offset, 4096, t),
+                    Accept::Store { .. }
+                ));
+                w.chunk_verified(p.chunk);
+            }
+            batch = w.next_batch(t, 1);
+        }
+        assert_eq!(sizes, [1, 2, 4, 8]);
+        assert_eq!(offsets, (0..15).map(|i| i * 4096).collect::<Vec<_>>());
     }
 
     #[test]
@@ -889,10 +1037,10 @@ mod tests {
         );
         assert!(w.next_requests(now).is_empty(), "nothing else is asked");
         // A reply for a chunk that is not needed was never asked for.
-        assert!(matches!(w.on_piece(0, 4096), Accept::Ignore(_)));
+        assert!(matches!(w.on_piece(0, 4096, t0()), Accept::Ignore(_)));
         for (c, len) in [(2u32, 4096), (8, 100)] {
             assert!(matches!(
-                w.on_piece(u64::from(c) * 4096, len),
+                w.on_piece(u64::from(c) * 4096, len, t0()),
                 Accept::Store { complete: true, .. }
             ));
             w.chunk_verified(c);
@@ -900,7 +1048,7 @@ mod tests {
         assert_eq!(w.percent(), 66);
         assert!(!w.done());
         assert!(matches!(
-            w.on_piece(3 * 4096, 4096),
+            w.on_piece(3 * 4096, 4096, t0()),
             Accept::Store { complete: true, .. }
         ));
         w.chunk_verified(3);
@@ -916,8 +1064,14 @@ mod tests {
         let mut w = window(vec![false; 6], 8).needing(mask(6, &[1, 4]));
         let now = t0();
         assert_eq!(w.next_requests(now).len(), 2);
-        let again = w.next_requests(now + Duration::from_secs(6));
-        assert_eq!(again.iter().map(|p| p.chunk).collect::<Vec<_>>(), [1, 4]);
+        let at = |ms: u64| now + Duration::from_millis(ms);
+        // One at a time after a timeout, and only needed ones.
+        let again = w.next_requests(at(6000));
+        assert_eq!(again.iter().map(|p| p.chunk).collect::<Vec<_>>(), [1]);
+        w.on_piece(again[0].offset, 4096, at(6010));
+        w.chunk_verified(1);
+        let then = w.next_requests(at(6020));
+        assert_eq!(then.iter().map(|p| p.chunk).collect::<Vec<_>>(), [4]);
     }
 
     #[test]
