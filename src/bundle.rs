@@ -25,7 +25,8 @@ use std::time::SystemTime;
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
-use crate::release::manifest::{MAX_MANIFEST_BYTES, Manifest};
+use crate::limits::LIMITS;
+use crate::release::manifest::Manifest;
 use crate::release::policy::{self, DeviceFacts};
 use crate::trust::root::Root;
 use crate::trust::signed::{DocKind, Envelope};
@@ -103,11 +104,11 @@ pub(crate) fn verify_envelope(
     root: &Root,
     what: &str,
 ) -> Result<(Manifest, Vec<String>)> {
-    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+    if bytes.len() as u64 > LIMITS.manifest_bytes {
         return Err(Error::TooLarge {
             what: what.to_string(),
             size: bytes.len() as u64,
-            limit: MAX_MANIFEST_BYTES,
+            limit: LIMITS.manifest_bytes,
         });
     }
     let envelope = Envelope::parse(bytes).map_err(|e| Error::InvalidManifest {
@@ -248,11 +249,11 @@ impl Bundle {
             };
         }
         let manifest_size = parse_header(&header, MANIFEST_ENTRY).map_err(not_bundle)?;
-        if manifest_size > MAX_MANIFEST_BYTES {
+        if manifest_size > LIMITS.manifest_bytes {
             return Err(Error::TooLarge {
                 what: format!("{}: manifest", path.display()),
                 size: manifest_size,
-                limit: MAX_MANIFEST_BYTES,
+                limit: LIMITS.manifest_bytes,
             });
         }
         if len < BLOCK + manifest_size {

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::fsutil;
 pub(crate) use crate::health::HealthConfig;
+use crate::limits::LIMITS;
 use crate::release::manifest::is_safe_name;
 use crate::transport::mqtt::Broker;
 use crate::transport::protocol::is_topic_name;
@@ -124,11 +125,9 @@ fn default_start_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
-const CONFIG_LIMIT: u64 = 1024 * 1024;
-
 impl Config {
     pub(crate) fn load(path: &Path) -> Result<Config> {
-        let bytes = fsutil::read_limited(path, CONFIG_LIMIT, "config")?;
+        let bytes = fsutil::read_limited(path, LIMITS.config_file_bytes, "config")?;
         let text = String::from_utf8(bytes).map_err(|_| Error::Config {
             path: path.to_path_buf(),
             detail: "not UTF-8 text".into(),
@@ -225,7 +224,7 @@ impl Config {
             return Ok(c.clone());
         }
         let path = self.node.cookie_file.as_ref().expect("checked at load");
-        let bytes = fsutil::read_limited(path, 4096, "cookie file")?;
+        let bytes = fsutil::read_limited(path, LIMITS.cookie_file_bytes, "cookie file")?;
         let cookie = String::from_utf8_lossy(&bytes).trim().to_string();
         if cookie.is_empty() {
             return Err(Error::Config {

@@ -12,8 +12,7 @@ use tokio::net::TcpStream;
 
 use serde::Deserialize;
 
-/// Most of a health response we read; a health endpoint is small.
-const MAX_RESPONSE: usize = 64 * 1024;
+use crate::limits::LIMITS;
 
 /// `[health]` of agent.toml: the checks, the soak window and the timeout.
 #[derive(Clone, Debug, Deserialize)]
@@ -116,7 +115,7 @@ pub(crate) async fn http_get(t: &HttpTarget, timeout: Duration) -> Result<(u16, 
             .map_err(|e| format!("send: {e}"))?;
         let mut buf = Vec::new();
         (&mut s)
-            .take(MAX_RESPONSE as u64)
+            .take(LIMITS.health_response_bytes as u64)
             .read_to_end(&mut buf)
             .await
             .map_err(|e| format!("read: {e}"))?;

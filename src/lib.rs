@@ -22,8 +22,8 @@
 //!   relups;
 //! - [`cli`]: arguments, dispatch, output.
 //!
-//! Beside them: `config` (`agent.toml`), [`error`], `fsutil`,
-//! [`logging`], `memory`.
+//! Beside them: `config` (`agent.toml`), [`error`], `fsutil`, `limits`
+//! (every size bound on input, one struct), [`logging`], `memory`.
 //!
 //! Everything is `pub(crate)` unless something outside the crate uses it,
 //! so that the compiler reports dead code. The public surface is what
@@ -59,6 +59,7 @@ pub(crate) mod fsutil;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzzing;
+pub(crate) mod limits;
 pub mod logging;
 pub(crate) mod memory;
 

@@ -19,13 +19,14 @@ use crate::engine::settings::EngineSettings;
 use crate::engine::state::{Outcome, OutcomeKind, Strategy};
 use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::limits::LIMITS;
 use crate::release::manifest::Manifest;
 #[cfg(feature = "operator")]
 use crate::release::manifest::Scope;
 use crate::release::policy::{DeviceFacts, Identity};
 #[cfg(feature = "operator")]
 use crate::trust::keys::{PublicKey, SecretKey};
-use crate::trust::root::{ROOT_FILE_LIMIT, Root};
+use crate::trust::root::Root;
 
 #[cfg(feature = "operator")]
 mod campaign;
@@ -321,7 +322,7 @@ fn root_command(cmd: RootCommand) -> Result<()> {
         }
         RootCommand::Verify { new, trusted } => {
             let current = Root::load(&trusted)?;
-            let bytes = fsutil::read_limited(&new, ROOT_FILE_LIMIT, "trust root")?;
+            let bytes = fsutil::read_limited(&new, LIMITS.root_file_bytes, "trust root")?;
             let next = current.verify_successor(&bytes, &new)?;
             println!(
                 "OK  {} is a valid successor of {} (version {} -> {})",

@@ -11,6 +11,7 @@ use clap::{Args, Subcommand};
 use super::{load_secret, parse_scope, print_manifest, runtime};
 use crate::bundle;
 use crate::error::{Error, Result};
+use crate::limits::LIMITS;
 use crate::operator::bundle::{self as make, BundleOptions};
 use crate::release::manifest;
 use crate::trust::keys;
@@ -144,7 +145,7 @@ pub fn run(cmd: Command) -> Result<()> {
                 prefix: fleet.prefix.clone(),
                 fleet: fleet.fleet.clone(),
                 bundles,
-                max_piece: manifest::MAX_CHUNK_SIZE,
+                max_piece: LIMITS.chunk_size_max,
             };
             fleet.topics()?;
             // One thread unless built with `threaded-serve`: reading a

@@ -42,6 +42,7 @@ use crate::engine::install::{self, Engine, InstallOptions, Step};
 use crate::engine::settings::EngineSettings;
 use crate::engine::state::Outcome;
 use crate::error::{Error, Result};
+use crate::limits::LIMITS;
 use crate::release::manifest::Manifest;
 use crate::staging;
 use crate::transport::mqtt::{self, ConnError};
@@ -622,7 +623,7 @@ impl Agent {
                 &format!(
                     "a message of {} is larger than the {} this device accepts; dropped unread",
                     transfer::size_text(size),
-                    transfer::size_text(u64::from(mqtt::MAX_INCOMING))
+                    transfer::size_text(u64::from(LIMITS.mqtt_packet_bytes))
                 ),
             ),
             mqtt::Event::Other | mqtt::Event::SubAck => {}

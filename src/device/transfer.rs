@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::error::Result;
+use crate::limits::LIMITS;
 use crate::release::manifest::Manifest;
 use crate::transport::protocol::{self, ChunkRequest, DataReply};
 use crate::transport::transfer::{Download, Piece, Received};
@@ -294,7 +295,7 @@ impl Transfer {
         let pieces = a
             .download
             .window
-            .next_batch(now, protocol::MAX_PIECES_PER_REQUEST);
+            .next_batch(now, LIMITS.chunk_request_pieces);
         if pieces.is_empty() {
             return Vec::new();
         }
@@ -394,7 +395,7 @@ pub(crate) fn size_text(bytes: u64) -> String {
 
 /// Requests for pieces: runs of adjacent pieces of the same size become one
 /// request (fewer messages for the broker and the servers), up to
-/// `MAX_PIECES_PER_REQUEST`.
+/// `LIMITS.chunk_request_pieces`.
 fn group_requests(bundle: &str, pieces: &[Piece]) -> Vec<ChunkRequest> {
     let mut out: Vec<ChunkRequest> = Vec::new();
     for p in pieces {
@@ -405,7 +406,7 @@ fn group_requests(bundle: &str, pieces: &[Piece]) -> Vec<ChunkRequest> {
             if full
                 && p.len <= piece
                 && last.offset + u64::from(last.len) == p.offset
-                && count < protocol::MAX_PIECES_PER_REQUEST
+                && count < LIMITS.chunk_request_pieces
             {
                 last.len += p.len;
                 last.piece = Some(piece);

@@ -26,6 +26,7 @@ use crate::engine::state::{
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
 use crate::health::{self, Gate, Verdict};
+use crate::limits::LIMITS;
 use crate::node::calls::{NodeError, ReleaseStatus};
 use crate::node::link::NodeLink;
 use crate::release::manifest::{self, Manifest};
@@ -418,7 +419,7 @@ impl Engine {
             .join("releases")
             .join(&running.current)
             .join("relup");
-        fsutil::read_limited(&path, 16 * 1024 * 1024, "relup")
+        fsutil::read_limited(&path, LIMITS.relup_file_bytes, "relup")
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
             .and_then(|text| crate::release::metadata::parse_relup(&text, &running.current).ok())

@@ -22,10 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
+use crate::limits::LIMITS;
 
 const STATE_FILE: &str = "state.json";
 const LOCK_FILE: &str = "lock";
-const STATE_LIMIT: u64 = 16 * 1024 * 1024;
 /// How many past outcomes to keep for `beamup status`.
 const HISTORY: usize = 20;
 /// Distinct kinds of discarded input remembered (repeats are counted, not
@@ -360,7 +360,7 @@ impl Store {
         if !path.exists() {
             return Ok(DeviceState::default());
         }
-        let bytes = fsutil::read_limited(&path, STATE_LIMIT, "state file")?;
+        let bytes = fsutil::read_limited(&path, LIMITS.state_file_bytes, "state file")?;
         serde_json::from_slice(&bytes).map_err(|e| Error::State {
             path: path.clone(),
             detail: e.to_string(),

@@ -30,6 +30,7 @@ use crate::engine::settings::{EngineSettings, StrategyRule};
 use crate::engine::state::OutcomeKind;
 use crate::error::{Error, IoContext, Result};
 use crate::health::{self, HealthConfig};
+use crate::limits::LIMITS;
 use crate::node::link::{LinkSettings, NodeLink};
 use crate::operator::bundle::{self as make, BundleOptions};
 use crate::release::metadata;
@@ -92,13 +93,11 @@ pub(crate) struct Settings {
 pub(crate) const DEFAULT_SOAK: Duration = Duration::from_secs(2);
 pub(crate) const DEFAULT_HEALTH_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The largest `--config` file read.
-const SETTINGS_LIMIT: u64 = 64 * 1024;
-
 impl Settings {
     /// Reads a `--config` file.
     pub(crate) fn load(path: &Path) -> Result<Settings> {
-        let bytes = crate::fsutil::read_limited(path, SETTINGS_LIMIT, "rehearse config")?;
+        let bytes =
+            crate::fsutil::read_limited(path, LIMITS.rehearse_config_bytes, "rehearse config")?;
         let text = String::from_utf8(bytes).map_err(|_| Error::Config {
             path: path.to_path_buf(),
             detail: "not UTF-8 text".into(),

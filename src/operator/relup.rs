@@ -25,12 +25,10 @@ use flate2::write::GzEncoder;
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil::{self, AtomicFile};
+use crate::limits::LIMITS;
 use crate::release::eterm::{self, Term};
 use crate::release::metadata::{Rel, parse_rel};
 use crate::release::releases_file;
-
-/// `.rel` and `.appup` files are small; anything larger is not one.
-const TERM_FILE_LIMIT: u64 = 1024 * 1024;
 
 #[derive(Clone, Debug)]
 pub struct RelupOptions {
@@ -117,7 +115,7 @@ pub fn run(opts: &RelupOptions) -> Result<RelupReport> {
     let changes = changed_apps(&to, &froms);
     for change in &changes {
         let path = appup_path(dir, &change.app, &change.to_vsn);
-        let text = match fsutil::read_limited(&path, TERM_FILE_LIMIT, "appup") {
+        let text = match fsutil::read_limited(&path, LIMITS.relup_input_file_bytes, "appup") {
             Ok(bytes) => String::from_utf8(bytes)
                 .map_err(|_| fail(format!("{}: not UTF-8 text", path.display())))?,
             Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
@@ -187,7 +185,8 @@ fn read_rel(dir: &Path, vsn: &str, name: Option<&str>) -> Result<Rel> {
             }
         }
     };
-    let bytes = match fsutil::read_limited(&rel_path, TERM_FILE_LIMIT, "release file") {
+    let limit = LIMITS.relup_input_file_bytes;
+    let bytes = match fsutil::read_limited(&rel_path, limit, "release file") {
         Ok(b) => b,
         Err(Error::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return Err(fail(format!(

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 
 use crate::bundle::Bundle;
 use crate::error::{Error, Result};
+use crate::limits::LIMITS;
 use crate::transport::mqtt::{self, Backoff, Broker, Client, Conn, Qos};
 use crate::transport::protocol::{self, ChunkRequest, Topic, Topics};
 
@@ -129,16 +130,11 @@ impl Index {
     }
 }
 
-/// Largest request read. A `ChunkRequest` is about 150 bytes; anything
-/// much larger is not one, and is dropped before it is queued, so that a
-/// flood of padded requests cannot fill the queue with megabytes each.
-const MAX_REQUEST_BYTES: usize = 1024;
-
 /// The replies (offset, length) that answer `req`, given the size and
 /// chunk size of the tarball it names if it is held here; or why it is
 /// refused (the error reply's text). Pure. A piece is at most a chunk (a
 /// device never asks for more), so one request costs at most
-/// `MAX_PIECES_PER_REQUEST` chunks of memory, whatever it claims.
+/// `LIMITS.chunk_request_pieces` chunks of memory, whatever it claims.
 pub(crate) fn plan_replies(
     req: &ChunkRequest,
     held: Option<(u64, u32)>,
@@ -151,7 +147,7 @@ pub(crate) fn plan_replies(
     let bad = req.len == 0
         || piece == 0
         || piece > chunk_size.min(max_piece)
-        || req.len.div_ceil(piece) as usize > protocol::MAX_PIECES_PER_REQUEST
+        || req.len.div_ceil(piece) as usize > LIMITS.chunk_request_pieces
         || req
             .offset
             .checked_add(u64::from(req.len))
@@ -200,7 +196,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
                     tracing::info!("connected to {}; serving requests on {filter}", opts.broker.url);
                 }
                 Ok(mqtt::Event::Message { topic, payload, .. }) => {
-                    if payload.len() > MAX_REQUEST_BYTES {
+                    if payload.len() > LIMITS.chunk_request_bytes {
                         tracing::debug!("request of {} bytes on {topic} dropped unread", payload.len());
                     } else if tx.try_send((topic, payload)).is_err() {
                         tracing::warn!("request queue full; a request was dropped (the device asks again)");
@@ -339,7 +335,7 @@ mod tests {
     fn requests_beyond_the_tarball_or_above_a_chunk_are_refused() {
         const CHUNK: u32 = 65536;
         let held = Some((1_000_000, CHUNK));
-        let max = crate::release::manifest::MAX_CHUNK_SIZE;
+        let max = LIMITS.chunk_size_max;
         let plan = |r: ChunkRequest| plan_replies(&r, held, max);
         assert_eq!(
             plan(req(0, 2 * CHUNK, Some(CHUNK))),

@@ -21,6 +21,7 @@ use flate2::read::MultiGzDecoder;
 use flate2::write::GzEncoder;
 
 use crate::error::{Error, Result};
+use crate::limits::LIMITS;
 use crate::release::manifest::Part;
 use crate::release::tarrules;
 
@@ -72,7 +73,7 @@ pub fn index(input: impl Read, out: impl Write, what: &str) -> Result<Vec<Part>>
             || kind.is_pax_local_extensions()
             || kind.is_pax_global_extensions();
         if is_extension {
-            if size > 1 << 20 {
+            if size > LIMITS.tar_extension_bytes {
                 return Err(bad(format!("an extension header of {size} bytes")));
             }
             (&mut input)

@@ -9,7 +9,7 @@
 
 use std::fmt;
 
-const MAX_DEPTH: usize = 200;
+use crate::limits::LIMITS;
 
 #[derive(Clone, Debug, PartialEq)]
 pub(crate) enum Term {
@@ -151,7 +151,7 @@ impl Parser<'_> {
     }
 
     fn term(&mut self, depth: usize) -> Result<Term, String> {
-        if depth > MAX_DEPTH {
+        if depth > LIMITS.text_term_depth {
             return Err(self.err("terms nested too deeply"));
         }
         self.skip_ws();

@@ -13,20 +13,13 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::limits::LIMITS;
 
 pub const MANIFEST_TYPE: &str = "beamup-manifest";
 pub const FORMAT: u32 = 1;
 
 /// 64 KiB chunks fit AWS IoT Core's 128 KB publish limit with room to spare.
 pub const DEFAULT_CHUNK_SIZE: u32 = 64 * 1024;
-pub(crate) const MIN_CHUNK_SIZE: u32 = 4 * 1024;
-pub(crate) const MAX_CHUNK_SIZE: u32 = 16 * 1024 * 1024;
-/// The largest manifest a device reads (about 200k chunk digests).
-pub(crate) const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
-/// The largest release tarball a manifest may describe. Larger claims are
-/// refused before anything is allocated or downloaded.
-pub(crate) const MAX_TARBALL_BYTES: u64 = 16 * 1024 * 1024 * 1024;
-pub(crate) const MAX_UNPACKED_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -95,9 +88,6 @@ pub struct Part {
     pub size: u64,
 }
 
-/// Most parts an indexed tarball may have.
-pub(crate) const MAX_PARTS: usize = 100_000;
-
 /// Parts must tile the tarball in order, each non-empty, each named by a
 /// plain unit path (what [`crate::staging`] creates), so that a device can
 /// trust the index as much as it trusts the digests.
@@ -105,8 +95,12 @@ fn validate_parts(parts: &[Part], size: u64) -> std::result::Result<(), String> 
     if parts.is_empty() {
         return Ok(());
     }
-    if parts.len() > MAX_PARTS {
-        return Err(format!("{} parts (at most {MAX_PARTS})", parts.len()));
+    if parts.len() > LIMITS.manifest_parts {
+        return Err(format!(
+            "{} parts (at most {})",
+            parts.len(),
+            LIMITS.manifest_parts
+        ));
     }
     let mut at = 0u64;
     for (i, p) in parts.iter().enumerate() {
@@ -216,7 +210,7 @@ impl Manifest {
                 ));
             }
         }
-        if self.apps.is_empty() || self.apps.len() > 1024 {
+        if self.apps.is_empty() || self.apps.len() > LIMITS.manifest_apps {
             return bad(format!("{} applications listed", self.apps.len()));
         }
         if let Some(a) = self
@@ -234,27 +228,27 @@ impl Manifest {
             }
         }
         let t = &self.tarball;
-        if t.size > MAX_TARBALL_BYTES {
+        if t.size > LIMITS.tarball_bytes {
             return Err(Error::TooLarge {
                 what: "release tarball (as claimed by the manifest)".into(),
                 size: t.size,
-                limit: MAX_TARBALL_BYTES,
+                limit: LIMITS.tarball_bytes,
             });
         }
-        if t.unpacked_size > MAX_UNPACKED_BYTES {
+        if t.unpacked_size > LIMITS.unpacked_bytes {
             return Err(Error::TooLarge {
                 what: "unpacked release (as claimed by the manifest)".into(),
                 size: t.unpacked_size,
-                limit: MAX_UNPACKED_BYTES,
+                limit: LIMITS.unpacked_bytes,
             });
         }
         if t.size == 0 {
             return bad("tarball size is 0".into());
         }
-        if !(MIN_CHUNK_SIZE..=MAX_CHUNK_SIZE).contains(&t.chunk_size) {
+        if !(LIMITS.chunk_size_min..=LIMITS.chunk_size_max).contains(&t.chunk_size) {
             return bad(format!(
-                "chunk size {} is outside {MIN_CHUNK_SIZE}..={MAX_CHUNK_SIZE}",
-                t.chunk_size
+                "chunk size {} is outside {}..={}",
+                t.chunk_size, LIMITS.chunk_size_min, LIMITS.chunk_size_max
             ));
         }
         if t.chunks.len() as u64 != t.size.div_ceil(u64::from(t.chunk_size)) {

@@ -11,10 +11,8 @@ use std::path::Path;
 use flate2::read::MultiGzDecoder;
 
 use crate::error::{Error, IoContext, Result};
+use crate::limits::LIMITS;
 use crate::release::eterm::{self, Term};
-
-/// Release metadata files are small; anything larger is not one.
-const META_FILE_LIMIT: u64 = 4 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReleaseInfo {
@@ -63,7 +61,7 @@ pub fn inspect(path: &Path) -> Result<ReleaseInfo> {
             // Binary; only its presence matters.
             files.insert(name, String::new());
         } else if is_metadata(&name) {
-            if entry.size() > META_FILE_LIMIT {
+            if entry.size() > LIMITS.tar_metadata_bytes {
                 return Err(invalid(format!("{name} is {} bytes", entry.size())));
             }
             let mut text = String::new();

@@ -17,13 +17,9 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
+use crate::limits::LIMITS;
 use crate::release::eterm::{self, Term};
 use crate::release::metadata::{self, Rel};
-
-/// Metadata files are small; anything larger is not one.
-const FILE_LIMIT: u64 = 4 * 1024 * 1024;
-/// More release directories than any device keeps; beyond it, refuse.
-const MAX_RELEASES: usize = 1000;
 
 /// One release as `releases/RELEASES` lists it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -74,7 +70,7 @@ impl OnDisk {
                 versions.push(v.to_string());
             }
         }
-        if versions.len() > MAX_RELEASES {
+        if versions.len() > LIMITS.release_dirs {
             return Err(invalid(
                 &dir,
                 format!("{} release directories", versions.len()),
@@ -139,7 +135,7 @@ fn read_text(path: &Path) -> Result<Option<String>> {
         Err(e) => return Err(Error::io(path, "stat", e)),
         Ok(_) => {}
     }
-    let bytes = fsutil::read_limited(path, FILE_LIMIT, "release file")?;
+    let bytes = fsutil::read_limited(path, LIMITS.release_file_bytes, "release file")?;
     String::from_utf8(bytes)
         .map(Some)
         .map_err(|_| invalid(path, "not UTF-8 text".into()))

@@ -13,9 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-/// Most entries a release tarball may have (OTP releases have thousands).
-pub(crate) const MAX_ENTRIES: u64 = 500_000;
-const MAX_PATH: usize = 4096;
+use crate::limits::LIMITS;
 
 /// What an entry that passed the rules is.
 #[derive(Debug)]
@@ -74,8 +72,8 @@ impl Rules {
         creates: &dyn Fn(&Path) -> bool,
     ) -> Result<Option<Checked>, String> {
         self.entries += 1;
-        if self.entries > MAX_ENTRIES {
-            return Err(format!("more than {MAX_ENTRIES} entries"));
+        if self.entries > LIMITS.tar_entries {
+            return Err(format!("more than {} entries", LIMITS.tar_entries));
         }
         let Some(rel) = safe_relative_path(raw)? else {
             return Ok(None);
@@ -259,7 +257,7 @@ pub(crate) fn top_of(rel: &Path) -> Option<PathBuf> {
 pub(crate) fn safe_relative_path(raw: &[u8]) -> Result<Option<PathBuf>, String> {
     let s = std::str::from_utf8(raw).map_err(|_| "an entry name is not UTF-8".to_string())?;
     let shown = || s.chars().take(200).collect::<String>();
-    if s.len() > MAX_PATH {
+    if s.len() > LIMITS.tar_path_bytes {
         return Err(format!("entry name of {} bytes", s.len()));
     }
     if s.starts_with('/') {

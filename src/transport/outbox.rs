@@ -18,11 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-
-/// Most messages kept: when the broker stays away for long, the oldest
-/// progress messages go first; outcomes are kept.
-pub(crate) const MAX_ENTRIES: usize = 1000;
-const ENTRY_LIMIT: u64 = 1024 * 1024;
+use crate::limits::LIMITS;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Entry {
@@ -43,7 +39,7 @@ pub(crate) struct Outbox {
 impl Outbox {
     /// Opens (creating) the outbox and loads what an earlier run left.
     pub(crate) fn open(dir: &Path) -> Result<Outbox> {
-        Self::open_with_limit(dir, MAX_ENTRIES)
+        Self::open_with_limit(dir, LIMITS.outbox_entries)
     }
 
     pub(crate) fn open_with_limit(dir: &Path, limit: usize) -> Result<Outbox> {
@@ -59,7 +55,7 @@ impl Outbox {
             else {
                 continue; // temp files of an interrupted write
             };
-            let bytes = fsutil::read_limited(&e.path(), ENTRY_LIMIT, "outbox entry")?;
+            let bytes = fsutil::read_limited(&e.path(), LIMITS.outbox_entry_bytes, "outbox entry")?;
             match serde_json::from_slice::<Entry>(&bytes) {
                 Ok(entry) => {
                     entries.insert(id, entry);

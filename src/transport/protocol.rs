@@ -220,9 +220,6 @@ pub(crate) struct ChunkRequest {
     pub(crate) piece: Option<u32>,
 }
 
-/// Most pieces one request asks for.
-pub(crate) const MAX_PIECES_PER_REQUEST: usize = 8;
-
 impl ChunkRequest {
     #[cfg(feature = "operator")]
     /// The replies it asks for: (offset, len) of each.

@@ -18,8 +18,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
-
-const KEY_FILE_LIMIT: u64 = 4096;
+use crate::limits::LIMITS;
 
 /// The id of a public key: 16 lowercase hex digits.
 pub(crate) fn key_id(key: &VerifyingKey) -> String {
@@ -66,7 +65,7 @@ impl PublicKey {
 
     #[cfg(feature = "operator")]
     pub(crate) fn load(path: &Path) -> Result<Self> {
-        let bytes = fsutil::read_limited(path, KEY_FILE_LIMIT, "key file")?;
+        let bytes = fsutil::read_limited(path, LIMITS.key_file_bytes, "key file")?;
         let invalid = |detail: String| Error::InvalidKey {
             path: path.to_path_buf(),
             detail,
@@ -145,7 +144,7 @@ impl SecretKey {
                 ),
             });
         }
-        let bytes = fsutil::read_limited(path, KEY_FILE_LIMIT, "key file")?;
+        let bytes = fsutil::read_limited(path, LIMITS.key_file_bytes, "key file")?;
         Self::parse(&bytes, path)
     }
 
@@ -170,9 +169,10 @@ impl SecretKey {
             Err(invalid(
                 "is empty; put the text of the secret .key file in it",
             ))
-        } else if bytes.len() as u64 > KEY_FILE_LIMIT {
+        } else if bytes.len() as u64 > LIMITS.key_file_bytes {
             Err(invalid(&format!(
-                "holds more than {KEY_FILE_LIMIT} bytes; a key file is about 150"
+                "holds more than {} bytes; a key file is about 150",
+                LIMITS.key_file_bytes
             )))
         } else {
             Self::parse(&bytes, &source)

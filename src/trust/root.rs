@@ -15,15 +15,13 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::limits::LIMITS;
 use crate::trust::keys::PublicKey;
 #[cfg(feature = "operator")]
 use crate::trust::keys::SecretKey;
 use crate::trust::signed::{DocKind, Envelope, Trust};
 
 const ROOT_TYPE: &str = "beamup-root";
-/// A root lists a handful of keys; anything near this is not a root.
-pub(crate) const ROOT_FILE_LIMIT: u64 = 1024 * 1024;
-pub(crate) const MAX_KEYS: usize = 256;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -63,7 +61,7 @@ impl Root {
     /// Loads a root file and checks that it is well formed and signed by a
     /// threshold of its own keys.
     pub fn load(path: &Path) -> Result<Root> {
-        let bytes = fsutil::read_limited(path, ROOT_FILE_LIMIT, "trust root")?;
+        let bytes = fsutil::read_limited(path, LIMITS.root_file_bytes, "trust root")?;
         let (root, _) = Self::parse(&bytes, path)?;
         Ok(root)
     }
@@ -229,8 +227,12 @@ fn check_shape(
     if keys.is_empty() {
         return Err("a root needs at least one key".into());
     }
-    if keys.len() > MAX_KEYS {
-        return Err(format!("{} keys, at most {MAX_KEYS} allowed", keys.len()));
+    if keys.len() > LIMITS.root_keys {
+        return Err(format!(
+            "{} keys, at most {} allowed",
+            keys.len(),
+            LIMITS.root_keys
+        ));
     }
     if threshold == 0 || threshold > keys.len() {
         return Err(format!(

@@ -14,11 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use crate::error::{Error, Result};
+use crate::limits::LIMITS;
 use crate::trust::keys::{PublicKey, SecretKey};
-
-/// Most signatures an envelope may carry; each costs a verification, and a
-/// hostile file could otherwise carry millions.
-pub(crate) const MAX_SIGNATURES: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DocKind {
@@ -93,10 +90,11 @@ impl Envelope {
     /// that is not one, a broken root file).
     pub(crate) fn parse(bytes: &[u8]) -> std::result::Result<Envelope, String> {
         let env: Envelope = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
-        if env.signatures.len() > MAX_SIGNATURES {
+        if env.signatures.len() > LIMITS.envelope_signatures {
             return Err(format!(
-                "{} signatures, at most {MAX_SIGNATURES} are allowed",
-                env.signatures.len()
+                "{} signatures, at most {} are allowed",
+                env.signatures.len(),
+                LIMITS.envelope_signatures
             ));
         }
         Ok(env)

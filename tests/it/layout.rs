@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// The layers, bottom first. A module may import modules of lower layers
 /// only.
 const LAYERS: &[&[&str]] = &[
-    &["error", "durations", "logging", "memory"],
+    &["error", "durations", "limits", "logging", "memory"],
     &["fsutil"],
     &["trust", "release"],
     &["bundle"],

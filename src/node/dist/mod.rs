@@ -18,6 +18,8 @@ pub(crate) mod term;
 use std::io;
 use std::time::Duration;
 
+use crate::limits::LIMITS;
+
 pub use connection::Connection;
 #[cfg(feature = "fuzzing")]
 pub(crate) use connection::fuzzing as connection_fuzzing;
@@ -42,10 +44,10 @@ pub struct ConnectOptions {
     pub idle_timeout: Duration,
     /// Give up on a write the peer does not drain within this long.
     pub write_timeout: Duration,
-    /// Largest frame accepted from the peer, read into memory whole.
-    /// release_handler's replies are a few KiB; the limit bounds memory if
-    /// the peer misbehaves (and `term::MAX_DECODED_BYTES` what a frame
-    /// decodes to).
+    /// Largest frame accepted from the peer, read into memory whole: the
+    /// limit bounds memory if the peer misbehaves (and
+    /// `LIMITS.node_term_bytes` what a frame decodes to). Default:
+    /// `LIMITS.node_frame_bytes`.
     pub max_frame_len: u32,
 }
 
@@ -57,7 +59,7 @@ impl Default for ConnectOptions {
             tick_interval: Duration::from_secs(15),
             idle_timeout: Duration::from_secs(75),
             write_timeout: Duration::from_secs(30),
-            max_frame_len: 1 << 20,
+            max_frame_len: LIMITS.node_frame_bytes,
         }
     }
 }

@@ -5,29 +5,22 @@
 //! allocations straight from length fields (`Vec::with_capacity(count)` on a
 //! 32-bit count) and recurses without a depth limit: a single hostile frame
 //! could abort the agent. This decoder caps every allocation by the bytes
-//! actually present, caps nesting depth and the memory a decoded term
-//! takes (`MAX_DECODED_BYTES`), so the worst case is bounded whatever the
-//! frame holds.
+//! actually present, caps nesting depth (`LIMITS.node_term_depth`) and
+//! the memory a decoded term takes (`LIMITS.node_term_bytes`), so the worst
+//! case is bounded whatever the frame holds.
 
 use std::fmt;
 
+use crate::limits::LIMITS;
+
 /// External term format version byte that starts every encoded term.
 pub(crate) const VERSION: u8 = 131;
-/// Deepest nesting accepted when decoding; far beyond any reply shape
-/// release_handler produces, small enough to never exhaust a task's stack.
-pub(crate) const MAX_DEPTH: usize = 256;
 /// Items reserved up front for a tuple, list or map; the rest as they
 /// decode. A length field is only checked against the bytes left, and
 /// each item takes one byte there but 40 in memory: reserved in full at
 /// every level of nesting, one frame of n bytes could ask for
-/// 40 * n * MAX_DEPTH (an 8 MiB frame, 80 GiB).
+/// 40 * n * `LIMITS.node_term_depth` (a 1 MiB frame, 10 GiB).
 const PREALLOC_ITEMS: usize = 64;
-/// Most memory the nodes of one decoded term may take. Each node is 40
-/// bytes however few it took on the wire (one byte of a `STRING_EXT`), so
-/// without this a frame of n bytes could decode to about 40 n (a
-/// 1 MiB frame, 40 MiB). release_handler's replies decode to a few hundred
-/// KiB at most; a term that needs more is refused, not decoded.
-pub(crate) const MAX_DECODED_BYTES: usize = 8 << 20;
 
 /// An Erlang process identifier.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -344,7 +337,7 @@ pub(crate) struct Decoder<'a> {
     bytes: &'a [u8],
     pos: usize,
     depth: usize,
-    /// Bytes of term nodes decoded so far (`MAX_DECODED_BYTES`).
+    /// Bytes of term nodes decoded so far (`LIMITS.node_term_bytes`).
     held: usize,
 }
 
@@ -418,15 +411,15 @@ impl<'a> Decoder<'a> {
         }
     }
 
-    /// Counts `nodes` more term nodes against `MAX_DECODED_BYTES`.
+    /// Counts `nodes` more term nodes against `LIMITS.node_term_bytes`.
     fn hold(&mut self, nodes: usize) -> Result<(), DecodeError> {
         self.held = self
             .held
             .saturating_add(nodes.saturating_mul(std::mem::size_of::<Term>()));
-        if self.held > MAX_DECODED_BYTES {
+        if self.held > LIMITS.node_term_bytes {
             return Err(self.err(format!(
                 "the term decodes to more than {} MiB in memory; refused",
-                MAX_DECODED_BYTES >> 20
+                LIMITS.node_term_bytes >> 20
             )));
         }
         Ok(())
@@ -434,8 +427,8 @@ impl<'a> Decoder<'a> {
 
     pub(crate) fn term(&mut self) -> Result<Term, DecodeError> {
         self.hold(1)?;
-        if self.depth >= MAX_DEPTH {
-            return Err(self.err(format!("nested deeper than {MAX_DEPTH}")));
+        if self.depth >= LIMITS.node_term_depth {
+            return Err(self.err(format!("nested deeper than {}", LIMITS.node_term_depth)));
         }
         self.depth += 1;
         let t = self.term_inner();
@@ -979,7 +972,7 @@ mod tests {
             .stack_size(1 << 20)
             .spawn(|| {
                 let mut bytes = vec![131];
-                for _ in 0..MAX_DEPTH - 1 {
+                for _ in 0..LIMITS.node_term_depth - 1 {
                     bytes.extend([104, 1]);
                 }
                 bytes.push(106);
@@ -987,7 +980,7 @@ mod tests {
                 t.to_string().len()
             })
             .unwrap();
-        assert_eq!(h.join().unwrap(), 2 * (MAX_DEPTH - 1) + 2);
+        assert_eq!(h.join().unwrap(), 2 * (LIMITS.node_term_depth - 1) + 2);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use super::plan::{Gate, Plan};
 use crate::error::{Error, Result};
 use crate::fsutil;
+use crate::limits::LIMITS;
 
 pub const FORMAT: u32 = 1;
 
@@ -333,11 +334,7 @@ impl Store {
 
     pub fn offer(&self, revert: bool) -> Result<Vec<u8>> {
         let p = self.dir.join(if revert { "revert" } else { "offer" });
-        fsutil::read_limited(
-            &p,
-            crate::release::manifest::MAX_MANIFEST_BYTES,
-            "campaign offer",
-        )
+        fsutil::read_limited(&p, LIMITS.manifest_bytes, "campaign offer")
     }
 
     /// Writes the whole state: a new file, fsynced, renamed into place.
@@ -366,7 +363,7 @@ impl Store {
                     .map_or(String::new(), |d| d.display().to_string())
             )));
         }
-        let bytes = fsutil::read_limited(&p, 1 << 30, "campaign state")?;
+        let bytes = fsutil::read_limited(&p, LIMITS.campaign_state_bytes, "campaign state")?;
         let c: Campaign = serde_json::from_slice(&bytes).map_err(|e| Error::State {
             path: p.clone(),
             detail: e.to_string(),

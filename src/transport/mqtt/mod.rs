@@ -26,13 +26,8 @@ use rumqttc::v5;
 
 use crate::error::{Error, IoContext, Result};
 use crate::fsutil;
+use crate::limits::LIMITS;
 
-/// Largest packet we accept from the broker: a manifest (16 MiB at most)
-/// or a data reply of the largest chunk, plus headers.
-pub(crate) const MAX_INCOMING: u32 = 16 * 1024 * 1024 + 64 * 1024;
-/// Largest packet we send (MQTT 5: further bounded by the broker's Maximum
-/// Packet Size from CONNACK).
-pub(crate) const MAX_OUTGOING: u32 = MAX_INCOMING;
 /// QoS 1 publishes rumqttc keeps in flight at most; caller-chosen packet
 /// ids must lie in `1..=INFLIGHT`.
 pub(crate) const INFLIGHT: u16 = 64;
@@ -148,8 +143,9 @@ pub(crate) enum Event {
     PubAck(u16),
     /// The broker acknowledged a subscription (see [`Settle`]).
     SubAck,
-    /// A message above [`MAX_INCOMING`] that the connection's guard (see
-    /// [`Conn::guarded`]) dropped unread; the broker had its acknowledgement.
+    /// A message above `LIMITS.mqtt_packet_bytes` that the connection's
+    /// guard (see [`Conn::guarded`]) dropped unread; the broker had its
+    /// acknowledgement.
     Dropped {
         topic: String,
         size: u64,
@@ -339,7 +335,7 @@ fn password(b: &Broker) -> Result<Option<(String, String)>> {
                     ),
                 });
             }
-            let bytes = fsutil::read_limited(p, 4096, "password file")?;
+            let bytes = fsutil::read_limited(p, LIMITS.password_file_bytes, "password file")?;
             let text = String::from_utf8(bytes).map_err(|_| Error::Config {
                 path: p.clone(),
                 detail: "the password file is not UTF-8 text".into(),
@@ -363,9 +359,9 @@ impl Conn {
 
     /// A connection through a guard listening on the Unix socket `socket`
     /// (in a directory only this user can enter): messages above
-    /// [`MAX_INCOMING`] are dropped as they stream in and reported as
-    /// [`Event::Dropped`], instead of ending the connection on every
-    /// delivery (see `guard`). Must be called within a tokio runtime.
+    /// `LIMITS.mqtt_packet_bytes` are dropped as they stream in and
+    /// reported as [`Event::Dropped`], instead of ending the connection on
+    /// every delivery (see `guard`). Must be called within a tokio runtime.
     pub(crate) fn guarded(b: &Broker, s: &Session, socket: &Path) -> Result<Conn> {
         Self::open(b, s, Some(socket))
     }
@@ -388,7 +384,7 @@ impl Conn {
                 let g = guard::Guard::start(
                     path,
                     up,
-                    MAX_INCOMING as usize,
+                    LIMITS.mqtt_packet_bytes as usize,
                     b.version == Version::V5,
                     shared.clone(),
                 )
@@ -424,7 +420,7 @@ impl Conn {
                 let mut o = v5::MqttOptions::new(&s.client_id, &host, port);
                 o.set_keep_alive(s.keep_alive)
                     .set_clean_start(!s.persistent)
-                    .set_max_packet_size(Some(MAX_INCOMING))
+                    .set_max_packet_size(Some(LIMITS.mqtt_packet_bytes))
                     .set_outgoing_inflight_upper_limit(INFLIGHT)
                     // The broker's window towards us. Absent, MQTT 5
                     // allows 65,535 in flight: a reconnect's thousands of
@@ -463,7 +459,10 @@ impl Conn {
                 let mut o = rumqttc::MqttOptions::new(&s.client_id, &host, port);
                 o.set_keep_alive(s.keep_alive)
                     .set_clean_session(!s.persistent)
-                    .set_max_packet_size(MAX_INCOMING as usize, MAX_OUTGOING as usize)
+                    .set_max_packet_size(
+                        LIMITS.mqtt_packet_bytes as usize,
+                        LIMITS.mqtt_packet_bytes as usize,
+                    )
                     .set_inflight(INFLIGHT);
                 if let Some(tls) = tls {
                     o.set_transport(rumqttc::Transport::tls_with_config(tls));
