@@ -114,6 +114,14 @@ pub(crate) struct Limits {
     /// of the fleet.
     #[cfg(feature = "operator")]
     pub(crate) campaign_state_bytes: u64,
+    /// Largest campaign plan (`campaign start PLAN`): waves may list
+    /// devices by id, some tens of bytes each.
+    #[cfg(feature = "operator")]
+    pub(crate) campaign_plan_bytes: u64,
+    /// Largest record of the last sequence number issued (`beamup
+    /// bundle`); it is a line of JSON.
+    #[cfg(feature = "operator")]
+    pub(crate) sequence_record_bytes: u64,
 
     // Network: MQTT.
     /// Largest MQTT packet, either way. What we accept from the broker: a
@@ -195,6 +203,10 @@ pub(crate) const LIMITS: Limits = Limits {
     rehearse_config_bytes: 64 * 1024,
     #[cfg(feature = "operator")]
     campaign_state_bytes: 1 << 30,
+    #[cfg(feature = "operator")]
+    campaign_plan_bytes: 16 * 1024 * 1024,
+    #[cfg(feature = "operator")]
+    sequence_record_bytes: 64 * 1024,
 
     mqtt_packet_bytes: 16 * 1024 * 1024 + 64 * 1024,
 

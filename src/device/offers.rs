@@ -12,6 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::error::Result;
 use crate::fsutil;
+use crate::limits::LIMITS;
 
 /// Offers remembered as decided.
 const DECIDED_MAX: usize = 100;
@@ -49,10 +50,14 @@ impl OfferMemory {
     /// Reads `agent.json` in `dir`; a missing or unreadable one is an empty
     /// memory (it only short-cuts the engine's).
     pub(crate) fn load(dir: PathBuf, topic: String) -> OfferMemory {
-        let file: AgentFile = std::fs::read(dir.join("agent.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let file: AgentFile = fsutil::read_limited(
+            &dir.join("agent.json"),
+            LIMITS.state_file_bytes,
+            "agent memory",
+        )
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
         OfferMemory {
             dir,
             file,
@@ -91,7 +96,12 @@ impl OfferMemory {
 
     /// The last offer taken up, if any.
     pub(crate) fn last(&self) -> Option<Vec<u8>> {
-        std::fs::read(self.dir.join("last-offer.json")).ok()
+        fsutil::read_limited(
+            &self.dir.join("last-offer.json"),
+            LIMITS.manifest_bytes,
+            "last offer",
+        )
+        .ok()
     }
 
     /// The offer waits for the engine; a newer one replaces it.

@@ -81,7 +81,7 @@ pub fn issue(now: SystemTime) -> Result<u64> {
         .ctx(&lock_path, "open")?;
     let _lock: Flock<File> = Flock::lock(lock, FlockArg::LockExclusive)
         .map_err(|(_, e)| Error::io(&lock_path, "lock", e.into()))?;
-    let before: Option<Issued> = match fs::read(&path) {
+    let before: Option<Issued> = match read_record(&path) {
         Ok(bytes) => Some(serde_json::from_slice(&bytes).map_err(|e| Error::Usage(format!(
             "{}: not a record of the last sequence number ({e}); remove it (the next bundle starts from the clock) or give --sequence",
             path.display()
@@ -112,6 +112,20 @@ pub fn issue(now: SystemTime) -> Result<u64> {
     let record = serde_json::to_vec(&Issued { machine, last: seq }).expect("json");
     crate::fsutil::write_atomic(&path, 0o644, true, &record)?;
     Ok(seq)
+}
+
+/// The record file's bytes, refused above `LIMITS.sequence_record_bytes`.
+fn read_record(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let limit = crate::limits::LIMITS.sequence_record_bytes;
+    let mut buf = Vec::new();
+    File::open(path)?.take(limit + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > limit {
+        return Err(std::io::Error::other(format!(
+            "more than {limit} bytes: not a record of the last sequence number"
+        )));
+    }
+    Ok(buf)
 }
 
 #[cfg(test)]

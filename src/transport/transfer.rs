@@ -747,10 +747,11 @@ fn allocate(file: &File, len: u64) -> std::io::Result<()> {
 /// belongs to another tarball.
 pub(crate) fn read_bitmap(path: &Path, tarball: &[u8; 32], chunks: usize) -> Vec<bool> {
     let none = vec![false; chunks];
-    let Ok(bytes) = fs::read(path) else {
+    let size = 40 + chunks.div_ceil(8);
+    let Ok(bytes) = fsutil::read_limited(path, size as u64, "chunk bitmap") else {
         return none;
     };
-    if bytes.len() != 40 + chunks.div_ceil(8)
+    if bytes.len() != size
         || &bytes[..4] != BITMAP_MAGIC
         || &bytes[4..36] != tarball
         || bytes[36..40] != (chunks as u32).to_be_bytes()

@@ -37,7 +37,15 @@ use state::{Campaign, Store, Target};
 
 /// Reads and checks a plan file.
 pub fn load_plan(path: &Path) -> Result<plan::Plan> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, "read", e))?;
+    let bytes = crate::fsutil::read_limited(
+        path,
+        crate::limits::LIMITS.campaign_plan_bytes,
+        "campaign plan",
+    )?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::Config {
+        path: path.to_path_buf(),
+        detail: "not UTF-8 text; a plan is a TOML file".into(),
+    })?;
     let dir = path.parent().unwrap_or(Path::new("."));
     plan::parse(&text, dir).map_err(|detail| Error::Config {
         path: path.to_path_buf(),
