@@ -176,7 +176,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         scanned_at: None,
     };
     index.scan();
-    let (tx, rx) = mpsc::channel::<(String, bytes::Bytes)>(1024);
+    let (tx, rx) = mpsc::channel::<(String, bytes::Bytes)>(LIMITS.queued_chunk_requests);
     let worker = tokio::spawn(worker(rx, client, topics.clone(), index, opts.max_piece));
 
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
@@ -185,6 +185,8 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
             detail: format!("cannot handle SIGTERM: {e}"),
         })?;
     let filter = topics.request_filter(true);
+    // Dropped requests are counted and told at most once a second.
+    let (mut dropped, mut dropped_said) = (0u64, None::<Instant>);
     loop {
         tokio::select! {
             ev = conn.poll() => match ev {
@@ -198,8 +200,21 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
                 Ok(mqtt::Event::Message { topic, payload, .. }) => {
                     if payload.len() > LIMITS.chunk_request_bytes {
                         tracing::debug!("request of {} bytes on {topic} dropped unread", payload.len());
-                    } else if tx.try_send((topic, payload)).is_err() {
-                        tracing::warn!("request queue full; a request was dropped (the device asks again)");
+                    } else if tx
+                        // A copy: a slice would hold the whole read buffer
+                        // it came in while it waits.
+                        .try_send((topic, bytes::Bytes::copy_from_slice(&payload)))
+                        .is_err()
+                    {
+                        dropped += 1;
+                        if dropped_said.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                            tracing::warn!(
+                                "request queue full ({} waiting): {dropped} request(s) dropped since the last warning (the devices ask again)",
+                                LIMITS.queued_chunk_requests
+                            );
+                            dropped = 0;
+                            dropped_said = Some(Instant::now());
+                        }
                     }
                 }
                 Ok(_) => {}
