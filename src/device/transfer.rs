@@ -299,7 +299,8 @@ impl Transfer {
         if pieces.is_empty() {
             return Vec::new();
         }
-        group_requests(&hex::encode(a.download.tarball_id()), &pieces)
+        let wait = a.download.window.timeout();
+        group_requests(&hex::encode(a.download.tarball_id()), &pieces, wait)
     }
 
     /// A message on the data topic: checked, and written when it verifies.
@@ -396,7 +397,7 @@ pub(crate) fn size_text(bytes: u64) -> String {
 /// Requests for pieces: runs of adjacent pieces of the same size become one
 /// request (fewer messages for the broker and the servers), up to
 /// `LIMITS.chunk_request_pieces`.
-fn group_requests(bundle: &str, pieces: &[Piece]) -> Vec<ChunkRequest> {
+fn group_requests(bundle: &str, pieces: &[Piece], wait: Duration) -> Vec<ChunkRequest> {
     let mut out: Vec<ChunkRequest> = Vec::new();
     for p in pieces {
         if let Some(last) = out.last_mut() {
@@ -420,6 +421,7 @@ fn group_requests(bundle: &str, pieces: &[Piece]) -> Vec<ChunkRequest> {
             offset: p.offset,
             len: p.len,
             piece: None,
+            wait_ms: Some(wait.as_millis() as u64),
         });
     }
     out
@@ -441,6 +443,7 @@ mod tests {
                 p(3, 240, 100),
                 p(7, 700, 100),
             ],
+            Duration::from_secs(5),
         );
         let got: Vec<(u64, u32, Option<u32>)> =
             reqs.iter().map(|r| (r.offset, r.len, r.piece)).collect();
@@ -449,8 +452,9 @@ mod tests {
             [(0, 240, Some(100)), (240, 100, None), (700, 100, None)]
         );
         let many: Vec<Piece> = (0..20).map(|i| p(i, u64::from(i) * 10, 10)).collect();
-        let reqs = group_requests("b", &many);
+        let reqs = group_requests("b", &many, Duration::from_millis(7500));
         assert_eq!(reqs.len(), 3);
+        assert!(reqs.iter().all(|r| r.wait_ms == Some(7500)));
         assert!(reqs.iter().all(|r| r.replies().count() <= 8));
     }
 }

@@ -158,6 +158,12 @@ pub(crate) fn plan_replies(
     Ok(req.replies().collect())
 }
 
+/// Has the device given up on a request that waited `waited` in the queue
+/// (it waits `wait_ms` for the replies, then asks again)? Pure.
+pub(crate) fn given_up(waited: Duration, wait_ms: Option<u64>) -> bool {
+    wait_ms.is_some_and(|w| waited > Duration::from_millis(w))
+}
+
 pub async fn run(opts: ServeOptions) -> Result<()> {
     if !opts.bundles.is_dir() {
         return Err(Error::Usage(format!(
@@ -176,7 +182,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
         scanned_at: None,
     };
     index.scan();
-    let (tx, rx) = mpsc::channel::<(String, bytes::Bytes)>(LIMITS.queued_chunk_requests);
+    let (tx, rx) = mpsc::channel::<(String, bytes::Bytes, Instant)>(LIMITS.queued_chunk_requests);
     let worker = tokio::spawn(worker(rx, client, topics.clone(), index, opts.max_piece));
 
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
@@ -203,7 +209,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
                     } else if tx
                         // A copy: a slice would hold the whole read buffer
                         // it came in while it waits.
-                        .try_send((topic, bytes::Bytes::copy_from_slice(&payload)))
+                        .try_send((topic, bytes::Bytes::copy_from_slice(&payload), Instant::now()))
                         .is_err()
                     {
                         dropped += 1;
@@ -239,7 +245,7 @@ pub async fn run(opts: ServeOptions) -> Result<()> {
 }
 
 async fn worker(
-    mut rx: mpsc::Receiver<(String, bytes::Bytes)>,
+    mut rx: mpsc::Receiver<(String, bytes::Bytes, Instant)>,
     client: Client,
     topics: Topics,
     mut index: Index,
@@ -248,7 +254,8 @@ async fn worker(
     let faults = Faults::from_env();
     let mut corrupted = Vec::new();
     let mut served: u64 = 0;
-    while let Some((topic, payload)) = rx.recv().await {
+    let mut too_late: u64 = 0;
+    while let Some((topic, payload, queued_at)) = rx.recv().await {
         let Some(Topic::Request(device)) = topics.parse(&topic) else {
             tracing::debug!("request on {topic} ignored");
             continue;
@@ -265,6 +272,15 @@ async fn worker(
         };
         if req.v != protocol::VERSION {
             tracing::debug!("request v{} from {device} ignored", req.v);
+            continue;
+        }
+        if given_up(queued_at.elapsed(), req.wait_ms) {
+            too_late += 1;
+            if too_late % 1000 == 1 {
+                tracing::info!(
+                    "{too_late} request(s) dropped unanswered so far: they waited here longer than their device waits for the replies (it has asked again)"
+                );
+            }
             continue;
         }
         let reply_to = topics.data(&device);
@@ -343,7 +359,16 @@ mod tests {
             offset,
             len,
             piece,
+            wait_ms: None,
         }
+    }
+
+    #[test]
+    fn a_request_its_device_gave_up_on_is_not_answered() {
+        let s = Duration::from_secs;
+        assert!(!given_up(s(60), None), "no wait given: always answered");
+        assert!(!given_up(s(4), Some(5000)));
+        assert!(given_up(s(6), Some(5000)));
     }
 
     #[test]

@@ -218,6 +218,12 @@ pub(crate) struct ChunkRequest {
     /// Bytes per reply; absent: one reply of `len` bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) piece: Option<u32>,
+    /// How long the device waits for the replies before it asks again, in
+    /// milliseconds. A server that could not start on the request within
+    /// that (its queue was that long) drops it: the device has asked again
+    /// by then, and the replies would be sent twice. Absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) wait_ms: Option<u64>,
 }
 
 impl ChunkRequest {
@@ -666,6 +672,7 @@ mod tests {
             offset: 131072,
             len: 65536 * 2 + 100,
             piece: Some(65536),
+            wait_ms: None,
         };
         assert_eq!(
             r.replies().collect::<Vec<_>>(),

@@ -264,8 +264,7 @@ impl Window {
     }
 
     /// How long a piece asked now is waited for.
-    #[cfg(test)]
-    fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 
