@@ -970,7 +970,7 @@ fn main() {
         serve_cpu.as_secs_f64() * 1000.0,
     );
     println!(
-        "  CPU while they fetched ({:.2} s from the offer): simulated devices {:.2} s (one thread: SHA-256 of every chunk, the downloads' files, 200 MQTT sessions), mosquitto {:.2} s, serve {:.2} s",
+        "  CPU while they fetched ({:.2} s from the offer): simulated devices {:.2} s (one thread per core: SHA-256 of every chunk, the downloads' files, 200 MQTT sessions), mosquitto {:.2} s, serve {:.2} s",
         fetch_wall.as_secs_f64(),
         sim_cpu.as_secs_f64(),
         broker_cpu.as_secs_f64(),
