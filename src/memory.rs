@@ -116,7 +116,8 @@ impl BlockCache {
     }
 
     /// Bytes held in the cache right now.
-    pub(crate) fn cached_bytes(&self) -> usize {
+    #[cfg(test)]
+    fn cached_bytes(&self) -> usize {
         self.with_slots(|s| s.bytes).unwrap_or(0)
     }
 
