@@ -33,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use beamup::bundle::Bundle;
-use common::{beamup, beamup_in, keys_and_root, loadavg, scratch};
+use common::{beamup, beamup_in, data_replies, keys_and_root, loadavg, scratch};
 use serde_json::Value;
 
 const INSTALL: Duration = Duration::from_millis(200);
@@ -809,17 +809,6 @@ fn timeline(log: &Path, started: SystemTime, wall: Duration) -> [Duration; 4] {
     }
 }
 
-/// The data replies that carry a bundle's tarball, one per chunk.
-fn data_replies(bundle: &Path) -> Vec<Vec<u8>> {
-    let b = Bundle::open(bundle).unwrap();
-    let mut tar = vec![0u8; b.tarball_size() as usize];
-    b.read_tarball_at(&mut tar, 0).unwrap();
-    tar.chunks(CHUNK)
-        .enumerate()
-        .map(|(i, c)| beamup::transport::protocol::encode_data(&[7; 32], (i * CHUNK) as u64, c))
-        .collect()
-}
-
 fn mib(b: u64) -> f64 {
     b as f64 / (1024.0 * 1024.0)
 }
@@ -858,7 +847,7 @@ fn main() {
         // The release's bytes to every device that fetched it, as serve
         // sends them (one reply per chunk, QoS 0), through the broker alone.
         let b = mosquitto(&dir);
-        let raw_release = raw_data(b.port, &data_replies(&small), c1k.fetched);
+        let raw_release = raw_data(b.port, &data_replies(&small, CHUNK), c1k.fetched);
         drop(b);
         let floor = raw + raw_release + 2 * INSTALL;
         let [startup, settle, rollout, goodbye] =
@@ -954,7 +943,7 @@ fn main() {
     let span = Duration::from_millis(ends.iter().max().unwrap() - starts.iter().min().unwrap());
     let size = Bundle::open(&big).unwrap().tarball_size();
     let total = size * devices as u64;
-    let msgs = data_replies(&big);
+    let msgs = data_replies(&big, CHUNK);
     let b = mosquitto(&dir);
     let raw_span = raw_data(b.port, &msgs, devices);
     drop(b);

@@ -118,18 +118,6 @@ fn mosquitto(dir: &Path) -> (Killed, u16) {
     (Killed(child), port)
 }
 
-/// The tarball bytes of a bundle, in 64 KiB messages with the same 44-byte
-/// header beamup's data replies carry.
-fn chunks(bundle: &Path) -> Vec<Vec<u8>> {
-    let b = beamup::bundle::Bundle::open(bundle).unwrap();
-    let mut tar = vec![0u8; b.tarball_size() as usize];
-    b.read_tarball_at(&mut tar, 0).unwrap();
-    tar.chunks(CHUNK)
-        .enumerate()
-        .map(|(i, c)| beamup::transport::protocol::encode_data(&[7; 32], (i * CHUNK) as u64, c))
-        .collect()
-}
-
 /// CPU time of the processes of one transfer.
 #[derive(Clone, Copy, Default)]
 struct Cpu {
@@ -443,7 +431,7 @@ fn main() {
     let size = beamup::bundle::Bundle::open(&bundle)
         .unwrap()
         .tarball_size();
-    let msgs = chunks(&bundle);
+    let msgs = data_replies(&bundle, CHUNK);
 
     let (broker, port) = mosquitto(&dir);
     let broker_pid = broker.0.id();

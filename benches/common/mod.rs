@@ -372,3 +372,16 @@ pub fn loadavg() -> String {
         .collect::<Vec<_>>()
         .join(" ")
 }
+
+/// A bundle's tarball as the data replies that carry it, one per `chunk`
+/// bytes, each with the 44-byte header beamup's replies have: what the
+/// raw references publish.
+pub fn data_replies(bundle: &Path, chunk: usize) -> Vec<Vec<u8>> {
+    let b = beamup::bundle::Bundle::open(bundle).unwrap();
+    let mut tar = vec![0u8; b.tarball_size() as usize];
+    b.read_tarball_at(&mut tar, 0).unwrap();
+    tar.chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| beamup::transport::protocol::encode_data(&[7; 32], (i * chunk) as u64, c))
+        .collect()
+}

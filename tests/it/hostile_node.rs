@@ -182,22 +182,11 @@ fn nested_claims(size: usize) -> Vec<u8> {
 
 #[test]
 fn status_survives_a_node_whose_frame_claims_huge_nested_tuples() {
-    let dir = tempfile::tempdir().unwrap();
     // The largest frame a node may send.
-    let node = Server::start(node(nested_claims(1 << 20)));
-    let epmd = Server::start(epmd(node.port));
-    let config = agent_toml(dir.path(), epmd.port);
-    let run = cli::beamup_with_memory_cap(
-        dir.path(),
-        1 << 30,
-        &["status", "--config", config.to_str().unwrap()],
-    );
-    run.ok();
+    let out = status_against(nested_claims(1 << 20));
     assert!(
-        run.stdout.contains("hostile@localhost unreachable")
-            && run.stdout.contains("nested deeper than 256"),
-        "{}",
-        run.stdout
+        out.contains("hostile@localhost unreachable") && out.contains("nested deeper than 256"),
+        "{out}"
     );
 }
 
