@@ -58,6 +58,9 @@ const TICK: Duration = Duration::from_millis(100);
 /// a device waiting for offers wakes up about once a second, not ten times.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 const NODE_POLL: Duration = Duration::from_secs(60);
+/// ... and while it did not answer: a node its supervisor starts again
+/// shows in the fleet's view within seconds, not a minute.
+const NODE_POLL_UNANSWERED: Duration = Duration::from_secs(5);
 
 /// Engine progress steps, sent from inside the install to the main loop.
 struct ProgressTx(mpsc::UnboundedSender<(Step, String)>);
@@ -861,7 +864,12 @@ impl Agent {
         self.report.flush(&mut self.session);
         if let Some(e) = engine
             && !self.transfer.is_fetching()
-            && self.node_polled_at.elapsed() >= NODE_POLL
+            && self.node_polled_at.elapsed()
+                >= if self.report.node_answered() {
+                    NODE_POLL
+                } else {
+                    NODE_POLL_UNANSWERED
+                }
         {
             self.refresh_node(e).await;
         }

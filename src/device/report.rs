@@ -281,6 +281,11 @@ impl Reporter {
         }
     }
 
+    /// Did the node answer the last time it was asked?
+    pub(crate) fn node_answered(&self) -> bool {
+        self.status.running.is_some()
+    }
+
     /// The node did not answer.
     pub(crate) fn node_unreachable(&mut self) {
         if self.status.running.is_some() {

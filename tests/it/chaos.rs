@@ -526,6 +526,22 @@ impl Chaos {
                 && self.f.devices[i].status()["last_outcome"]["outcome"] == "committed"
             {
                 let vsn = self.f.devices[i].node.restart_from_disk();
+                // Its agent sees it at its next poll of the node, within
+                // seconds while the node did not answer.
+                let topic = format!("beamup/acme/device/{}/state", id(i));
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while Instant::now() < deadline
+                    && !self
+                        .f
+                        .watch
+                        .messages()
+                        .iter()
+                        .rev()
+                        .find(|m| m.topic == topic)
+                        .is_some_and(|m| m.json()["running"] == vsn.as_str())
+                {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
                 eprintln!(
                     "round {round}: the node of {} was down after its install; started again from disk, as its supervisor would: {vsn}",
                     id(i)
